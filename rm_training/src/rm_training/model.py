@@ -1,0 +1,155 @@
+"""The reward model: a Hugging Face sequence-classification model with one output and an explicit pooling rule.
+
+Encoders (BERT, MiniLM) keep their own head, which reads the first ([CLS]) token. Decoders (Llama,
+SmolLM2, Qwen) are scored at the last attended token, found from the attention mask rather than from
+`pad_token_id` (pad == eos would otherwise pick the wrong token), so either padding side gives the same
+reward. Position ids follow the mask too, so left padding does not shift positions.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from rm_server.recipe import InputRecipe, SampleEncoder
+from torch import nn
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from rm_training.backbones import Backbone, resolve_backbone
+
+Pooling = Literal["cls", "last_attended"]
+METADATA_FILE = "reward_model.json"
+
+
+@dataclass
+class RewardNormalization:
+    """Mean and std of the reward over a reference set; the server can return (r - mean) / std."""
+
+    mean: float = 0.0
+    std: float = 1.0
+    size: int = 0
+    description: str = ""
+
+
+@dataclass
+class RewardModelMetadata:
+    """What a checkpoint needs beyond the Hugging Face files to score exactly as in training."""
+
+    recipe: InputRecipe
+    pooling: Pooling
+    source: str
+    normalization: RewardNormalization = field(default_factory=RewardNormalization)
+
+    def to_dict(self) -> dict:
+        return {
+            "recipe": self.recipe.to_dict(),
+            "pooling": self.pooling,
+            "source": self.source,
+            "normalization": vars(self.normalization),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RewardModelMetadata:
+        return cls(
+            recipe=InputRecipe.from_dict(data["recipe"]),
+            pooling=data["pooling"],
+            source=data.get("source", ""),
+            normalization=RewardNormalization(**data.get("normalization", {})),
+        )
+
+
+class RewardModel(nn.Module):
+    """Maps padded ids and their attention mask to one reward per row."""
+
+    def __init__(self, model: PreTrainedModel, pooling: Pooling):
+        super().__init__()
+        self.model = model
+        self.pooling = pooling
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        # input_ids, attention_mask: (B, T) -> rewards (B,)
+        if self.pooling == "cls":
+            return self.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        hidden = self.model.base_model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+        ).last_hidden_state  # (B, T, H)
+        T = input_ids.shape[1]
+        last = (attention_mask.long() * torch.arange(T, device=input_ids.device)).argmax(-1)  # (B,)
+        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
+        return self.model.score(pooled.to(self.model.score.weight.dtype))[:, 0]
+
+
+def pooling_of(model: PreTrainedModel) -> Pooling:
+    """Decoder heads in transformers are named `score` and read the last token; encoder heads read [CLS]."""
+    return "last_attended" if isinstance(getattr(model, "score", None), nn.Linear) else "cls"
+
+
+def default_recipe(tokenizer: PreTrainedTokenizerBase, pooling: Pooling, max_length: int) -> InputRecipe:
+    """Decoders with a chat template score the rendered conversation; everything else uses the pair template."""
+    special = {name: str(value) for name, value in tokenizer.special_tokens_map.items() if isinstance(value, str)}
+    if pooling == "last_attended" and tokenizer.chat_template:
+        return InputRecipe(
+            template="chat", max_length=max_length, chat_template=tokenizer.chat_template, special_tokens=special
+        )
+    return InputRecipe(
+        template="pair",
+        max_length=max_length,
+        append_eos=pooling == "last_attended" and tokenizer.eos_token is not None,
+        eos_token=tokenizer.eos_token,
+    )
+
+
+def load_backbone_model(backbone: Backbone) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A sequence-classification model with one output on top of a pretrained backbone (new random head)."""
+    kwargs = backbone.from_pretrained_kwargs()
+    tokenizer = AutoTokenizer.from_pretrained(backbone.path, **kwargs)
+    model = AutoModelForSequenceClassification.from_pretrained(backbone.path, num_labels=1, **kwargs)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.config.pad_token_id = tokenizer.pad_token_id
+    # GGUF weights are dequantized on load; the saved checkpoint is plain safetensors.
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+        model.hf_quantizer = None
+    return model, tokenizer
+
+
+def new_reward_model(
+    name_or_path: str, max_length: int
+) -> tuple[RewardModel, PreTrainedTokenizerBase, RewardModelMetadata]:
+    """A fresh reward model on a backbone (bundled name or local checkpoint), ready to train."""
+    model, tokenizer = load_backbone_model(resolve_backbone(name_or_path))
+    pooling = pooling_of(model)
+    metadata = RewardModelMetadata(default_recipe(tokenizer, pooling, max_length), pooling, source=name_or_path)
+    return RewardModel(model, pooling), tokenizer, metadata
+
+
+def load_reward_model(directory: str | Path) -> tuple[RewardModel, PreTrainedTokenizerBase, RewardModelMetadata]:
+    """A trained reward model saved by `save_reward_model` (safetensors only; nothing is unpickled)."""
+    directory = Path(directory)
+    metadata_path = directory / METADATA_FILE
+    if not metadata_path.is_file():
+        raise FileNotFoundError(f"{directory} is not a reward-model checkpoint: {METADATA_FILE} is missing")
+    metadata = RewardModelMetadata.from_dict(json.loads(metadata_path.read_text()))
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    model = AutoModelForSequenceClassification.from_pretrained(directory, use_safetensors=True)
+    return RewardModel(model, metadata.pooling), tokenizer, metadata
+
+
+def save_reward_model(
+    directory: str | Path, model: RewardModel, tokenizer: PreTrainedTokenizerBase, metadata: RewardModelMetadata
+) -> None:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    (directory / METADATA_FILE).write_text(json.dumps(metadata.to_dict(), indent=2) + "\n")
+
+
+def sample_encoder(tokenizer: PreTrainedTokenizerBase, recipe: InputRecipe) -> SampleEncoder:
+    """The recipe's encoder over the fast tokenizer's backend (the same tokenizer.json the server loads)."""
+    return SampleEncoder(tokenizer.backend_tokenizer, recipe)

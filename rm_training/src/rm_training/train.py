@@ -1,0 +1,296 @@
+"""Train a reward model with the pairwise (Bradley-Terry) loss (`rm-train`).
+
+    rm-train --data rm_training/data/demo/train.jsonl --eval-data rm_training/data/demo/test.jsonl \\
+        --model minilm --output runs/demo/rm
+    torchrun --nproc-per-node 2 -m rm_training.train ...   # DDP: gloo on CPU, NCCL on GPU
+
+The output directory receives the checkpoint (safetensors, tokenizer, reward_model.json with the input
+recipe and the reward normalization statistics), report.json and curves.png.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from rm_server.recipe import RecipeError
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+from transformers import get_scheduler
+
+from rm_training.backbones import BackboneError
+from rm_training.batching import TokenizedGroup, collate, score_sequences, tokenize_groups
+from rm_training.cli import ConfigError, parse_config
+from rm_training.data import DataError, load_groups
+from rm_training.evaluate import evaluate_groups
+from rm_training.losses import reward_model_loss
+from rm_training.model import RewardNormalization, new_reward_model, sample_encoder, save_reward_model
+from rm_training.plots import plot_training_curves
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    """Training preference data: JSONL or a saved `datasets` directory, any supported format."""
+    eval_data: str
+    """Held-out preference data, evaluated periodically and at the end."""
+    output: str
+    """Directory for the checkpoint, report.json and curves.png."""
+    model: str = "minilm"
+    """Backbone: a local Hugging Face checkpoint directory, or a bundled name (minilm, smollm2)."""
+    epochs: float = 2.0
+    """Passes over the training data (fractions allowed)."""
+    lr: float = 5e-5
+    """Peak learning rate of AdamW."""
+    max_length: int = 256
+    """Longest sequence in tokens; longer samples are truncated (prompt from the left, final token kept)."""
+    batch_size: int = 16
+    """Preference groups (pairs, or K-way rankings) per process per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.1
+    """Fraction of optimizer steps with a linear warmup."""
+    lr_scheduler: str = "linear"
+    """Decay after warmup: any transformers scheduler name (linear, cosine, constant_with_warmup)."""
+    center_rewards_coefficient: float = 0.0
+    """Weight of the reward-centering term mean((r_chosen + r_rejected)^2); 0 turns it off."""
+    max_grad_norm: float = 1.0
+    bf16: str = "auto"
+    """bf16 autocast: auto (on CUDA with bf16 support), on, or off."""
+    gradient_checkpointing: bool = False
+    """Trade compute for memory on large backbones."""
+    keep_dropout: bool = False
+    """Keep the backbone's dropout; by default it is disabled, as in TRL (pairwise rewards are noisier with it)."""
+    eval_every: int = 0
+    """Optimizer steps between evaluations; 0 means five evaluations over the run."""
+    eval_batch_size: int = 64
+    norm_samples: int = 2000
+    """Training responses used to compute the reward mean and std saved for normalized serving."""
+    seed: int = 0
+
+    def validate(self) -> None:
+        for name in ("batch_size", "grad_accum", "max_length", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        if not self.epochs > 0:
+            raise ConfigError("--epochs must be positive")
+        if not self.lr > 0:
+            raise ConfigError("--lr must be positive")
+        if self.bf16 not in ("auto", "on", "off"):
+            raise ConfigError("--bf16 must be auto, on or off")
+
+
+@dataclass(frozen=True)
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed() -> Distributed:
+    """Join the process group started by torchrun or accelerate launch (environment read here only)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Distributed()
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend=backend)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return Distributed(dist.get_rank(), dist.get_world_size())
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def global_batches(n: int, global_batch: int, epochs: float, seed: int) -> list[list[int]]:
+    """Shuffled index batches over `epochs`; every process computes the same list (incomplete batches dropped)."""
+    batches: list[list[int]] = []
+    total = max(1, math.floor(epochs * (n // global_batch)))
+    epoch = 0
+    while len(batches) < total:
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        batches += [perm[i : i + global_batch] for i in range(0, n - global_batch + 1, global_batch)]
+        epoch += 1
+    return batches[:total]
+
+
+def use_bf16(setting: str, device: torch.device) -> bool:
+    if setting == "auto":
+        return device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return setting == "on"
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Train, evaluate, compute normalization statistics and save; returns the report."""
+    started = time.time()
+    cfg.validate()
+    ddp = setup_distributed()
+    seed_everything(cfg.seed)
+    device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+    log = tqdm.write if ddp.is_main else (lambda *a, **k: None)
+
+    # Data and model
+    train_groups, eval_groups = load_groups(cfg.data), load_groups(cfg.eval_data)
+    model, tokenizer, metadata = new_reward_model(cfg.model, cfg.max_length)
+    encoder = sample_encoder(tokenizer, metadata.recipe)
+    train_set = tokenize_groups(train_groups, encoder, desc="tokenize train")
+    eval_set = tokenize_groups(eval_groups, encoder, desc="tokenize eval")
+    pad_id = tokenizer.pad_token_id
+    log(
+        f"backbone {cfg.model} ({metadata.pooling} pooling, {metadata.recipe.template} template); "
+        f"{len(train_set)} train groups, {len(eval_set)} eval groups; "
+        f"{sum(g.n_truncated for g in train_set)} train responses truncated to {cfg.max_length} tokens"
+    )
+    if not cfg.keep_dropout:
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+    if cfg.gradient_checkpointing:
+        model.model.gradient_checkpointing_enable()
+    model.to(device).train()
+    trained = DistributedDataParallel(model) if ddp.world_size > 1 else model
+
+    # Optimizer and schedule
+    global_batch = cfg.batch_size * ddp.world_size
+    if len(train_set) < global_batch:
+        raise ConfigError(f"{len(train_set)} training groups are fewer than one global batch of {global_batch}")
+    batches = global_batches(len(train_set), global_batch, cfg.epochs, cfg.seed)
+    total_steps = max(1, len(batches) // cfg.grad_accum)
+    eval_every = cfg.eval_every or max(1, total_steps // 5)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = get_scheduler(
+        cfg.lr_scheduler,
+        optimizer,
+        num_warmup_steps=round(cfg.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+    )
+    bf16 = use_bf16(cfg.bf16, device)
+
+    # Training loop
+    loss_curve, eval_curve = [], []
+    step, running = 0, []
+
+    def evaluate_and_log() -> None:
+        metrics = evaluate_groups(model, eval_set, pad_id, cfg.eval_batch_size)
+        eval_curve.append([step, metrics["accuracy"], metrics["loss"]])
+        log(
+            f"step {step}/{total_steps}: eval accuracy {metrics['accuracy']:.4f}, "
+            f"loss {metrics['loss']:.4f}, mean margin {metrics['mean_margin']:.3f}"
+        )
+
+    if ddp.is_main:
+        evaluate_and_log()  # step 0: the untrained head, so the report shows what training bought
+    progress = tqdm(total=total_steps, desc="train", disable=not ddp.is_main)
+    for micro, batch_indices in enumerate(batches[: total_steps * cfg.grad_accum]):
+        mine = batch_indices[ddp.rank * cfg.batch_size : (ddp.rank + 1) * cfg.batch_size]
+        batch = collate([train_set[i] for i in mine], pad_id).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            rewards = trained(batch.input_ids, batch.attention_mask).float()
+        loss = reward_model_loss(
+            rewards,
+            batch.chosen,
+            batch.rejected,
+            batch.margin,
+            batch.group,
+            batch.n_groups,
+            cfg.center_rewards_coefficient,
+        )
+        (loss / cfg.grad_accum).backward()
+        running.append(loss.item())
+        if (micro + 1) % cfg.grad_accum:
+            continue
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        step_loss = torch.tensor(float(np.mean(running)))
+        if ddp.world_size > 1:  # log the loss of the whole global batch, not of this process's share
+            dist.all_reduce(step_loss)  # gloo has no AVG
+            step_loss /= ddp.world_size
+        loss_curve.append([step, step_loss.item()])
+        running = []
+        progress.update()
+        progress.set_postfix(loss=f"{loss_curve[-1][1]:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+        if ddp.is_main and (step % eval_every == 0 or step == total_steps):
+            evaluate_and_log()
+    progress.close()
+
+    report = {}
+    if ddp.is_main:
+        metadata.normalization = normalization_stats(model, train_set, pad_id, cfg)
+        final = evaluate_groups(model, eval_set, pad_id, cfg.eval_batch_size)
+        report = {
+            "eval_accuracy": final["accuracy"],
+            "eval_loss": final["loss"],
+            "eval_mean_margin": final["mean_margin"],
+            "eval_std_margin": final["std_margin"],
+            "n_eval_pairs": final["n_pairs"],
+            "n_train_groups": len(train_set),
+            "n_train_pairs": sum(len(g.pairs) for g in train_set),
+            "steps": total_steps,
+            "world_size": ddp.world_size,
+            "normalization": vars(metadata.normalization),
+            "loss_curve": loss_curve,
+            "eval_curve": eval_curve,
+            "config": asdict(cfg),
+            "seconds": round(time.time() - started, 1),
+        }
+        output = Path(cfg.output)
+        save_reward_model(output, model, tokenizer, metadata)
+        (output / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        plot_training_curves(loss_curve, eval_curve, output / "curves.png")
+        log(
+            f"eval accuracy {final['accuracy']:.4f} on {final['n_pairs']} pairs; wrote {output} "
+            f"(checkpoint, report.json, curves.png) in {report['seconds']} s"
+        )
+    if ddp.world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return report
+
+
+def normalization_stats(
+    model: torch.nn.Module, train_set: list[TokenizedGroup], pad_id: int, cfg: TrainConfig
+) -> RewardNormalization:
+    """Reward mean and std over (up to `norm_samples`) distinct training responses."""
+    sequences = list(dict.fromkeys(ids for g in train_set for ids in g.ids))
+    if len(sequences) > cfg.norm_samples:
+        sequences = random.Random(cfg.seed).sample(sequences, cfg.norm_samples)
+    model.eval()
+    rewards = score_sequences(model, sequences, pad_id, cfg.eval_batch_size, desc="normalization")
+    return RewardNormalization(
+        mean=rewards.mean().item(),
+        std=rewards.std().item() if len(rewards) > 1 else 1.0,
+        size=len(sequences),
+        description=f"distinct responses of the training data {cfg.data}",
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        cfg = parse_config(TrainConfig, argv, prog="rm-train", description=__doc__)
+        train(cfg)
+    except (ConfigError, DataError, BackboneError, RecipeError) as e:
+        print(f"rm-train: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""The input recipe: how a (prompt, response) sample becomes token ids.
+
+Training, evaluation, export and serving all call `SampleEncoder.encode`, so a reward is always computed
+on the very same ids. It depends only on `tokenizers` and `jinja2` (no torch), so the server can use it.
+
+Truncation policy for over-long samples (the same everywhere): the prompt is cut from the left (its
+oldest tokens go first) and the response is kept whole; when the response alone does not fit, it is cut
+at its end but its final token is kept, because decoder reward models read the score there.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from typing import Literal
+
+from jinja2.ext import loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class Sample:
+    """What is scored: the response given the prompt, each a list of chat messages."""
+
+    prompt: tuple[Message, ...]
+    response: tuple[Message, ...]
+
+    @classmethod
+    def from_text(cls, prompt: str, response: str) -> Sample:
+        return cls((Message("user", prompt),), (Message("assistant", response),))
+
+
+@dataclass(frozen=True)
+class InputRecipe:
+    """How samples are turned into ids; stored with the checkpoint and later in the bundle."""
+
+    template: Literal["pair", "chat"]
+    """`pair`: the tokenizer's own pair template ([CLS] prompt [SEP] response [SEP] for BERT);
+    `chat`: the conversation rendered with the chat template, tokenized without extra special tokens."""
+    max_length: int
+    """Longest id sequence scored; longer samples are truncated by the policy in this module's docstring."""
+    append_eos: bool = False
+    """`pair` only: end the response with the EOS token (decoders without a chat template)."""
+    eos_token: str | None = None
+    chat_template: str | None = None
+    special_tokens: dict[str, str] | None = None
+    """Named special tokens the chat template may use (bos_token, eos_token, ...)."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> InputRecipe:
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class EncodedSample:
+    ids: list[int]
+    truncated: bool
+
+
+class RecipeError(ValueError):
+    """The recipe cannot encode this sample (unsupported message, template failure, bad max_length)."""
+
+
+def truncate_prompt_left(prompt: list[int], response: list[int], budget: int) -> tuple[list[int], list[int], bool]:
+    """Fit prompt + response into `budget` ids: cut the prompt from the left, then the response's end
+    while keeping its final id."""
+    if len(prompt) + len(response) <= budget:
+        return prompt, response, False
+    if len(response) >= budget:
+        return [], response[: budget - 1] + response[-1:], True
+    return prompt[len(prompt) + len(response) - budget :], response, True
+
+
+def render_chat(template: str, messages: list[dict], add_generation_prompt: bool, special_tokens: dict) -> str:
+    """Render a chat template the way transformers does (sandboxed jinja2, same globals and filters)."""
+
+    def raise_exception(message: str) -> None:
+        raise RecipeError(f"chat template: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    env.filters["tojson"] = _tojson
+    return env.from_string(template).render(
+        messages=messages, add_generation_prompt=add_generation_prompt, **special_tokens
+    )
+
+
+def _tojson(value, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys=False) -> str:
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _flatten(messages: tuple[Message, ...]) -> str:
+    """Messages as plain text for the `pair` template: a lone message is its content."""
+    if len(messages) == 1:
+        return messages[0].content
+    return "\n".join(f"{m.role}: {m.content}" for m in messages)
+
+
+class SampleEncoder:
+    """Encodes samples with one tokenizer and one recipe."""
+
+    def __init__(self, tokenizer: Tokenizer, recipe: InputRecipe):
+        self.tokenizer = Tokenizer.from_str(tokenizer.to_str())  # own copy: no padding or truncation set on it
+        self.tokenizer.no_padding()
+        self.tokenizer.no_truncation()
+        self.recipe = recipe
+        if recipe.template == "chat" and not recipe.chat_template:
+            raise RecipeError("recipe template 'chat' needs a chat_template")
+        self._prefix, self._middle, self._suffix = self._pair_special_ids()
+        self._eos = [self.tokenizer.token_to_id(recipe.eos_token)] if recipe.append_eos and recipe.eos_token else []
+        if recipe.append_eos and self._eos == [None]:
+            raise RecipeError(f"eos token {recipe.eos_token!r} is not in the vocabulary")
+        n_special = len(self._prefix) + len(self._middle) + len(self._suffix) if recipe.template == "pair" else 0
+        self._budget = recipe.max_length - n_special
+        if self._budget < 1:
+            raise RecipeError(f"max_length {recipe.max_length} leaves no room for a response")
+
+    def _pair_special_ids(self) -> tuple[list[int], list[int], list[int]]:
+        """The special ids the tokenizer's pair template puts before, between and after the two texts."""
+        a = self.tokenizer.encode("a", add_special_tokens=False)
+        b = self.tokenizer.encode("b", add_special_tokens=False)
+        ids = self.tokenizer.post_process(a, b, add_special_tokens=True).ids
+        ia = ids.index(a.ids[0])
+        ib = ids.index(b.ids[0], ia + len(a.ids))
+        return ids[:ia], ids[ia + len(a.ids) : ib], ids[ib + len(b.ids) :]
+
+    def encode(self, sample: Sample) -> EncodedSample:
+        if self.recipe.template == "chat":
+            prompt, response = self._chat_ids(sample)
+        else:
+            prompt = self.tokenizer.encode(_flatten(sample.prompt), add_special_tokens=False).ids
+            response = self.tokenizer.encode(_flatten(sample.response), add_special_tokens=False).ids + self._eos
+        prompt, response, truncated = truncate_prompt_left(prompt, response, self._budget)
+        if self.recipe.template == "chat":
+            return EncodedSample(prompt + response, truncated)
+        return EncodedSample(self._prefix + prompt + self._middle + response + self._suffix, truncated)
+
+    def _chat_ids(self, sample: Sample) -> tuple[list[int], list[int]]:
+        """Render the whole conversation once and split its ids where the response begins."""
+        recipe = self.recipe
+        special = recipe.special_tokens or {}
+        prompt_msgs = [{"role": m.role, "content": m.content} for m in sample.prompt]
+        response_msgs = [{"role": m.role, "content": m.content} for m in sample.response]
+        full = render_chat(recipe.chat_template, prompt_msgs + response_msgs, False, special)
+        prefix = render_chat(recipe.chat_template, prompt_msgs, True, special) if prompt_msgs else ""
+        encoding = self.tokenizer.encode(full, add_special_tokens=False)
+        if full.startswith(prefix):
+            n_prompt = sum(1 for start, _ in encoding.offsets if start < len(prefix))
+        else:  # the template renders the prompt differently once a response follows: split on common ids
+            prefix_ids = self.tokenizer.encode(prefix, add_special_tokens=False).ids
+            n_prompt = next((i for i, (x, y) in enumerate(zip(prefix_ids, encoding.ids)) if x != y), len(prefix_ids))
+        return encoding.ids[:n_prompt], encoding.ids[n_prompt:]

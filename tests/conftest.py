@@ -1,0 +1,99 @@
+"""Shared fixtures: real tokenizers from the bundled weights, tiny random checkpoints, learnable toy data."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+from rm_training.backbones import resolve_backbone
+from transformers import (
+    AutoTokenizer,
+    BertConfig,
+    BertForSequenceClassification,
+    LlamaConfig,
+    LlamaForSequenceClassification,
+)
+
+GOOD = ["great", "wonderful", "lovely", "excellent", "fantastic", "delightful", "superb", "pleasant"]
+BAD = ["awful", "terrible", "horrible", "dreadful", "bad", "disgusting", "miserable", "poor"]
+THINGS = ["food", "service", "room", "movie", "book", "trip", "phone", "coffee", "hotel", "concert"]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def sentiment_pairs(n: int, seed: int) -> list[dict]:
+    """A learnable toy task: the response with a positive word is chosen."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        thing = rng.choice(THINGS)
+        rows.append(
+            {
+                "prompt": f"How was the {thing}?",
+                "chosen": f"The {thing} was {rng.choice(GOOD)}.",
+                "rejected": f"The {thing} was {rng.choice(BAD)}.",
+            }
+        )
+    return rows
+
+
+@pytest.fixture(scope="session")
+def minilm_tokenizer():
+    return AutoTokenizer.from_pretrained(resolve_backbone("minilm").path)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    backbone = resolve_backbone("smollm2")
+    return AutoTokenizer.from_pretrained(backbone.path, **backbone.from_pretrained_kwargs())
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder_checkpoint(tmp_path_factory, minilm_tokenizer) -> Path:
+    """A 2-layer random BERT with MiniLM's real tokenizer, saved as a local checkpoint directory."""
+    path = tmp_path_factory.mktemp("tiny-bert")
+    config = BertConfig(
+        vocab_size=minilm_tokenizer.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        num_labels=1,
+    )
+    BertForSequenceClassification(config).save_pretrained(path)
+    minilm_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_decoder_checkpoint(tmp_path_factory, smollm2_tokenizer) -> Path:
+    """A 2-layer random Llama with SmolLM2's real tokenizer and chat template (pad == eos)."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    config = LlamaConfig(
+        vocab_size=len(smollm2_tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        num_labels=1,
+        pad_token_id=smollm2_tokenizer.pad_token_id,
+        eos_token_id=smollm2_tokenizer.eos_token_id,
+    )
+    LlamaForSequenceClassification(config).save_pretrained(path)
+    smollm2_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def toy_data(tmp_path) -> tuple[Path, Path]:
+    train = write_jsonl(tmp_path / "train.jsonl", sentiment_pairs(96, seed=0))
+    test = write_jsonl(tmp_path / "test.jsonl", sentiment_pairs(48, seed=1))
+    return train, test

@@ -1,0 +1,63 @@
+"""The input recipe: truncation policy by hand, pair and chat templates against transformers."""
+
+from __future__ import annotations
+
+import pytest
+from rm_server.recipe import InputRecipe, RecipeError, Sample, SampleEncoder, truncate_prompt_left
+
+
+def test_short_samples_are_not_truncated():
+    assert truncate_prompt_left([1, 2], [3, 4], budget=4) == ([1, 2], [3, 4], False)
+
+
+def test_prompt_is_cut_from_the_left_first():
+    assert truncate_prompt_left([1, 2, 3, 4], [5, 6], budget=4) == ([3, 4], [5, 6], True)
+
+
+def test_overlong_response_keeps_its_final_token_and_drops_the_prompt():
+    assert truncate_prompt_left([1, 2], [3, 4, 5, 6, 7], budget=3) == ([], [3, 4, 7], True)
+
+
+def test_pair_template_matches_the_tokenizers_own_pair_encoding(minilm_tokenizer):
+    encoder = SampleEncoder(minilm_tokenizer.backend_tokenizer, InputRecipe(template="pair", max_length=64))
+    encoded = encoder.encode(Sample.from_text("How was it?", "It was great."))
+    assert encoded.ids == minilm_tokenizer("How was it?", "It was great.")["input_ids"]
+    assert not encoded.truncated
+
+
+def test_pair_template_truncation_keeps_special_tokens(minilm_tokenizer):
+    encoder = SampleEncoder(minilm_tokenizer.backend_tokenizer, InputRecipe(template="pair", max_length=12))
+    encoded = encoder.encode(Sample.from_text("one two three four five six seven", "it was really very great"))
+    tokens = minilm_tokenizer.convert_ids_to_tokens(encoded.ids)
+    assert encoded.truncated and len(encoded.ids) == 12
+    assert tokens == ["[CLS]", "four", "five", "six", "seven", "[SEP]", "it", "was", "really", "very", "great", "[SEP]"]
+
+
+def test_chat_template_matches_transformers_apply_chat_template(smollm2_tokenizer):
+    recipe = InputRecipe(
+        template="chat",
+        max_length=512,
+        chat_template=smollm2_tokenizer.chat_template,
+        special_tokens={k: v for k, v in smollm2_tokenizer.special_tokens_map.items() if isinstance(v, str)},
+    )
+    encoder = SampleEncoder(smollm2_tokenizer.backend_tokenizer, recipe)
+    sample = Sample.from_text("How was your weekend?", "Lovely, thanks!")
+    expected = smollm2_tokenizer.apply_chat_template(
+        [{"role": "user", "content": "How was your weekend?"}, {"role": "assistant", "content": "Lovely, thanks!"}],
+        tokenize=True,
+        return_dict=False,
+    )
+    assert encoder.encode(sample).ids == list(expected)
+
+
+def test_chat_truncation_keeps_the_whole_response(smollm2_tokenizer):
+    recipe = InputRecipe(template="chat", max_length=24, chat_template=smollm2_tokenizer.chat_template)
+    encoder = SampleEncoder(smollm2_tokenizer.backend_tokenizer, recipe)
+    encoded = encoder.encode(Sample.from_text("word " * 100, "Lovely, thanks!"))
+    assert encoded.truncated and len(encoded.ids) == 24
+    assert smollm2_tokenizer.decode(encoded.ids).endswith("<|im_start|>assistant\nLovely, thanks!<|im_end|>\n")
+
+
+def test_max_length_without_room_for_a_response_is_an_error(minilm_tokenizer):
+    with pytest.raises(RecipeError, match="leaves no room"):
+        SampleEncoder(minilm_tokenizer.backend_tokenizer, InputRecipe(template="pair", max_length=3))
