@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import tempfile
 import time
@@ -18,10 +19,11 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
-from rm_training.backbones import resolve_backbone
-from rm_training.train import TrainConfig, train
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from trl import RewardConfig, RewardTrainer
+
+from rm_training.backbones import resolve_backbone
+from rm_training.train import TrainConfig, train
 
 DEMO = Path(__file__).resolve().parent.parent / "rm_training" / "data" / "demo"
 
@@ -42,7 +44,7 @@ def train_trl(cfg: TrainConfig, output: str) -> dict:
         num_train_epochs=cfg.epochs,
         learning_rate=cfg.lr,
         per_device_train_batch_size=cfg.batch_size,
-        warmup_ratio=cfg.warmup_ratio,
+        warmup_steps=cfg.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
         lr_scheduler_type=cfg.lr_scheduler,
         max_length=cfg.max_length,
         seed=cfg.seed,
@@ -109,7 +111,7 @@ def main() -> None:
             k: getattr(cfg, k)
             for k in ("model", "epochs", "lr", "batch_size", "max_length", "warmup_ratio", "lr_scheduler", "seed")
         },
-        "data": {"train": args.data, "eval": args.eval_data},
+        "data": {"train": os.path.relpath(args.data), "eval": os.path.relpath(args.eval_data)},
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,6 @@ import random
 from pathlib import Path
 
 import pytest
-from rm_training.backbones import resolve_backbone
 from transformers import (
     AutoTokenizer,
     BertConfig,
@@ -15,6 +14,8 @@ from transformers import (
     LlamaConfig,
     LlamaForSequenceClassification,
 )
+
+from rm_training.backbones import resolve_backbone
 
 GOOD = ["great", "wonderful", "lovely", "excellent", "fantastic", "delightful", "superb", "pleasant"]
 BAD = ["awful", "terrible", "horrible", "dreadful", "bad", "disgusting", "miserable", "poor"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from rm_server.recipe import InputRecipe, RecipeError, Sample, SampleEncoder, truncate_prompt_left
 
 

@@ -6,8 +6,8 @@ import json
 
 import pytest
 from datasets import Dataset, DatasetDict
-from rm_server.recipe import Message
 
+from rm_server.recipe import Message
 from rm_training.data import DataError, PreferencePair, load_groups, parse_record
 from tests.conftest import write_jsonl
 

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+
 from rm_training.losses import bradley_terry_loss, mean_per_group, pairwise_accuracy, reward_model_loss
 
 

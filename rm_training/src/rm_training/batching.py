@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from rm_server.recipe import SampleEncoder
 from tqdm import tqdm
 
+from rm_server.recipe import SampleEncoder
 from rm_training.data import PreferenceGroup, PreferencePair
 
 

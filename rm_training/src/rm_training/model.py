@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from rm_server.recipe import InputRecipe, SampleEncoder
 from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from rm_server.recipe import InputRecipe, SampleEncoder
 from rm_training.backbones import Backbone, resolve_backbone
 
 Pooling = Literal["cls", "last_attended"]

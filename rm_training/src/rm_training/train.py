@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from rm_server.recipe import RecipeError
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 from transformers import get_scheduler
 
+from rm_server.recipe import RecipeError
 from rm_training.backbones import BackboneError
 from rm_training.batching import TokenizedGroup, collate, score_sequences, tokenize_groups
 from rm_training.cli import ConfigError, parse_config
@@ -172,7 +172,7 @@ def train(cfg: TrainConfig) -> dict:
         raise ConfigError(f"{len(train_set)} training groups are fewer than one global batch of {global_batch}")
     batches = global_batches(len(train_set), global_batch, cfg.epochs, cfg.seed)
     total_steps = max(1, len(batches) // cfg.grad_accum)
-    eval_every = cfg.eval_every or max(1, total_steps // 5)
+    eval_every = cfg.eval_every or math.ceil(total_steps / 5)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = get_scheduler(
         cfg.lr_scheduler,
