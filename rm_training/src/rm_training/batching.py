@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
+from rm_server.engine import pad_batch
 from rm_server.recipe import SampleEncoder
 from rm_training.data import PreferenceGroup, PreferencePair
 
@@ -55,15 +56,9 @@ def tokenize_groups(
 def pad(
     sequences: list[tuple[int, ...]], pad_id: int, padding_side: str = "right"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad id sequences to the longest one: (input_ids, attention_mask), both (B, T)."""
-    T = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), T), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(sequences), T), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        span = slice(T - len(seq), T) if padding_side == "left" else slice(0, len(seq))
-        input_ids[row, span] = torch.tensor(seq, dtype=torch.long)
-        attention_mask[row, span] = 1
-    return input_ids, attention_mask
+    """Pad id sequences to the longest one, as the server does: (input_ids, attention_mask), both (B, T)."""
+    input_ids, attention_mask = pad_batch(sequences, pad_id, padding_side)
+    return torch.from_numpy(input_ids), torch.from_numpy(attention_mask)
 
 
 def collate(groups: list[TokenizedGroup], pad_id: int) -> PairBatch:

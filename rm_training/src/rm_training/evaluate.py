@@ -14,7 +14,7 @@ import torch
 from rm_training.batching import TokenizedGroup, score_sequences, tokenize_groups
 from rm_training.data import DataError, load_groups
 from rm_training.losses import bradley_terry_loss, pairwise_accuracy
-from rm_training.model import RewardModel, load_reward_model, sample_encoder
+from rm_training.model import CheckpointError, RewardModel, load_reward_model, sample_encoder
 
 
 def evaluate_groups(model: RewardModel, groups: list[TokenizedGroup], pad_id: int, batch_size: int = 32) -> dict:
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         groups = load_groups(args.data)
         model, tokenizer, metadata = load_reward_model(args.model)
-    except (DataError, FileNotFoundError, OSError) as e:
+    except (DataError, CheckpointError) as e:
         print(f"rm-eval: error: {e}", file=sys.stderr)
         sys.exit(2)
     tokenized = tokenize_groups(groups, sample_encoder(tokenizer, metadata.recipe))

@@ -1,9 +1,10 @@
 """The reward model: a Hugging Face sequence-classification model with one output and an explicit pooling rule.
 
 Encoders (BERT, MiniLM) keep their own head, which reads the first ([CLS]) token. Decoders (Llama,
-SmolLM2, Qwen) are scored at the last attended token, found from the attention mask rather than from
-`pad_token_id` (pad == eos would otherwise pick the wrong token), so either padding side gives the same
-reward. Position ids follow the mask too, so left padding does not shift positions.
+SmolLM2, Qwen) trained here are scored at the last attended token, found from the attention mask rather
+than from `pad_token_id` (pad == eos would otherwise pick the wrong token). Decoder checkpoints trained
+elsewhere with transformers' head (TRL, most public reward models) keep transformers' rule: the last token
+that is not `pad_token_id`. Either padding side gives the same reward: position ids follow the mask.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreT
 from rm_server.recipe import InputRecipe, SampleEncoder
 from rm_training.backbones import Backbone, resolve_backbone
 
-Pooling = Literal["cls", "last_attended"]
+Pooling = Literal["cls", "last_attended", "last_non_pad"]
 METADATA_FILE = "reward_model.json"
 
 
@@ -68,6 +69,9 @@ class RewardModel(nn.Module):
         super().__init__()
         self.model = model
         self.pooling = pooling
+        self.pad_token_id = model.config.pad_token_id
+        if pooling == "last_non_pad" and self.pad_token_id is None:
+            raise ValueError("last_non_pad pooling needs config.pad_token_id")
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         # input_ids, attention_mask: (B, T) -> rewards (B,)
@@ -75,10 +79,13 @@ class RewardModel(nn.Module):
             return self.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         hidden = self.model.base_model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
         ).last_hidden_state  # (B, T, H)
+        keep = attention_mask.long()
+        if self.pooling == "last_non_pad":  # transformers' rule: a trailing pad (== eos) token is skipped
+            keep = keep * (input_ids != self.pad_token_id).long()
         T = input_ids.shape[1]
-        last = (attention_mask.long() * torch.arange(T, device=input_ids.device)).argmax(-1)  # (B,)
+        last = (keep * torch.arange(T, device=input_ids.device)).argmax(-1)  # (B,)
         pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
         return self.model.score(pooled.to(self.model.score.weight.dtype))[:, 0]
 
@@ -89,16 +96,18 @@ def pooling_of(model: PreTrainedModel) -> Pooling:
 
 
 def default_recipe(tokenizer: PreTrainedTokenizerBase, pooling: Pooling, max_length: int) -> InputRecipe:
-    """Decoders with a chat template score the rendered conversation; everything else uses the pair template."""
+    """Decoders with a chat template score the rendered conversation; other decoders join prompt and
+    response with EOS at the end (as TRL does); encoders use their pair template."""
     special = {name: str(value) for name, value in tokenizer.special_tokens_map.items() if isinstance(value, str)}
-    if pooling == "last_attended" and tokenizer.chat_template:
+    decoder = pooling != "cls"
+    if decoder and tokenizer.chat_template:
         return InputRecipe(
             template="chat", max_length=max_length, chat_template=tokenizer.chat_template, special_tokens=special
         )
     return InputRecipe(
-        template="pair",
+        template="concat" if decoder else "pair",
         max_length=max_length,
-        append_eos=pooling == "last_attended" and tokenizer.eos_token is not None,
+        append_eos=decoder and tokenizer.eos_token is not None,
         eos_token=tokenizer.eos_token,
     )
 
@@ -128,16 +137,57 @@ def new_reward_model(
     return RewardModel(model, pooling), tokenizer, metadata
 
 
-def load_reward_model(directory: str | Path) -> tuple[RewardModel, PreTrainedTokenizerBase, RewardModelMetadata]:
-    """A trained reward model saved by `save_reward_model` (safetensors only; nothing is unpickled)."""
+class CheckpointError(ValueError):
+    """The directory is not a checkpoint this project can score or export."""
+
+
+def load_reward_model(
+    directory: str | Path, template: str | None = None, max_length: int | None = None
+) -> tuple[RewardModel, PreTrainedTokenizerBase, RewardModelMetadata]:
+    """A reward model from a checkpoint directory (safetensors only; nothing is unpickled).
+
+    Checkpoints from `rm-train` carry their recipe and pooling rule. Others (TRL's RewardTrainer, public
+    reward models) get transformers' pooling rule and a recipe inferred from the tokenizer, which
+    `template` and `max_length` may override.
+    """
     directory = Path(directory)
+    if not (directory / "config.json").is_file():
+        raise CheckpointError(f"{directory} is not a Hugging Face checkpoint: config.json is missing")
     metadata_path = directory / METADATA_FILE
-    if not metadata_path.is_file():
-        raise FileNotFoundError(f"{directory} is not a reward-model checkpoint: {METADATA_FILE} is missing")
-    metadata = RewardModelMetadata.from_dict(json.loads(metadata_path.read_text()))
-    tokenizer = AutoTokenizer.from_pretrained(directory)
-    model = AutoModelForSequenceClassification.from_pretrained(directory, use_safetensors=True)
-    return RewardModel(model, metadata.pooling), tokenizer, metadata
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        model = AutoModelForSequenceClassification.from_pretrained(directory, use_safetensors=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{directory} cannot be loaded as a sequence-classification checkpoint: {e}") from e
+    if model.config.num_labels != 1:
+        raise CheckpointError(
+            f"{directory} has {model.config.num_labels} output labels; a reward model has exactly one "
+            "(a sequence-classification head with num_labels=1)"
+        )
+    if metadata_path.is_file():
+        if template or max_length:
+            raise CheckpointError(f"{directory} was trained by rm-train: its input recipe is fixed by training")
+        metadata = RewardModelMetadata.from_dict(json.loads(metadata_path.read_text()))
+        return RewardModel(model, metadata.pooling), tokenizer, metadata
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    pooling: Pooling = "last_non_pad" if pooling_of(model) == "last_attended" else "cls"
+    limit = max_length or min(
+        v for v in (tokenizer.model_max_length, getattr(model.config, "max_position_embeddings", None), 2048) if v
+    )
+    recipe = default_recipe(tokenizer, pooling, limit)
+    if template:
+        recipe = InputRecipe(
+            template=template,
+            max_length=limit,
+            append_eos=template != "chat" and pooling != "cls" and tokenizer.eos_token is not None,
+            eos_token=tokenizer.eos_token,
+            chat_template=tokenizer.chat_template,
+            special_tokens=recipe.special_tokens,
+        )
+    return RewardModel(model, pooling), tokenizer, RewardModelMetadata(recipe, pooling, source=str(directory))
 
 
 def save_reward_model(

@@ -44,13 +44,15 @@ class Sample:
 class InputRecipe:
     """How samples are turned into ids; stored with the checkpoint and later in the bundle."""
 
-    template: Literal["pair", "chat"]
+    template: Literal["pair", "concat", "chat"]
     """`pair`: the tokenizer's own pair template ([CLS] prompt [SEP] response [SEP] for BERT);
-    `chat`: the conversation rendered with the chat template, tokenized without extra special tokens."""
+    `concat`: prompt and response joined as one string with the tokenizer's single-text special tokens
+    (TRL's recipe for text data); `chat`: the conversation rendered with the chat template, tokenized
+    without extra special tokens (TRL's and transformers' recipe for conversations)."""
     max_length: int
     """Longest id sequence scored; longer samples are truncated by the policy in this module's docstring."""
     append_eos: bool = False
-    """`pair` only: end the response with the EOS token (decoders without a chat template)."""
+    """`pair` and `concat`: end the response with the EOS token (decoders without a chat template; TRL)."""
     eos_token: str | None = None
     chat_template: str | None = None
     special_tokens: dict[str, str] | None = None
@@ -104,7 +106,7 @@ def _tojson(value, ensure_ascii: bool = False, indent: int | None = None, separa
 
 
 def _flatten(messages: tuple[Message, ...]) -> str:
-    """Messages as plain text for the `pair` template: a lone message is its content."""
+    """Messages as plain text for the `pair` and `concat` templates: a lone message is its content."""
     if len(messages) == 1:
         return messages[0].content
     return "\n".join(f"{m.role}: {m.content}" for m in messages)
@@ -118,20 +120,30 @@ class SampleEncoder:
         self.tokenizer.no_padding()
         self.tokenizer.no_truncation()
         self.recipe = recipe
+        if recipe.template not in ("pair", "concat", "chat"):
+            raise RecipeError(f"unknown recipe template {recipe.template!r}; expected pair, concat or chat")
         if recipe.template == "chat" and not recipe.chat_template:
             raise RecipeError("recipe template 'chat' needs a chat_template")
-        self._prefix, self._middle, self._suffix = self._pair_special_ids()
-        self._eos = [self.tokenizer.token_to_id(recipe.eos_token)] if recipe.append_eos and recipe.eos_token else []
-        if recipe.append_eos and self._eos == [None]:
-            raise RecipeError(f"eos token {recipe.eos_token!r} is not in the vocabulary")
-        n_special = len(self._prefix) + len(self._middle) + len(self._suffix) if recipe.template == "pair" else 0
-        self._budget = recipe.max_length - n_special
+        self._before, self._between, self._after = self._special_ids()
+        self._eos = []
+        if recipe.append_eos:
+            eos_id = self.tokenizer.token_to_id(recipe.eos_token or "")
+            if eos_id is None:
+                raise RecipeError(f"eos token {recipe.eos_token!r} is not in the vocabulary")
+            self._eos = [eos_id]
+        self._budget = recipe.max_length - len(self._before) - len(self._between) - len(self._after)
         if self._budget < 1:
             raise RecipeError(f"max_length {recipe.max_length} leaves no room for a response")
 
-    def _pair_special_ids(self) -> tuple[list[int], list[int], list[int]]:
-        """The special ids the tokenizer's pair template puts before, between and after the two texts."""
+    def _special_ids(self) -> tuple[list[int], list[int], list[int]]:
+        """The special ids the tokenizer's template puts before, between and after prompt and response."""
+        if self.recipe.template == "chat":  # the chat template writes its own special tokens
+            return [], [], []
         a = self.tokenizer.encode("a", add_special_tokens=False)
+        if self.recipe.template == "concat":
+            ids = self.tokenizer.post_process(a, add_special_tokens=True).ids
+            ia = ids.index(a.ids[0])
+            return ids[:ia], [], ids[ia + len(a.ids) :]
         b = self.tokenizer.encode("b", add_special_tokens=False)
         ids = self.tokenizer.post_process(a, b, add_special_tokens=True).ids
         ia = ids.index(a.ids[0])
@@ -141,22 +153,26 @@ class SampleEncoder:
     def encode(self, sample: Sample) -> EncodedSample:
         if self.recipe.template == "chat":
             prompt, response = self._chat_ids(sample)
+        elif self.recipe.template == "concat":
+            prompt_text = _flatten(sample.prompt)
+            prompt, response = self._split(prompt_text + _flatten(sample.response), prompt_text)
         else:
             prompt = self.tokenizer.encode(_flatten(sample.prompt), add_special_tokens=False).ids
-            response = self.tokenizer.encode(_flatten(sample.response), add_special_tokens=False).ids + self._eos
-        prompt, response, truncated = truncate_prompt_left(prompt, response, self._budget)
-        if self.recipe.template == "chat":
-            return EncodedSample(prompt + response, truncated)
-        return EncodedSample(self._prefix + prompt + self._middle + response + self._suffix, truncated)
+            response = self.tokenizer.encode(_flatten(sample.response), add_special_tokens=False).ids
+        prompt, response, truncated = truncate_prompt_left(prompt, response + self._eos, self._budget)
+        return EncodedSample(self._before + prompt + self._between + response + self._after, truncated)
 
     def _chat_ids(self, sample: Sample) -> tuple[list[int], list[int]]:
-        """Render the whole conversation once and split its ids where the response begins."""
         recipe = self.recipe
         special = recipe.special_tokens or {}
         prompt_msgs = [{"role": m.role, "content": m.content} for m in sample.prompt]
         response_msgs = [{"role": m.role, "content": m.content} for m in sample.response]
         full = render_chat(recipe.chat_template, prompt_msgs + response_msgs, False, special)
         prefix = render_chat(recipe.chat_template, prompt_msgs, True, special) if prompt_msgs else ""
+        return self._split(full, prefix)
+
+    def _split(self, full: str, prefix: str) -> tuple[list[int], list[int]]:
+        """Tokenize `full` once (as training did) and split its ids where the text after `prefix` begins."""
         encoding = self.tokenizer.encode(full, add_special_tokens=False)
         if full.startswith(prefix):
             n_prompt = sum(1 for start, _ in encoding.offsets if start < len(prefix))

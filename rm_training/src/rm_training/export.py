@@ -1,0 +1,293 @@
+"""Export a reward-model checkpoint to a verified ONNX model bundle (`rm-export`).
+
+    rm-export --model runs/demo/rm --output runs/demo/bundle --dtype fp32,int8 \\
+        --eval-data rm_training/data/demo/test.jsonl
+    rm-export --verify-only runs/demo/bundle
+
+fp32 is always exported (it is the reference the other variants derive from); `--dtype` adds fp16
+(for the CUDA execution provider) and int8 (static quantization calibrated on real samples, for CPU serving). Every export scores a
+verification set with PyTorch and ONNX Runtime and fails when a variant is off (see rm_training.parity);
+the bundle is only written when every check passes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from rm_server.bundle import FORMAT_VERSION, MANIFEST, VARIANTS, BundleError, hash_files, load_bundle
+from rm_server.engine import OnnxEngine
+from rm_server.recipe import RecipeError
+from rm_training.batching import TokenizedGroup, tokenize_groups
+from rm_training.data import DataError, load_groups
+from rm_training.model import CheckpointError, RewardModel, load_reward_model, sample_encoder
+from rm_training.onnx_export import VARIANT_FILES, export_graph, make_fp16, make_int8, optimize
+from rm_training.parity import (
+    MAX_INT8_ACCURACY_DROP,
+    TOLERANCE,
+    VerificationSet,
+    check_variant,
+    onnx_scorer,
+    pairwise_accuracy,
+    reference_rewards,
+    torch_scorer,
+    verification_samples,
+)
+
+
+class VerificationError(RuntimeError):
+    """A variant failed parity, batch invariance or accuracy; the message says which and by how much."""
+
+
+@dataclass
+class Checked:
+    """Everything the checks need: the PyTorch reference, the verification set, eval pairs (if any)."""
+
+    model: RewardModel
+    pad_id: int
+    vset: VerificationSet
+    eval_groups: list[TokenizedGroup]
+    sides: tuple[str, ...]
+
+
+def prepare_checks(model: RewardModel, tokenizer, recipe, eval_data: str | None) -> Checked:
+    encoder = sample_encoder(tokenizer, recipe)
+    eval_groups = load_groups(eval_data) if eval_data else []
+    samples = [s for g in eval_groups for s in g.samples()]
+    ids = verification_samples(samples, encoder)
+    vset = VerificationSet(ids, reference_rewards(model, ids))
+    tokenized = tokenize_groups(eval_groups, encoder, desc="tokenize eval") if eval_groups else []
+    sides = ("right",) if model.pooling == "cls" else ("right", "left")
+    return Checked(model, tokenizer.pad_token_id, vset, tokenized, sides)
+
+
+def run_checks(checked: Checked, variant_paths: dict[str, Path]) -> dict:
+    """Per variant: parity, batch invariance, accuracy; raises VerificationError listing every failure."""
+    scale = max(1.0, float(np.std(checked.vset.reference)))
+    report: dict = {"reward_scale": scale, "n_samples": len(checked.vset.ids), "padding_sides": list(checked.sides)}
+    if checked.eval_groups:
+        report["torch_eval_accuracy"] = pairwise_accuracy(
+            torch_scorer(checked.model, checked.pad_id), checked.eval_groups
+        )
+    failures, variants = [], {}
+    for dtype, path in variant_paths.items():
+        providers = ("cuda", "cpu") if dtype == "fp16" else ("cpu",)
+        try:
+            engine = OnnxEngine(path, providers)
+            result = check_variant(engine, checked.vset, checked.pad_id, checked.sides)
+        except Exception as e:  # noqa: BLE001 - e.g. fp16 kernels missing on the CPU provider
+            variants[dtype] = {"verified": False, "reason": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+            continue
+        result["provider"] = engine.providers[0]
+        result["verified"] = True
+        if checked.eval_groups:
+            result["eval_accuracy"] = pairwise_accuracy(onnx_scorer(engine, checked.pad_id), checked.eval_groups)
+        limit = TOLERANCE.get(dtype)
+        if limit is not None:
+            if result["parity_max_abs_diff"] > limit * scale:
+                failures.append(f"{dtype} parity {result['parity_max_abs_diff']:.2e} > {limit * scale:.1e}")
+            if result["batch_invariance_max_abs_diff"] > limit * scale:
+                failures.append(
+                    f"{dtype} batch invariance {result['batch_invariance_max_abs_diff']:.2e} > {limit * scale:.1e}"
+                )
+        variants[dtype] = result
+    if "int8" in variants and variants["int8"].get("verified") and checked.eval_groups:
+        # One-sided: quantization noise that happens to flip pairs the right way is not a defect.
+        drop = variants["fp32"]["eval_accuracy"] - variants["int8"]["eval_accuracy"]
+        variants["int8"]["accuracy_change_vs_fp32_points"] = round(-100 * drop, 2)
+        if drop > MAX_INT8_ACCURACY_DROP:
+            failures.append(
+                f"int8 loses {100 * drop:.2f} points of eval accuracy (> {100 * MAX_INT8_ACCURACY_DROP:.0f})"
+            )
+    report["variants"] = variants
+    if failures:
+        raise VerificationError("verification failed: " + "; ".join(failures))
+    return report
+
+
+def export(args: argparse.Namespace) -> Path:
+    dtypes = ["fp32"] + [d for d in parse_dtypes(args.dtype) if d != "fp32"]
+    model, tokenizer, metadata = load_reward_model(args.model, args.template, args.max_length)
+    model.eval()
+    eval_data = args.eval_data = args.eval_data or trained_data(Path(args.model), "eval_data")
+    if "int8" in dtypes and not eval_data:
+        raise DataError("--dtype int8 needs --eval-data: int8 is accepted only if it keeps pairwise accuracy")
+    if metadata.pooling == "last_non_pad" and tokenizer.pad_token_id == tokenizer.eos_token_id:
+        print(
+            "rm-export: warning: pad == eos; this checkpoint uses transformers' pooling rule (the last token that"
+            " is not pad), which scores the token before a trailing eos, not the eos itself",
+            file=sys.stderr,
+        )
+    output = Path(args.output)
+    encoder = sample_encoder(tokenizer, metadata.recipe)
+    checked = prepare_checks(model, tokenizer, metadata.recipe, eval_data)
+    with tempfile.TemporaryDirectory(dir=output.parent if output.parent.exists() else None) as tmp:
+        staging = Path(tmp) / "bundle"
+        staging.mkdir()
+        export_graph(model, Path(tmp) / "raw.onnx", args.opset)
+        optimization = optimize(Path(tmp) / "raw.onnx", staging / VARIANT_FILES["fp32"], metadata.pooling == "cls")
+        if "fp16" in dtypes:
+            make_fp16(staging / VARIANT_FILES["fp32"], staging / VARIANT_FILES["fp16"])
+        if "int8" in dtypes:
+            make_int8(Path(tmp) / "raw.onnx", staging / VARIANT_FILES["int8"], calibration_sequences(args, encoder))
+        paths = {d: staging / VARIANT_FILES[d] for d in dtypes}
+        report = run_checks(checked, paths)
+        tokenizer.save_pretrained(staging)
+        manifest = build_manifest(args, model, metadata, report, optimization, eval_data)
+        manifest["files"] = hash_files(staging)
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if output.exists():
+            shutil.rmtree(output)
+        shutil.move(str(staging), str(output))
+    print_table(manifest)
+    print(f"wrote bundle {output} ({', '.join(dtypes)})")
+    return output
+
+
+def build_manifest(args, model: RewardModel, metadata, report: dict, optimization: str, eval_data) -> dict:
+    config = model.model.config
+    variants = {}
+    for dtype, result in report.pop("variants").items():
+        variants[dtype] = {"file": VARIANT_FILES[dtype], "dtype": dtype, **result}
+    variants["fp32"]["optimization"] = optimization
+    return {
+        "format_version": FORMAT_VERSION,
+        "name": args.name or Path(args.output).name,
+        "version": args.version,
+        "source_checkpoint": str(Path(args.model).resolve()),
+        "architecture": (config.architectures or [type(model.model).__name__])[0],
+        "model_type": config.model_type,
+        "pooling": metadata.pooling,
+        "pad_token_id": model.pad_token_id,
+        "padding_side": "right",
+        "max_length": metadata.recipe.max_length,
+        "truncation": "prompt_left_keep_response_keep_final_token",
+        "recipe": metadata.recipe.to_dict(),
+        "normalization": vars(metadata.normalization),
+        "eval_data": eval_data,
+        "eval_accuracy": report.get("torch_eval_accuracy"),
+        "parity": report,
+        "variants": variants,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "exporter": {
+            "rewardserve-training": version("rewardserve-training"),
+            "torch": torch.__version__,
+            "onnxruntime": ort.__version__,
+            "opset": args.opset,
+        },
+    }
+
+
+def verify_only(bundle_dir: str, eval_data: str | None) -> None:
+    """Check hashes, then re-run the checks against the source checkpoint when it is still there."""
+    bundle = load_bundle(bundle_dir)  # raises on any sha256 mismatch or missing file
+    manifest = bundle.manifest
+    source = Path(manifest["source_checkpoint"])
+    paths = {d: bundle.model_path(d) for d in bundle.variants}
+    if not (source / "config.json").is_file():
+        print(f"rm-export: sha256 of every file verified; source checkpoint {source} is gone, parity not re-run")
+        return
+    model, tokenizer, _ = load_reward_model(source)
+    model.eval()
+    eval_data = eval_data or manifest.get("eval_data")
+    checked = prepare_checks(
+        model, tokenizer, bundle.recipe, eval_data if eval_data and Path(eval_data).exists() else None
+    )
+    report = run_checks(checked, paths)
+    print_table({**manifest, "parity": report, "variants": report["variants"]})
+    print(f"bundle {bundle_dir} verified: sha256 of every file, parity, batch invariance")
+
+
+def print_table(manifest: dict) -> None:
+    print(f"{'variant':8} {'provider':24} {'parity max|diff|':>17} {'batch inv.':>11} {'eval acc.':>10}")
+    for dtype, v in manifest["variants"].items():
+        if not v.get("verified"):
+            print(f"{dtype:8} not verified here: {v['reason']}")
+            continue
+        accuracy = f"{v['eval_accuracy']:.4f}" if "eval_accuracy" in v else "-"
+        print(
+            f"{dtype:8} {v['provider']:24} {v['parity_max_abs_diff']:17.2e} "
+            f"{v['batch_invariance_max_abs_diff']:11.2e} {accuracy:>10}"
+        )
+    torch_accuracy = manifest["parity"].get("torch_eval_accuracy")
+    if torch_accuracy is not None:
+        print(f"{'torch':8} {'(reference)':24} {'':17} {'':11} {torch_accuracy:10.4f}")
+
+
+def trained_data(checkpoint: Path, split: str) -> str | None:
+    """The `data` or `eval_data` file a checkpoint from rm-train used, when it still exists."""
+    report = checkpoint / "report.json"
+    if report.is_file():
+        path = json.loads(report.read_text()).get("config", {}).get(split)
+        if path and Path(path).exists():
+            return path
+    return None
+
+
+def calibration_sequences(args: argparse.Namespace, encoder, limit: int = 128) -> list[list[int]]:
+    """Responses for int8 calibration: --calibration-data, else the training data, else the eval data."""
+    source = args.calibration_data or trained_data(Path(args.model), "data") or args.eval_data
+    groups = load_groups(source)
+    samples = [s for g in groups for s in g.samples()]
+    random.Random(0).shuffle(samples)
+    return [encoder.encode(s).ids for s in samples[:limit]]
+
+
+def parse_dtypes(value: str) -> list[str]:
+    dtypes = [d.strip() for d in value.split(",") if d.strip()]
+    unknown = [d for d in dtypes if d not in VARIANTS]
+    if unknown or not dtypes:
+        raise argparse.ArgumentTypeError(f"--dtype takes a comma-separated list of {', '.join(VARIANTS)}")
+    return dtypes
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="rm-export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model", help="checkpoint directory: from rm-train, TRL's RewardTrainer, or any seq-cls reward model"
+    )
+    parser.add_argument("--output", help="bundle directory to write (replaced if it exists)")
+    parser.add_argument("--dtype", default="fp32", help="variants, comma-separated: fp32 (always), fp16, int8")
+    parser.add_argument("--eval-data", help="preference pairs for the accuracy check (default: rm-train's eval split)")
+    parser.add_argument("--calibration-data", help="samples calibrating int8 (default: rm-train's training data)")
+    parser.add_argument("--name", help="model name served (default: the output directory's name)")
+    parser.add_argument("--version", default="1", help="model version served")
+    parser.add_argument(
+        "--template", choices=["pair", "concat", "chat"], help="input recipe for checkpoints trained elsewhere"
+    )
+    parser.add_argument("--max-length", type=int, help="maximum length for checkpoints trained elsewhere")
+    parser.add_argument("--opset", type=int, default=17, help="ONNX opset")
+    parser.add_argument("--verify-only", metavar="BUNDLE", help="re-run the checks on an existing bundle")
+    args = parser.parse_args(argv)
+    try:
+        if args.verify_only:
+            verify_only(args.verify_only, args.eval_data)
+            return
+        if not args.model or not args.output:
+            parser.error("--model and --output are required (or --verify-only BUNDLE)")
+        parse_dtypes(args.dtype)
+        export(args)
+    except (argparse.ArgumentTypeError, CheckpointError, DataError, RecipeError) as e:
+        print(f"rm-export: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except (BundleError, VerificationError) as e:
+        print(f"rm-export: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""Write a reward model's ONNX graph and its variants: fp32 (optimized), fp16 and int8.
+
+The pooling rule is part of the graph, so the server only pads ids and reads one reward per row.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import onnx
+import onnxruntime as ort
+import torch
+from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization.shape_inference import quant_pre_process
+from onnxruntime.transformers.float16 import convert_float_to_float16
+from onnxruntime.transformers.optimizer import optimize_model
+
+from rm_server.engine import pad_batch
+from rm_training.model import RewardModel
+
+VARIANT_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
+TWO_GB = 2 * 1024**3
+
+
+def export_graph(model: RewardModel, path: Path, opset: int = 17) -> None:
+    """Trace the reward model (ids, mask) -> reward with dynamic batch and sequence axes."""
+    example = (torch.tensor([[5, 6, 7, 8], [5, 6, 7, 8]]), torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]))
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # tracer warnings about Python control flow on shapes
+        torch.onnx.export(
+            model.eval(),
+            example,
+            str(path),
+            input_names=["input_ids", "attention_mask"],
+            output_names=["reward"],
+            dynamic_axes={
+                "input_ids": {0: "batch", 1: "sequence"},
+                "attention_mask": {0: "batch", 1: "sequence"},
+                "reward": {0: "batch"},
+            },
+            opset_version=opset,
+            dynamo=False,
+        )
+
+
+def save(model: onnx.ModelProto, path: Path) -> None:
+    """Save, moving weights to an external data file when the model is over protobuf's 2 GB limit."""
+    large = model.ByteSize() > TWO_GB
+    onnx.save_model(model, str(path), save_as_external_data=large, location=path.name + ".data" if large else None)
+
+
+def optimize(raw: Path, out: Path, encoder: bool) -> str:
+    """Apply onnxruntime's graph optimizations once, at export, so the server does not redo them at start.
+
+    Encoders get the transformer fusions (attention, layer norm, GELU) that run on CPU and CUDA alike;
+    other graphs get onnxruntime's basic, provider-independent rewrites (constant folding, redundancy).
+    """
+    if encoder:
+        optimized = optimize_model(str(raw), model_type="bert", opt_level=1, use_gpu=False)
+        save(optimized.model, out)
+        return "onnxruntime.transformers bert fusions, level 1"
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(out)
+    ort.InferenceSession(str(raw), options, providers=["CPUExecutionProvider"])
+    return "onnxruntime basic level"
+
+
+def make_fp16(fp32_path: Path, out: Path) -> None:
+    """fp16 weights and activations (for the CUDA provider); inputs and the reward stay int64 / float32."""
+    save(convert_float_to_float16(onnx.load(str(fp32_path)), keep_io_types=True), out)
+
+
+class _IdsReader(CalibrationDataReader):
+    """Calibration batches of one unpadded sample each."""
+
+    def __init__(self, sequences: list[list[int]]):
+        self._sequences = iter(sequences)
+
+    def get_next(self) -> dict | None:
+        ids = next(self._sequences, None)
+        if ids is None:
+            return None
+        input_ids, attention_mask = pad_batch([ids], 0)
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def make_int8(raw_path: Path, out: Path, calibration: list[list[int]]) -> None:
+    """Static int8 quantization of the matrix products, calibrated on real samples (for CPU serving).
+
+    Static, not dynamic: dynamic quantization picks activation scales per batch (padding included), so a
+    sample's reward would depend on its batch. Only MatMul/Gemm are quantized: quantizing the attention
+    mask's addition would clip the mask and let padding leak into attention.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(str(raw_path), str(prepared), skip_symbolic_shape=True)
+        with _quiet_logging():
+            quantize_static(
+                str(prepared),
+                str(out),
+                _IdsReader(calibration),
+                quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=["MatMul", "Gemm"],
+                per_channel=True,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                calibrate_method=CalibrationMethod.MinMax,
+            )
+
+
+@contextmanager
+def _quiet_logging():
+    """onnxruntime's quantizer logs a warning per 1-D weight; they are expected and say nothing useful."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)

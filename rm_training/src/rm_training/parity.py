@@ -1,0 +1,123 @@
+"""Checks that a bundle scores what the PyTorch checkpoint scores, whatever the batch and padding.
+
+- parity: ONNX Runtime rewards of padded batches of several sizes against PyTorch's reward of each sample
+  alone and unpadded (transformers' own forward for checkpoints trained elsewhere);
+- batch invariance: ONNX Runtime batched (mixed lengths, right and left padding) against one by one;
+- accuracy: pairwise accuracy on the eval pairs for PyTorch and for every variant.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from rm_server.engine import OnnxEngine, pad_batch
+from rm_server.recipe import Sample, SampleEncoder
+from rm_training.batching import TokenizedGroup, pad
+from rm_training.model import RewardModel
+
+TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}
+"""Largest parity difference allowed, relative to the reward scale (int8 is judged by accuracy)."""
+MAX_INT8_ACCURACY_DROP = 0.01
+BATCH_SIZES = (1, 3, 8, 16)
+
+BUILTIN_TEXTS = [
+    ("How was your stay?", "Wonderful. The staff were kind and the room was spotless."),
+    ("Review the new phone.", "The battery dies by noon, the screen scratches easily and support never answered."),
+    ("What do you think of the cafe?", "OK"),
+    ("Describe your weekend.", "We hiked up to the lake on Saturday, cooked dinner with friends, and slept late."),
+    ("Tell me about the concert.", "Loud."),
+    ("Would you recommend the gym?", "Only if you like broken machines, dirty showers and rude trainers at the desk."),
+    ("", "An answer with no prompt at all."),
+    ("Summarize the book in one line.", "A quiet story about a lighthouse keeper who learns to let people in."),
+]
+
+
+@dataclass
+class VerificationSet:
+    ids: list[list[int]]
+    """Encoded samples of varied lengths, one at the maximum length and one with a one-token response."""
+    reference: np.ndarray
+    """PyTorch reward of each sample alone, unpadded (B,)."""
+
+
+def verification_samples(groups_samples: list[Sample], encoder: SampleEncoder, n: int = 40) -> list[list[int]]:
+    """Real samples spread over the length range, plus the edge cases: maximum length, one-token response."""
+    samples = [Sample.from_text(p, r) for p, r in BUILTIN_TEXTS]
+    filler = " ".join(p + " " + r for p, r in BUILTIN_TEXTS)  # about 150 tokens
+    longest = Sample.from_text(filler * (1 + encoder.recipe.max_length // 100), BUILTIN_TEXTS[0][1])
+    encoded = sorted({tuple(encoder.encode(s).ids) for s in groups_samples}, key=len)
+    if len(encoded) > n:
+        encoded = [encoded[round(i * (len(encoded) - 1) / (n - 1))] for i in range(n)]
+    edge = [encoder.encode(s).ids for s in samples + [longest]]
+    assert len(edge[-1]) == encoder.recipe.max_length, "the long sample must reach the maximum length"
+    return [list(ids) for ids in encoded] + edge
+
+
+@torch.no_grad()
+def reference_rewards(model: RewardModel, sequences: list[list[int]]) -> np.ndarray:
+    """Each sample alone and unpadded; transformers' own forward when its pooling rule is the one exported."""
+    rewards = []
+    for ids in sequences:
+        input_ids = torch.tensor([ids])
+        if model.pooling == "last_non_pad":
+            rewards.append(model.model(input_ids=input_ids).logits[0, 0].item())
+        else:
+            rewards.append(model(input_ids, torch.ones_like(input_ids)).item())
+    return np.array(rewards, dtype=np.float64)
+
+
+def batched_rewards(
+    engine: OnnxEngine, sequences: list[list[int]], pad_id: int, batch_size: int, side: str, seed: int
+) -> np.ndarray:
+    """Rewards from shuffled (so mixed-length) padded batches, returned in input order."""
+    order = list(range(len(sequences)))
+    random.Random(seed).shuffle(order)
+    rewards = np.empty(len(sequences))
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        rewards[rows] = engine.score(*pad_batch([sequences[i] for i in rows], pad_id, side))
+    return rewards
+
+
+def check_variant(engine: OnnxEngine, vset: VerificationSet, pad_id: int, sides: tuple[str, ...]) -> dict:
+    """Worst parity difference against PyTorch and worst batched-vs-alone difference in ONNX Runtime."""
+    alone = batched_rewards(engine, vset.ids, pad_id, 1, "right", seed=0)
+    parity, invariance = float(np.abs(alone - vset.reference).max()), 0.0
+    for side in sides:
+        for i, batch_size in enumerate(BATCH_SIZES[1:]):
+            batched = batched_rewards(engine, vset.ids, pad_id, batch_size, side, seed=i)
+            parity = max(parity, float(np.abs(batched - vset.reference).max()))
+            invariance = max(invariance, float(np.abs(batched - alone).max()))
+    return {"parity_max_abs_diff": parity, "batch_invariance_max_abs_diff": invariance}
+
+
+def pairwise_accuracy(score, groups: list[TokenizedGroup], batch_size: int = 32) -> float:
+    """Accuracy (ties wrong) of `score(input_ids, mask) -> rewards` on the groups' pairs, length-sorted batches."""
+    sequences = [ids for g in groups for ids in g.ids]
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    rewards = np.empty(len(sequences))
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        rewards[rows] = score([sequences[i] for i in rows])
+    correct, total, offset = 0, 0, 0
+    for g in groups:
+        correct += sum(rewards[offset + p.chosen] > rewards[offset + p.rejected] for p in g.pairs)
+        total += len(g.pairs)
+        offset += len(g.ids)
+    return correct / total
+
+
+def torch_scorer(model: RewardModel, pad_id: int):
+    @torch.no_grad()
+    def score(sequences: list[tuple[int, ...]]) -> np.ndarray:
+        return model(*pad(sequences, pad_id)).numpy()
+
+    return score
+
+
+def onnx_scorer(engine: OnnxEngine, pad_id: int):
+    return lambda sequences: engine.score(*pad_batch(sequences, pad_id))

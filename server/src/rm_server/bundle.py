@@ -1,0 +1,100 @@
+"""The model bundle: the only thing the server loads (docs/bundle.md).
+
+A directory with one ONNX file per variant (fp32, fp16, int8), the tokenizer files, and bundle.json:
+the input recipe, pooling rule, limits, normalization statistics, parity report and the sha256 of every
+file. Loading checks every hash first, so a corrupted or edited bundle never serves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from tokenizers import Tokenizer
+
+from rm_server.recipe import InputRecipe, SampleEncoder
+
+FORMAT_VERSION = 1
+MANIFEST = "bundle.json"
+VARIANTS = ("fp32", "fp16", "int8")
+
+
+class BundleError(ValueError):
+    """The bundle is missing, incomplete, corrupted or of an unknown format."""
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def hash_files(directory: Path) -> dict[str, str]:
+    """sha256 of every file in the bundle except the manifest, by path relative to the bundle."""
+    return {
+        str(p.relative_to(directory)): sha256_of(p)
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
+
+
+def verify_files(directory: Path, expected: dict[str, str]) -> list[str]:
+    """Problems with the bundle's files against the manifest's hashes; empty when all match."""
+    problems = []
+    for name, digest in expected.items():
+        path = directory / name
+        if not path.is_file():
+            problems.append(f"{name}: missing")
+        elif sha256_of(path) != digest:
+            problems.append(f"{name}: sha256 mismatch (file changed or corrupted)")
+    return problems
+
+
+@dataclass(frozen=True)
+class Bundle:
+    directory: Path
+    manifest: dict
+
+    @property
+    def recipe(self) -> InputRecipe:
+        return InputRecipe.from_dict(self.manifest["recipe"])
+
+    @property
+    def variants(self) -> list[str]:
+        return list(self.manifest["variants"])
+
+    def model_path(self, variant: str) -> Path:
+        if variant not in self.manifest["variants"]:
+            raise BundleError(f"bundle {self.directory} has no {variant} variant (it has {', '.join(self.variants)})")
+        return self.directory / self.manifest["variants"][variant]["file"]
+
+    def tokenizer(self) -> Tokenizer:
+        return Tokenizer.from_file(str(self.directory / "tokenizer.json"))
+
+    def sample_encoder(self) -> SampleEncoder:
+        return SampleEncoder(self.tokenizer(), self.recipe)
+
+
+def load_bundle(directory: str | Path, verify: bool = True) -> Bundle:
+    """Read bundle.json and, unless told otherwise, check every file's sha256 against it."""
+    directory = Path(directory)
+    manifest_path = directory / MANIFEST
+    if not manifest_path.is_file():
+        raise BundleError(f"{directory} is not a model bundle: {MANIFEST} is missing")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as e:
+        raise BundleError(f"{manifest_path}: invalid JSON ({e.msg})") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise BundleError(
+            f"{manifest_path}: format_version {manifest.get('format_version')!r}; expected {FORMAT_VERSION}"
+        )
+    if verify:
+        problems = verify_files(directory, manifest.get("files", {}))
+        if problems:
+            raise BundleError(f"bundle {directory} failed verification: " + "; ".join(problems))
+    return Bundle(directory, manifest)

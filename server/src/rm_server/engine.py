@@ -1,0 +1,62 @@
+"""ONNX Runtime engine: padded ids in, one reward per row out (numpy only, no torch)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+log = logging.getLogger(__name__)
+
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+
+
+def session_options(threads: int = 0) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+    return options
+
+
+class OnnxEngine:
+    """One ONNX Runtime session over a bundle variant's model file."""
+
+    def __init__(self, model_path: str | Path, providers: tuple[str, ...] = ("cpu",), threads: int = 0):
+        wanted = [PROVIDERS.get(p, p) for p in providers]
+        available = set(ort.get_available_providers())
+        usable = [p for p in wanted if p in available]
+        if len(usable) < len(wanted):
+            log.warning(
+                "execution providers %s unavailable; using %s", sorted(set(wanted) - available), usable or ["CPU"]
+            )
+        self.session = ort.InferenceSession(
+            str(model_path), sess_options=session_options(threads), providers=usable or ["CPUExecutionProvider"]
+        )
+        self.providers = self.session.get_providers()
+
+    def score(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """(B, T) int64 ids and mask -> (B,) float32 rewards."""
+        (rewards,) = self.session.run(None, {"input_ids": input_ids, "attention_mask": attention_mask})
+        return rewards.astype(np.float32, copy=False)
+
+
+def pad_batch(
+    sequences: Sequence[Sequence[int]], pad_id: int, padding_side: str = "right"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pad id sequences to the longest: (input_ids, attention_mask), both (B, T) int64."""
+    T = max(len(s) for s in sequences)
+    input_ids = np.full((len(sequences), T), pad_id, dtype=np.int64)
+    attention_mask = np.zeros((len(sequences), T), dtype=np.int64)
+    for row, seq in enumerate(sequences):
+        span = slice(T - len(seq), T) if padding_side == "left" else slice(0, len(seq))
+        input_ids[row, span] = seq
+        attention_mask[row, span] = 1
+    return input_ids, attention_mask
