@@ -5,9 +5,9 @@
     rm-export --verify-only runs/demo/bundle
 
 fp32 is always exported (it is the reference the other variants derive from); `--dtype` adds fp16
-(for the CUDA execution provider) and int8 (static quantization calibrated on real samples, for CPU serving). Every export scores a
-verification set with PyTorch and ONNX Runtime and fails when a variant is off (see rm_training.parity);
-the bundle is only written when every check passes.
+(for the CUDA execution provider) and int8 (static quantization calibrated on real samples, for CPU
+serving). Every export scores a verification set with PyTorch and ONNX Runtime and fails when a variant
+is off (see rm_training.parity); the bundle is only written when every check passes.
 """
 
 from __future__ import annotations
