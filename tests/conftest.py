@@ -64,7 +64,7 @@ def tiny_encoder_checkpoint(tmp_path_factory, minilm_tokenizer) -> Path:
         num_hidden_layers=2,
         num_attention_heads=2,
         intermediate_size=64,
-        max_position_embeddings=128,
+        max_position_embeddings=512,
         num_labels=1,
     )
     BertForSequenceClassification(config).save_pretrained(path)

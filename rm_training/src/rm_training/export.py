@@ -83,7 +83,8 @@ def run_checks(checked: Checked, variant_paths: dict[str, Path]) -> dict:
         )
     failures, variants = [], {}
     for dtype, path in variant_paths.items():
-        providers = ("cuda", "cpu") if dtype == "fp16" else ("cpu",)
+        # fp16 is meant for CUDA; without a GPU it is still checked, on the CPU provider (slowly).
+        providers = ("cuda", "cpu") if dtype == "fp16" and torch.cuda.is_available() else ("cpu",)
         try:
             engine = OnnxEngine(path, providers)
             result = check_variant(engine, checked.vset, checked.pad_id, checked.sides)

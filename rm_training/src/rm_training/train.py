@@ -148,6 +148,9 @@ def train(cfg: TrainConfig) -> dict:
     # Data and model
     train_groups, eval_groups = load_groups(cfg.data), load_groups(cfg.eval_data)
     model, tokenizer, metadata = new_reward_model(cfg.model, cfg.max_length)
+    positions = getattr(model.model.config, "max_position_embeddings", None)
+    if positions and cfg.max_length > positions:
+        raise ConfigError(f"--max-length {cfg.max_length} exceeds the backbone's {positions} position embeddings")
     encoder = sample_encoder(tokenizer, metadata.recipe)
     train_set = tokenize_groups(train_groups, encoder, desc="tokenize train")
     eval_set = tokenize_groups(eval_groups, encoder, desc="tokenize eval")

@@ -1,0 +1,219 @@
+"""rm-export: encoder, decoder and TRL checkpoints to verified bundles; corrupted bundles and bad checkpoints."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from rm_server.bundle import BundleError, load_bundle
+from rm_server.engine import OnnxEngine, pad_batch
+from rm_server.recipe import Message, Sample
+from rm_training.export import Checked, VerificationError, prepare_checks, run_checks
+from rm_training.model import load_reward_model, sample_encoder
+from rm_training.train import TrainConfig, train
+from tests.conftest import sentiment_pairs, write_jsonl
+
+BIN = Path(sys.executable).parent
+
+
+def rm_export(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "rm-export"), *args], capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def trained_encoder(tmp_path_factory, tiny_encoder_checkpoint) -> tuple[Path, Path]:
+    """A tiny encoder reward model trained on the toy task (so accuracy means something), and its eval data."""
+    tmp = tmp_path_factory.mktemp("trained-encoder")
+    train_file = write_jsonl(tmp / "train.jsonl", sentiment_pairs(96, seed=0))
+    test_file = write_jsonl(tmp / "test.jsonl", sentiment_pairs(48, seed=1))
+    cfg = TrainConfig(
+        data=str(train_file),
+        eval_data=str(test_file),
+        output=str(tmp / "rm"),
+        model=str(tiny_encoder_checkpoint),
+        epochs=6,
+        lr=2e-3,
+        batch_size=8,
+    )
+    train(cfg)
+    return tmp / "rm", test_file
+
+
+@pytest.fixture(scope="module")
+def encoder_bundle(trained_encoder, tmp_path_factory) -> Path:
+    checkpoint, test_file = trained_encoder
+    out = tmp_path_factory.mktemp("bundles") / "encoder"
+    result = rm_export("--model", str(checkpoint), "--output", str(out), "--dtype", "fp32,int8", "--name", "toy")
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_encoder_bundle_holds_verified_variants_and_every_field(encoder_bundle):
+    manifest = json.loads((encoder_bundle / "bundle.json").read_text())
+    assert manifest["name"] == "toy" and manifest["pooling"] == "cls" and manifest["format_version"] == 1
+    assert manifest["recipe"]["template"] == "pair" and manifest["max_length"] == 256
+    assert {"mean", "std", "size", "description"} <= set(manifest["normalization"])
+    fp32, int8 = manifest["variants"]["fp32"], manifest["variants"]["int8"]
+    scale = manifest["parity"]["reward_scale"]
+    assert fp32["parity_max_abs_diff"] <= 1e-4 * scale
+    assert fp32["batch_invariance_max_abs_diff"] <= 1e-5
+    assert int8["batch_invariance_max_abs_diff"] <= 1e-5  # static quantization: no per-batch scales
+    assert int8["eval_accuracy"] >= fp32["eval_accuracy"] - 0.01
+    assert manifest["eval_accuracy"] == pytest.approx(fp32["eval_accuracy"])
+    assert set(manifest["files"]) == {"model.onnx", "model.int8.onnx", "tokenizer.json", "tokenizer_config.json"}
+    assert manifest["parity"]["n_samples"] >= 40
+
+
+def test_served_formatting_equals_training_formatting(encoder_bundle, trained_encoder):
+    checkpoint, _ = trained_encoder
+    _, tokenizer, metadata = load_reward_model(checkpoint)
+    training = sample_encoder(tokenizer, metadata.recipe)
+    serving = load_bundle(encoder_bundle).sample_encoder()  # what the server builds: tokenizer.json + bundle.json
+    samples = [
+        Sample.from_text("How was it?", "Great."),
+        Sample.from_text("long " * 400, "kept"),
+        Sample((Message("system", "Be brief."), Message("user", "Hi")), (Message("assistant", "Hello!"),)),
+    ]
+    for sample in samples:
+        assert serving.encode(sample) == training.encode(sample)
+
+
+def test_onnx_reward_equals_pytorch_in_mixed_batches(encoder_bundle, trained_encoder):
+    checkpoint, _ = trained_encoder
+    model, tokenizer, metadata = load_reward_model(checkpoint)
+    encoder = sample_encoder(tokenizer, metadata.recipe)
+    texts = [
+        ("Q", "The food was great."),
+        ("How was the trip?", "Awful, never again, the hotel was dreadful."),
+        ("", "ok"),
+    ]
+    ids = [encoder.encode(Sample.from_text(p, r)).ids for p, r in texts]
+    engine = OnnxEngine(encoder_bundle / "model.onnx")
+    batched = engine.score(*pad_batch(ids, tokenizer.pad_token_id))
+    with torch.no_grad():
+        alone = [model(torch.tensor([i]), torch.ones(1, len(i), dtype=torch.long)).item() for i in ids]
+    np.testing.assert_allclose(batched, alone, atol=1e-4)
+
+
+def test_corrupted_bundle_is_detected(encoder_bundle, tmp_path):
+    broken = tmp_path / "broken"
+    subprocess.run(["cp", "-r", str(encoder_bundle), str(broken)], check=True)
+    data = bytearray((broken / "model.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (broken / "model.onnx").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="model.onnx: sha256 mismatch"):
+        load_bundle(broken)
+    result = rm_export("--verify-only", str(broken))
+    assert result.returncode == 1
+    assert "model.onnx: sha256 mismatch" in result.stderr
+    (broken / "tokenizer.json").unlink()
+    assert "tokenizer.json: missing" in rm_export("--verify-only", str(broken)).stderr
+
+
+def test_verify_only_reruns_the_checks_on_a_good_bundle(encoder_bundle):
+    result = rm_export("--verify-only", str(encoder_bundle))
+    assert result.returncode == 0, result.stderr
+    assert "verified: sha256 of every file, parity, batch invariance" in result.stdout
+
+
+def test_int8_accuracy_check_rejects_a_variant_that_loses_accuracy(trained_encoder, tiny_encoder_checkpoint, tmp_path):
+    checkpoint, test_file = trained_encoder
+    model, tokenizer, metadata = load_reward_model(checkpoint)
+    checked: Checked = prepare_checks(model.eval(), tokenizer, metadata.recipe, str(test_file))
+    good = rm_export("--model", str(checkpoint), "--output", str(tmp_path / "good"))
+    assert good.returncode == 0, good.stderr
+    untrained = tmp_path / "untrained"  # an int8 file that scores like an untrained model must be refused
+    result = rm_export("--model", str(tiny_encoder_checkpoint), "--output", str(untrained), "--max-length", "256")
+    assert result.returncode == 0, result.stderr
+    paths = {"fp32": tmp_path / "good" / "model.onnx", "int8": untrained / "model.onnx"}
+    with pytest.raises(VerificationError, match="int8 loses .* points of eval accuracy"):
+        run_checks(checked, paths)
+
+
+def test_decoder_bundle_matches_with_left_and_right_padding(tiny_decoder_checkpoint, tmp_path):
+    data = write_jsonl(tmp_path / "pairs.jsonl", sentiment_pairs(16, seed=2))
+    cfg = TrainConfig(
+        data=str(data),
+        eval_data=str(data),
+        output=str(tmp_path / "rm"),
+        model=str(tiny_decoder_checkpoint),
+        epochs=1,
+        batch_size=8,
+        max_length=128,
+    )
+    train(cfg)
+    result = rm_export("--model", str(tmp_path / "rm"), "--output", str(tmp_path / "bundle"))
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((tmp_path / "bundle" / "bundle.json").read_text())
+    assert manifest["pooling"] == "last_attended" and manifest["recipe"]["template"] == "chat"
+    assert manifest["parity"]["padding_sides"] == ["right", "left"]
+    assert manifest["variants"]["fp32"]["parity_max_abs_diff"] <= 1e-4 * manifest["parity"]["reward_scale"]
+    assert manifest["variants"]["fp32"]["batch_invariance_max_abs_diff"] <= 1e-5
+
+
+def test_trl_reward_trainer_checkpoint_exports_with_transformers_pooling(tiny_decoder_checkpoint, tmp_path):
+    from trl import RewardConfig, RewardTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_decoder_checkpoint)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_decoder_checkpoint, num_labels=1)
+    rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in sentiment_pairs(16, seed=3)]
+    args = RewardConfig(
+        output_dir=str(tmp_path / "trl-run"),
+        max_steps=2,
+        per_device_train_batch_size=4,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        bf16=False,
+    )
+    trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "trl-rm"))
+    tokenizer.save_pretrained(tmp_path / "trl-rm")
+
+    eval_file = write_jsonl(tmp_path / "eval.jsonl", rows)
+    out = tmp_path / "bundle"
+    result = rm_export(
+        "--model", str(tmp_path / "trl-rm"), "--output", str(out), "--template", "concat", "--eval-data", str(eval_file)
+    )
+    assert result.returncode == 0, result.stderr
+    assert "pad == eos" in result.stderr  # the two pooling rules diverge for texts ending with eos
+    manifest = json.loads((out / "bundle.json").read_text())
+    assert manifest["pooling"] == "last_non_pad" and manifest["recipe"]["append_eos"]
+
+    # What TRL trains on: prompt + response + eos. The bundle must give transformers' own unpadded score.
+    hf_model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "trl-rm").eval()
+    engine = OnnxEngine(out / "model.onnx")
+    texts = [rows[0]["prompt"] + rows[0]["chosen"], rows[1]["prompt"] + rows[1]["rejected"] + " And more words."]
+    ids = [tokenizer(t + tokenizer.eos_token)["input_ids"] for t in texts]
+    with torch.no_grad():
+        expected = [hf_model(input_ids=torch.tensor([i])).logits[0, 0].item() for i in ids]
+    for side in ("right", "left"):
+        np.testing.assert_allclose(engine.score(*pad_batch(ids, tokenizer.pad_token_id, side)), expected, atol=1e-4)
+
+
+def test_unsupported_checkpoints_get_a_clear_error(tmp_path, smollm2_tokenizer):
+    causal = tmp_path / "causal-lm"
+    config = LlamaConfig(
+        vocab_size=len(smollm2_tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+    )
+    LlamaForCausalLM(config).save_pretrained(causal)
+    smollm2_tokenizer.save_pretrained(causal)
+    result = rm_export("--model", str(causal), "--output", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert "output labels; a reward model has exactly one" in result.stderr
+    result = rm_export("--model", str(tmp_path), "--output", str(tmp_path / "out"))
+    assert result.returncode == 2 and "config.json is missing" in result.stderr
+    assert not (tmp_path / "out").exists()
