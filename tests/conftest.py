@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ from transformers import (
 )
 
 from rm_training.backbones import resolve_backbone
+from rm_training.train import TrainConfig, train
 
 GOOD = ["great", "wonderful", "lovely", "excellent", "fantastic", "delightful", "superb", "pleasant"]
 BAD = ["awful", "terrible", "horrible", "dreadful", "bad", "disgusting", "miserable", "poor"]
@@ -98,3 +101,37 @@ def toy_data(tmp_path) -> tuple[Path, Path]:
     train = write_jsonl(tmp_path / "train.jsonl", sentiment_pairs(96, seed=0))
     test = write_jsonl(tmp_path / "test.jsonl", sentiment_pairs(48, seed=1))
     return train, test
+
+
+@pytest.fixture(scope="session")
+def trained_encoder(tmp_path_factory, tiny_encoder_checkpoint) -> tuple[Path, Path]:
+    """A tiny encoder reward model trained on the toy task (so accuracy means something), and its eval data."""
+    tmp = tmp_path_factory.mktemp("trained-encoder")
+    train_file = write_jsonl(tmp / "train.jsonl", sentiment_pairs(96, seed=0))
+    test_file = write_jsonl(tmp / "test.jsonl", sentiment_pairs(48, seed=1))
+    cfg = TrainConfig(
+        data=str(train_file),
+        eval_data=str(test_file),
+        output=str(tmp / "rm"),
+        model=str(tiny_encoder_checkpoint),
+        epochs=6,
+        lr=2e-3,
+        batch_size=8,
+    )
+    train(cfg)
+    return tmp / "rm", test_file
+
+
+@pytest.fixture(scope="session")
+def encoder_bundle(trained_encoder, tmp_path_factory) -> Path:
+    checkpoint, test_file = trained_encoder
+    out = tmp_path_factory.mktemp("bundles") / "encoder"
+    result = rm_export("--model", str(checkpoint), "--output", str(out), "--dtype", "fp32,int8", "--name", "toy")
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def rm_export(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "rm-export"), *args], capture_output=True, text=True, timeout=600
+    )

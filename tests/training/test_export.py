@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,41 +17,7 @@ from rm_server.recipe import Message, Sample
 from rm_training.export import Checked, VerificationError, prepare_checks, run_checks
 from rm_training.model import load_reward_model, sample_encoder
 from rm_training.train import TrainConfig, train
-from tests.conftest import sentiment_pairs, write_jsonl
-
-BIN = Path(sys.executable).parent
-
-
-def rm_export(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "rm-export"), *args], capture_output=True, text=True, timeout=600)
-
-
-@pytest.fixture(scope="module")
-def trained_encoder(tmp_path_factory, tiny_encoder_checkpoint) -> tuple[Path, Path]:
-    """A tiny encoder reward model trained on the toy task (so accuracy means something), and its eval data."""
-    tmp = tmp_path_factory.mktemp("trained-encoder")
-    train_file = write_jsonl(tmp / "train.jsonl", sentiment_pairs(96, seed=0))
-    test_file = write_jsonl(tmp / "test.jsonl", sentiment_pairs(48, seed=1))
-    cfg = TrainConfig(
-        data=str(train_file),
-        eval_data=str(test_file),
-        output=str(tmp / "rm"),
-        model=str(tiny_encoder_checkpoint),
-        epochs=6,
-        lr=2e-3,
-        batch_size=8,
-    )
-    train(cfg)
-    return tmp / "rm", test_file
-
-
-@pytest.fixture(scope="module")
-def encoder_bundle(trained_encoder, tmp_path_factory) -> Path:
-    checkpoint, test_file = trained_encoder
-    out = tmp_path_factory.mktemp("bundles") / "encoder"
-    result = rm_export("--model", str(checkpoint), "--output", str(out), "--dtype", "fp32,int8", "--name", "toy")
-    assert result.returncode == 0, result.stderr
-    return out
+from tests.conftest import rm_export, sentiment_pairs, write_jsonl
 
 
 def test_encoder_bundle_holds_verified_variants_and_every_field(encoder_bundle):

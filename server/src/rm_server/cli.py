@@ -1,4 +1,7 @@
-"""Command lines built from config dataclasses: one flag per field, its help the field's docstring."""
+"""Command lines built from config dataclasses: one flag per field, its help the field's docstring.
+
+With an environment prefix (containers), every flag also reads `PREFIX_FIELD_NAME` as its default.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +9,10 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import os
 import textwrap
 import typing
+from collections.abc import Mapping
 from typing import TypeVar
 
 T = TypeVar("T")
@@ -34,21 +39,46 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def parse_config(cls: type[T], argv: list[str] | None, prog: str, description: str | None = None) -> T:
+def parse_config(
+    cls: type[T],
+    argv: list[str] | None,
+    prog: str,
+    description: str | None = None,
+    env_prefix: str | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> T:
     """Parse `argv` into an instance of the dataclass `cls`; argparse exits with code 2 on bad flags."""
     parser = argparse.ArgumentParser(
         prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     docs = field_docs(cls)
     hints = typing.get_type_hints(cls)
+    environ = os.environ if environ is None else environ
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         kind = hints[f.name]
         help_text = docs.get(f.name, "")
+        default = f.default
+        env_name = f"{env_prefix}_{f.name.upper()}" if env_prefix else None
+        if env_name:
+            help_text += f" [env {env_name}]"
+            if env_name in environ:
+                default = _from_env(env_name, environ[env_name], kind)
         if kind is bool:
-            parser.add_argument(flag, action="store_true", default=f.default, help=help_text)
-        elif f.default is dataclasses.MISSING:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        elif default is dataclasses.MISSING:
             parser.add_argument(flag, type=kind, required=True, help=help_text)
         else:
-            parser.add_argument(flag, type=kind, default=f.default, help=f"{help_text} (default: {f.default})")
+            parser.add_argument(flag, type=kind, default=default, help=f"{help_text} (default: {default})")
     return cls(**vars(parser.parse_args(argv)))
+
+
+def _from_env(name: str, value: str, kind: type):
+    if kind is bool:
+        if value.lower() not in ("1", "true", "yes", "0", "false", "no"):
+            raise ConfigError(f"environment variable {name}={value!r} is not a boolean")
+        return value.lower() in ("1", "true", "yes")
+    try:
+        return kind(value)
+    except ValueError:
+        raise ConfigError(f"environment variable {name}={value!r} is not a valid {kind.__name__}") from None

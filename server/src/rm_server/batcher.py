@@ -1,0 +1,197 @@
+"""Dynamic cross-request batching: one asyncio task owns the queue and forms batches for the engine.
+
+Samples from all callers wait in one queue. A batch starts with the oldest waiting sample (so nothing
+starves) and is filled with the waiting samples closest to it in length (so little padding is wasted),
+until the padded token budget (`max_batch_tokens`) or the row cap (`max_batch_size`) is reached, waiting at
+most `max_delay_ms` for more work when the batch is not full. A request's samples may land in several
+batches and are reassembled in order. The engine runs in a worker thread, never on the event loop.
+Nothing here imports onnxruntime or protobuf: the engine is anything with `score(ids, mask) -> rewards`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from rm_server.engine import pad_batch
+from rm_server.errors import InferenceFailed, QueueFull
+
+log = logging.getLogger(__name__)
+
+
+class Engine(Protocol):
+    def score(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class BatcherConfig:
+    max_batch_tokens: int = 16384
+    """Padded tokens (rows x longest row) per batch."""
+    max_batch_size: int = 64
+    """Rows per batch."""
+    max_delay_ms: float = 2.0
+    """Longest wait for more work before running a batch that is not full."""
+    max_queue: int = 4096
+    """Samples waiting at most; beyond it requests are refused at once (RESOURCE_EXHAUSTED)."""
+    pad_id: int = 0
+
+
+@dataclass
+class BatchStats:
+    """What the batcher reports per batch (for metrics)."""
+
+    rows: int
+    padded_tokens: int
+    real_tokens: int
+    inference_s: float
+
+
+@dataclass
+class _Job:
+    """One request's samples on their way through the queue."""
+
+    sequences: Sequence[Sequence[int]]
+    future: asyncio.Future
+    enqueued: float
+    rewards: np.ndarray = field(init=False)
+    remaining: int = field(init=False)
+    queue_s: float = 0.0
+    inference_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.rewards = np.empty(len(self.sequences), dtype=np.float32)
+        self.remaining = len(self.sequences)
+
+
+@dataclass
+class JobResult:
+    rewards: np.ndarray
+    queue_s: float
+    """Until the last of the request's samples entered a batch."""
+    inference_s: float
+    """Model time of the batches that held the request's samples."""
+
+
+class Batcher:
+    def __init__(self, engine: Engine, config: BatcherConfig, on_batch=None):
+        self.engine = engine
+        self.config = config
+        self.on_batch = on_batch or (lambda stats: None)
+        self._pending: list[tuple[_Job, int]] = []  # (job, sample index), oldest first
+        self._wakeup = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self._task: asyncio.Task | None = None
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._pending)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="batcher")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self._executor.shutdown(wait=True)
+
+    async def score(self, sequences: Sequence[Sequence[int]]) -> JobResult:
+        """Rewards of `sequences` in order; cancelling the caller drops its waiting samples."""
+        if len(self._pending) + len(sequences) > self.config.max_queue:
+            raise QueueFull(
+                f"queue full: {len(self._pending)} samples waiting, {len(sequences)} more exceed max_queue "
+                f"{self.config.max_queue}; retry with backoff"
+            )
+        job = _Job(sequences, asyncio.get_running_loop().create_future(), time.perf_counter())
+        self._pending.extend((job, i) for i in range(len(sequences)))
+        self._wakeup.set()
+        try:
+            await job.future
+        except asyncio.CancelledError:
+            job.future.cancel()
+            self._pending = [(j, i) for j, i in self._pending if j is not job]
+            raise
+        return JobResult(job.rewards, job.queue_s, job.inference_s)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._pending:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            await self._wait_for_more()
+            batch = self._take_batch()
+            if not batch:
+                continue
+            sequences = [job.sequences[i] for job, i in batch]
+            input_ids, attention_mask = pad_batch(sequences, self.config.pad_id)
+            started = time.perf_counter()
+            for job, _ in batch:
+                job.queue_s = max(job.queue_s, started - job.enqueued)
+            try:
+                rewards = await loop.run_in_executor(self._executor, self.engine.score, input_ids, attention_mask)
+                if len(rewards) != len(batch):
+                    raise RuntimeError(f"engine returned {len(rewards)} rewards for {len(batch)} rows")
+            except Exception as e:  # noqa: BLE001 - only this batch's requests fail; the server keeps serving
+                log.exception("inference failed on a batch of %d rows", len(batch))
+                for job, _ in batch:
+                    if not job.future.done():
+                        job.future.set_exception(InferenceFailed(f"inference failed: {type(e).__name__}: {e}"))
+                continue
+            elapsed = time.perf_counter() - started
+            self.on_batch(BatchStats(len(batch), input_ids.size, int(attention_mask.sum()), elapsed))
+            for job in {id(job): job for job, _ in batch}.values():
+                job.inference_s += elapsed
+            for (job, i), reward in zip(batch, rewards):
+                job.rewards[i] = reward
+                job.remaining -= 1
+                if job.remaining == 0 and not job.future.done():
+                    job.future.set_result(None)
+
+    async def _wait_for_more(self) -> None:
+        """Let a not-yet-full batch gather more work, at most max_delay_ms after its oldest sample arrived."""
+        deadline = self._pending[0][0].enqueued + self.config.max_delay_ms / 1000
+        while not self._batch_is_full() and (remaining := deadline - time.perf_counter()) > 0:
+            self._wakeup.clear()
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), remaining)
+            except TimeoutError:
+                break
+
+    def _batch_is_full(self) -> bool:
+        return (
+            len(self._pending) >= self.config.max_batch_size
+            or sum(len(j.sequences[i]) for j, i in self._pending) >= self.config.max_batch_tokens
+        )
+
+    def _take_batch(self) -> list[tuple[_Job, int]]:
+        """The oldest live sample plus the live samples nearest to it in length, within the budgets."""
+        self._pending = [(j, i) for j, i in self._pending if not j.future.done()]
+        if not self._pending:
+            return []
+        anchor_len = len(self._pending[0][0].sequences[self._pending[0][1]])
+        order = sorted(range(len(self._pending)), key=lambda k: (abs(self._lengths(k) - anchor_len), k))
+        chosen, longest = [], 0
+        for k in order:
+            length = self._lengths(k)
+            if len(chosen) == self.config.max_batch_size:
+                break
+            if max(longest, length) * (len(chosen) + 1) > self.config.max_batch_tokens:
+                continue
+            chosen.append(k)
+            longest = max(longest, length)
+        taken = set(chosen)
+        batch = [self._pending[k] for k in sorted(chosen)]
+        self._pending = [p for k, p in enumerate(self._pending) if k not in taken]
+        return batch
+
+    def _lengths(self, k: int) -> int:
+        job, i = self._pending[k]
+        return len(job.sequences[i])

@@ -1,0 +1,60 @@
+"""Protobuf <-> domain conversion: the only module besides the servicer that knows reward.v1 types."""
+
+from __future__ import annotations
+
+from rm_client.pb import reward_pb2 as pb
+from rm_server.errors import InvalidRequest
+from rm_server.recipe import ROLES, Message, Sample
+from rm_server.scoring import SampleInput, ScoreOutcome, TokenInput
+
+
+def sample_from_pb(index: int, sample: pb.Sample) -> SampleInput:
+    kind = sample.WhichOneof("input")
+    if kind == "text":
+        if not sample.text.response:
+            raise InvalidRequest(f"sample {index}: empty response")
+        return Sample.from_text(sample.text.prompt, sample.text.response)
+    if kind == "conversation":
+        return _conversation(index, sample.conversation.messages)
+    if kind == "tokens":
+        return TokenInput(tuple(sample.tokens.ids))
+    raise InvalidRequest(f"sample {index}: no input; set one of text, conversation or tokens")
+
+
+def _conversation(index: int, messages) -> Sample:
+    if not messages:
+        raise InvalidRequest(f"sample {index}: empty conversation")
+    for j, m in enumerate(messages):
+        if m.role not in ROLES:
+            raise InvalidRequest(
+                f"sample {index}: message {j} has unknown role {m.role!r}; expected one of {', '.join(ROLES)}"
+            )
+    split = len(messages)
+    while split > 0 and messages[split - 1].role == "assistant":
+        split -= 1
+    if split == len(messages):
+        raise InvalidRequest(f"sample {index}: a conversation must end with the assistant message(s) to score")
+    response = tuple(Message(m.role, m.content) for m in messages[split:])
+    if not any(m.content for m in response):
+        raise InvalidRequest(f"sample {index}: empty response")
+    return Sample(tuple(Message(m.role, m.content) for m in messages[:split]), response)
+
+
+def samples_from_request(request: pb.ScoreRequest) -> list[SampleInput]:
+    return [sample_from_pb(i, s) for i, s in enumerate(request.samples)]
+
+
+def score_response(request_id: str, outcome: ScoreOutcome, name: str, version: str) -> pb.ScoreResponse:
+    t = outcome.timing
+    return pb.ScoreResponse(
+        request_id=request_id,
+        results=[
+            pb.SampleResult(reward=r.reward, num_tokens=r.num_tokens, truncated=r.truncated) for r in outcome.results
+        ],
+        model_name=name,
+        model_version=version,
+        timing=pb.Timing(
+            queue_ms=t.queue_ms, tokenization_ms=t.tokenization_ms, inference_ms=t.inference_ms, total_ms=t.total_ms
+        ),
+        normalized=outcome.normalized,
+    )

@@ -1,0 +1,201 @@
+"""Serve a reward-model bundle over gRPC (`rm-serve`).
+
+    rm-serve --bundle runs/demo/bundle --port 50051 --metrics-port 9090
+
+Every flag has an environment variable (RM_BUNDLE, RM_PORT, ...) for containers. Start-up: verify and
+load the bundle, start the engine, warm it up, then report SERVING on grpc.health.v1. SIGTERM (or
+SIGINT): health goes NOT_SERVING, new calls are refused, calls in flight finish within --grace-s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from rm_client.pb import reward_pb2, reward_pb2_grpc
+from rm_server.batcher import Batcher, BatcherConfig
+from rm_server.bundle import BundleError, load_bundle
+from rm_server.cli import ConfigError, parse_config
+from rm_server.engine import OnnxEngine, pad_batch
+from rm_server.metrics import ServiceMetrics
+from rm_server.scoring import Limits, Scorer
+from rm_server.service import RewardService
+
+log = logging.getLogger("rm_server")
+SERVICE_NAME = reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name
+
+
+@dataclass
+class ServerConfig:
+    bundle: str
+    """Model bundle directory written by rm-export."""
+    host: str = "127.0.0.1"
+    """Address the gRPC server binds to (0.0.0.0 to listen on every interface, as in containers)."""
+    port: int = 50051
+    """gRPC port (0: pick a free one and log it)."""
+    metrics_host: str = "127.0.0.1"
+    """Address of the Prometheus endpoint."""
+    metrics_port: int = 9090
+    """Prometheus /metrics port (-1: no metrics endpoint)."""
+    variant: str = "fp32"
+    """Bundle variant to serve: fp32, int8 or fp16."""
+    providers: str = "cpu"
+    """Execution providers in order of preference, comma-separated: tensorrt, cuda, cpu."""
+    threads: int = 0
+    """ONNX Runtime intra-op threads (0: one per core)."""
+    tokenizer_threads: int = 2
+    """Threads tokenizing requests off the event loop."""
+    max_batch_tokens: int = 16384
+    """Padded tokens per batch (rows x longest row)."""
+    max_batch_size: int = 64
+    """Rows per batch."""
+    max_delay_ms: float = 2.0
+    """Longest wait for more work before running a batch that is not full."""
+    max_queue: int = 8192
+    """Samples waiting at most; further requests get RESOURCE_EXHAUSTED at once."""
+    max_samples_per_request: int = 4096
+    """Samples accepted in one request; larger requests get INVALID_ARGUMENT (the client splits them)."""
+    max_message_mb: int = 64
+    """Largest gRPC message received or sent, in MiB."""
+    grace_s: float = 30.0
+    """On SIGTERM, how long calls in flight may take to finish."""
+    verify: bool = True
+    """Check every bundle file's sha256 before loading."""
+    log_level: str = "INFO"
+
+    def validate(self) -> None:
+        if self.variant not in ("fp32", "int8", "fp16"):
+            raise ConfigError(f"--variant must be fp32, int8 or fp16, not {self.variant!r}")
+        for name in ("max_batch_tokens", "max_batch_size", "max_queue", "max_samples_per_request", "max_message_mb"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.max_delay_ms < 0:
+            raise ConfigError("--max-delay-ms must not be negative")
+
+
+class RewardServer:
+    """The running service: gRPC server, health, metrics endpoint, batcher and engine."""
+
+    def __init__(self, config: ServerConfig):
+        config.validate()
+        self.config = config
+        self.bundle = load_bundle(config.bundle, verify=config.verify)
+        if config.max_batch_tokens < self.bundle.recipe.max_length:
+            raise ConfigError(
+                f"--max-batch-tokens {config.max_batch_tokens} is below the model's max length "
+                f"{self.bundle.recipe.max_length}: a long sample could never be batched"
+            )
+        self.engine = OnnxEngine(
+            self.bundle.model_path(config.variant), tuple(config.providers.split(",")), config.threads
+        )
+        self.metrics = ServiceMetrics()
+        self.health = health.aio.HealthServicer()
+        self.port = 0
+        self._metrics_http = None
+
+    async def start(self) -> None:
+        config, manifest = self.config, self.bundle.manifest
+        pad_id = manifest.get("pad_token_id") or 0
+        batcher_config = BatcherConfig(
+            config.max_batch_tokens, config.max_batch_size, config.max_delay_ms, config.max_queue, pad_id
+        )
+        self.batcher = Batcher(self.engine, batcher_config, on_batch=self.metrics.record_batch)
+        limits = Limits(max_samples_per_request=config.max_samples_per_request)
+        self.scorer = Scorer(self.bundle, config.variant, self.batcher, limits, config.tokenizer_threads)
+        self.service = RewardService(self.scorer, self.metrics)
+        message_bytes = config.max_message_mb * 1024 * 1024
+        self.server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", message_bytes),
+                ("grpc.max_send_message_length", message_bytes),
+            ]
+        )
+        reward_pb2_grpc.add_RewardServiceServicer_to_server(self.service, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.port = self.server.add_insecure_port(f"{config.host}:{config.port}")
+        if config.metrics_port >= 0:
+            self._metrics_http = self.metrics.serve(config.metrics_host, config.metrics_port)
+        self.metrics.model.info(
+            {
+                "name": manifest["name"],
+                "version": str(manifest["version"]),
+                "variant": config.variant,
+                "pooling": manifest["pooling"],
+                "provider": self.engine.providers[0],
+            }
+        )
+        self.batcher.start()
+        self.metrics.queue_depth.set_function(lambda: self.batcher.queue_depth)
+        await self.server.start()
+        await self._warm_up()
+        self.service.ready = True
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "serving %s v%s (%s, %s) on %s:%d; metrics on %s:%s",
+            manifest["name"],
+            manifest["version"],
+            config.variant,
+            self.engine.providers[0],
+            config.host,
+            self.port,
+            config.metrics_host,
+            config.metrics_port,
+        )
+
+    async def _warm_up(self) -> None:
+        """Run a short and the longest shape once (outside the batcher and its metrics), so the first real
+        call pays no start-up cost."""
+        loop = asyncio.get_running_loop()
+        for length in (8, self.bundle.recipe.max_length):
+            ids, mask = pad_batch([[1] * length], 0)
+            await loop.run_in_executor(None, self.engine.score, ids, mask)
+
+    async def stop(self) -> None:
+        """Graceful drain: NOT_SERVING, refuse new calls, let calls in flight finish within the grace period."""
+        log.info("shutting down: draining calls in flight (grace %.0f s)", self.config.grace_s)
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.config.grace_s)
+        self.service.ready = False
+        await self.batcher.stop()
+        self.scorer.close()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+        log.info("stopped")
+
+
+async def serve(config: ServerConfig) -> None:
+    server = RewardServer(config)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await server.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        config = parse_config(ServerConfig, argv, prog="rm-serve", description=__doc__, env_prefix="RM")
+        logging.basicConfig(
+            level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr
+        )
+        asyncio.run(serve(config))
+    except (ConfigError, BundleError) as e:
+        print(f"rm-serve: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

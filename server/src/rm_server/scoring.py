@@ -1,0 +1,137 @@
+"""Scoring in domain terms: validate, tokenize off the event loop, batch, normalize. No protobuf here."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from rm_server.batcher import Batcher
+from rm_server.bundle import Bundle
+from rm_server.errors import InvalidRequest
+from rm_server.recipe import EncodedSample, RecipeError, Sample
+
+
+@dataclass(frozen=True)
+class TokenInput:
+    """Pre-tokenized ids, scored as they are."""
+
+    ids: tuple[int, ...]
+
+
+SampleInput = Sample | TokenInput
+
+
+@dataclass(frozen=True)
+class SampleScore:
+    reward: float
+    num_tokens: int
+    truncated: bool
+
+
+@dataclass(frozen=True)
+class Timing:
+    queue_ms: float
+    tokenization_ms: float
+    inference_ms: float
+    total_ms: float
+
+
+@dataclass(frozen=True)
+class ScoreOutcome:
+    results: list[SampleScore]
+    timing: Timing
+    normalized: bool
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_samples_per_request: int = 4096
+    max_chars_per_sample: int = 1_000_000
+    """Text longer than this is refused before tokenization (tokenizing it would stall a worker)."""
+
+
+class Scorer:
+    """Everything a transport needs to score samples with one bundle."""
+
+    def __init__(self, bundle: Bundle, variant: str, batcher: Batcher, limits: Limits, tokenizer_threads: int = 2):
+        self.bundle = bundle
+        self.variant = variant
+        self.batcher = batcher
+        self.limits = limits
+        self.encoder = bundle.sample_encoder()
+        self.vocab_size = self.encoder.tokenizer.get_vocab_size(with_added_tokens=True)
+        self.max_length = bundle.recipe.max_length
+        normalization = bundle.manifest.get("normalization") or {}
+        self.norm_mean = float(normalization.get("mean", 0.0))
+        self.norm_std = float(normalization.get("std", 1.0)) or 1.0
+        self._tokenize_pool = ThreadPoolExecutor(max_workers=tokenizer_threads, thread_name_prefix="tokenize")
+
+    def close(self) -> None:
+        self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
+
+    async def score(self, inputs: list[SampleInput], normalize: bool = False, strict: bool = False) -> ScoreOutcome:
+        started = time.perf_counter()
+        if not inputs:
+            raise InvalidRequest("request has no samples")
+        if len(inputs) > self.limits.max_samples_per_request:
+            raise InvalidRequest(
+                f"request has {len(inputs)} samples; "
+                f"at most {self.limits.max_samples_per_request} are accepted per request"
+            )
+        loop = asyncio.get_running_loop()
+        encoded = await loop.run_in_executor(self._tokenize_pool, self._encode_all, inputs, strict)
+        tokenized = time.perf_counter()
+        result = await self.batcher.score([e.ids for e in encoded])
+        rewards = result.rewards.astype(np.float64)
+        if normalize:
+            rewards = (rewards - self.norm_mean) / self.norm_std
+        results = [SampleScore(float(r), len(e.ids), e.truncated) for r, e in zip(rewards, encoded)]
+        timing = Timing(
+            queue_ms=1000 * result.queue_s,
+            tokenization_ms=1000 * (tokenized - started),
+            inference_ms=1000 * result.inference_s,
+            total_ms=1000 * (time.perf_counter() - started),
+        )
+        return ScoreOutcome(results, timing, normalize)
+
+    def _encode_all(self, inputs: list[SampleInput], strict: bool) -> list[EncodedSample]:
+        return [self._encode(i, sample, strict) for i, sample in enumerate(inputs)]
+
+    def _encode(self, index: int, sample: SampleInput, strict: bool) -> EncodedSample:
+        if isinstance(sample, TokenInput):
+            encoded = self._encode_ids(index, sample.ids)
+        else:
+            chars = sum(len(m.content) for m in sample.prompt + sample.response)
+            if chars > self.limits.max_chars_per_sample:
+                raise InvalidRequest(
+                    f"sample {index}: {chars} characters; at most {self.limits.max_chars_per_sample} are accepted"
+                )
+            try:
+                encoded = self.encoder.encode(sample)
+            except RecipeError as e:
+                raise InvalidRequest(f"sample {index}: {e}") from None
+        if strict and encoded.truncated:
+            raise InvalidRequest(
+                f"sample {index}: longer than the model's maximum of {self.max_length} tokens (strict truncation)"
+            )
+        return encoded
+
+    def _encode_ids(self, index: int, ids: tuple[int, ...]) -> EncodedSample:
+        if not ids:
+            raise InvalidRequest(f"sample {index}: empty token ids")
+        bad = next((t for t in ids if t >= self.vocab_size), None)
+        if bad is not None:
+            raise InvalidRequest(f"sample {index}: token id {bad} is outside the vocabulary [0, {self.vocab_size})")
+        if len(ids) > self.max_length:  # keep the end, where the response and the pooled token are
+            return EncodedSample(list(ids[-self.max_length :]), True)
+        return EncodedSample(list(ids), False)
+
+
+def preference_probability(reward_a: float, reward_b: float) -> float:
+    """Bradley-Terry: P(A preferred to B) = sigmoid(r_A - r_B)."""
+    return 1.0 / (1.0 + math.exp(-(reward_a - reward_b)))

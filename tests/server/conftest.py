@@ -1,0 +1,94 @@
+"""Real rm-serve processes on loopback ports, waited on through grpc.health.v1."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from rm_client.pb import reward_pb2_grpc
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class RunningServer:
+    process: subprocess.Popen
+    port: int
+    metrics_port: int
+    log_path: Path
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def channel(self) -> grpc.Channel:
+        return grpc.insecure_channel(self.target)
+
+    def stub(self) -> reward_pb2_grpc.RewardServiceStub:
+        return reward_pb2_grpc.RewardServiceStub(self.channel())
+
+    def health(self, service: str = "") -> int:
+        stub = health_pb2_grpc.HealthStub(self.channel())
+        return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2).status
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+
+def start_server(bundle: Path, log_path: Path, *args: str, env: dict | None = None) -> RunningServer:
+    port, metrics_port = free_port(), free_port()
+    command = [
+        str(BIN / "rm-serve"),
+        "--bundle",
+        str(bundle),
+        "--port",
+        str(port),
+        "--metrics-port",
+        str(metrics_port),
+        *args,
+    ]
+    log_file = open(log_path, "w")  # noqa: SIM115 - closed with the process
+    process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    server = RunningServer(process, port, metrics_port, log_path)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"rm-serve exited with {process.returncode}:\n{server.log()}")
+        with contextlib.suppress(grpc.RpcError):
+            if server.health() == health_pb2.HealthCheckResponse.SERVING:
+                return server
+        time.sleep(0.2)
+    process.kill()
+    raise RuntimeError(f"rm-serve did not become healthy:\n{server.log()}")
+
+
+def stop_server(server: RunningServer) -> int:
+    if server.process.poll() is None:
+        server.process.send_signal(signal.SIGTERM)
+    return server.process.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def server(encoder_bundle, tmp_path_factory):
+    running = start_server(
+        encoder_bundle, tmp_path_factory.mktemp("server") / "serve.log", "--max-samples-per-request", "64"
+    )
+    yield running
+    stop_server(running)

@@ -1,0 +1,214 @@
+"""rm-serve against a real server process: every RPC, sample forms, errors, batch invariance, metrics."""
+
+from __future__ import annotations
+
+import json
+import random
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import numpy as np
+import pytest
+
+from rm_client.pb import reward_pb2 as pb
+from rm_server.bundle import load_bundle
+from rm_server.engine import OnnxEngine, pad_batch
+from rm_server.recipe import Sample
+from tests.conftest import GOOD, THINGS
+
+PROMPTS = [f"How was the {thing}?" for thing in THINGS]
+WORDS = GOOD + ["ok", "fine", "not great", "rather bad", "awful", "a mixed bag"]
+
+
+def text(prompt: str, response: str) -> pb.Sample:
+    return pb.Sample(text=pb.TextPair(prompt=prompt, response=response))
+
+
+def random_texts(rng: random.Random, n: int) -> list[tuple[str, str]]:
+    """Responses of very different lengths, so batches mix lengths and need padding."""
+    return [
+        (rng.choice(PROMPTS), " ".join(f"It was {rng.choice(WORDS)}." for _ in range(rng.randint(1, 30))))
+        for _ in range(n)
+    ]
+
+
+@pytest.fixture(scope="module")
+def reference(encoder_bundle):
+    """Each sample scored alone by ONNX Runtime in this process, from the same bundle."""
+    bundle = load_bundle(encoder_bundle)
+    engine, encoder = OnnxEngine(bundle.model_path("fp32")), bundle.sample_encoder()
+
+    def score_alone(prompt: str, response: str) -> float:
+        ids = encoder.encode(Sample.from_text(prompt, response)).ids
+        return float(engine.score(*pad_batch([ids], 0))[0])
+
+    return score_alone
+
+
+def metrics(server) -> dict[str, float]:
+    body = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5).read().decode()
+    values = {}
+    for line in body.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    return values
+
+
+def test_score_returns_one_reward_per_sample_in_order_with_metadata(server, reference):
+    texts = [("How was the food?", "Wonderful, truly excellent."), ("How was the food?", "Terrible.")]
+    response = server.stub().Score(pb.ScoreRequest(request_id="abc", samples=[text(p, r) for p, r in texts]))
+    assert response.request_id == "abc"
+    assert [r.reward for r in response.results] == pytest.approx([reference(p, r) for p, r in texts], abs=1e-5)
+    assert response.results[0].reward > response.results[1].reward
+    assert response.model_name == "toy" and response.model_version == "1"
+    assert all(r.num_tokens > 0 and not r.truncated for r in response.results)
+    timing = response.timing
+    assert timing.total_ms >= timing.inference_ms > 0 and timing.tokenization_ms > 0
+
+
+def test_conversations_and_token_ids_score_like_text(server, encoder_bundle):
+    stub = server.stub()
+    as_text = stub.Score(pb.ScoreRequest(samples=[text("How was the food?", "Lovely.")])).results[0]
+    conversation = pb.Conversation(
+        messages=[pb.Message(role="user", content="How was the food?"), pb.Message(role="assistant", content="Lovely.")]
+    )
+    as_conversation = stub.Score(pb.ScoreRequest(samples=[pb.Sample(conversation=conversation)])).results[0]
+    ids = load_bundle(encoder_bundle).sample_encoder().encode(Sample.from_text("How was the food?", "Lovely.")).ids
+    as_ids = stub.Score(pb.ScoreRequest(samples=[pb.Sample(tokens=pb.TokenIds(ids=ids))])).results[0]
+    assert as_conversation.reward == pytest.approx(as_text.reward, abs=1e-6)
+    assert as_ids.reward == pytest.approx(as_text.reward, abs=1e-6)
+    assert as_ids.num_tokens == len(ids)
+
+
+def test_normalized_rewards_use_the_bundle_statistics(server, encoder_bundle):
+    stats = json.loads((encoder_bundle / "bundle.json").read_text())["normalization"]
+    samples = [text("How was the trip?", "Great fun.")]
+    raw = server.stub().Score(pb.ScoreRequest(samples=samples)).results[0].reward
+    normalized = server.stub().Score(pb.ScoreRequest(samples=samples, normalize=True))
+    assert normalized.normalized
+    assert normalized.results[0].reward == pytest.approx((raw - stats["mean"]) / stats["std"], abs=1e-4)
+
+
+def test_overlong_samples_are_truncated_or_refused_in_strict_mode(server):
+    long_prompt = "word " * 2000
+    response = server.stub().Score(pb.ScoreRequest(samples=[text("short", "fine"), text(long_prompt, "It was great.")]))
+    assert [r.truncated for r in response.results] == [False, True]
+    assert response.results[1].num_tokens == 256
+    with pytest.raises(grpc.RpcError) as error:
+        server.stub().Score(
+            pb.ScoreRequest(
+                samples=[text("short", "fine"), text(long_prompt, "x")], truncation=pb.TRUNCATION_POLICY_STRICT
+            )
+        )
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "sample 1: longer than the model's maximum of 256 tokens" in error.value.details()
+
+
+def test_compare_and_rank(server, reference):
+    stub = server.stub()
+    compared = stub.Compare(pb.CompareRequest(prompt="How was it?", response_a="Excellent!", response_b="Awful."))
+    expected = 1 / (1 + np.exp(-(reference("How was it?", "Excellent!") - reference("How was it?", "Awful."))))
+    assert compared.probability_a_preferred == pytest.approx(expected, abs=1e-5)
+    assert compared.probability_a_preferred > 0.5
+    responses = ["Awful.", "Excellent!", "It was ok."]
+    ranked = stub.Rank(pb.RankRequest(prompt="How was it?", responses=responses))
+    expected_rewards = [reference("How was it?", r) for r in responses]
+    assert list(ranked.order) == sorted(range(3), key=lambda i: -expected_rewards[i])
+    assert list(ranked.order)[0] == 1
+    assert list(ranked.rewards) == pytest.approx(expected_rewards, abs=1e-5)
+
+
+def test_model_info_describes_the_bundle(server, encoder_bundle):
+    info = server.stub().GetModelInfo(pb.GetModelInfoRequest())
+    manifest = json.loads((encoder_bundle / "bundle.json").read_text())
+    assert (info.name, info.version, info.max_length, info.pooling, info.dtype) == ("toy", "1", 256, "cls", "fp32")
+    assert info.normalization.mean == pytest.approx(manifest["normalization"]["mean"])
+    assert info.max_samples_per_request == 64
+    assert json.loads(info.bundle_json)["files"] == manifest["files"]
+
+
+def test_score_stream_ties_responses_to_requests(server, reference):
+    rng = random.Random(5)
+    batches = {f"req-{i}": random_texts(rng, rng.randint(1, 6)) for i in range(12)}
+    requests = [pb.ScoreRequest(request_id=k, samples=[text(p, r) for p, r in v]) for k, v in batches.items()]
+    requests.append(pb.ScoreRequest(request_id="bad", samples=[]))
+    responses = {r.request_id: r for r in server.stub().ScoreStream(iter(requests))}
+    assert set(responses) == set(batches) | {"bad"}
+    assert responses["bad"].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "no samples" in responses["bad"].error.message
+    for request_id, texts in batches.items():
+        got = [r.reward for r in responses[request_id].results]
+        assert got == pytest.approx([reference(p, r) for p, r in texts], abs=1e-5)
+
+
+def test_rewards_do_not_depend_on_concurrent_traffic(server, reference):
+    """Many clients, random batch sizes and lengths: every reward equals the sample scored alone."""
+    rng = random.Random(0)
+    requests = [random_texts(rng, rng.randint(1, 32)) for _ in range(48)]
+    stub = server.stub()
+
+    def send(texts):
+        return [
+            r.reward for r in stub.Score(pb.ScoreRequest(samples=[text(p, r) for p, r in texts]), timeout=60).results
+        ]
+
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        answers = list(pool.map(send, requests))
+    worst = max(
+        abs(got - reference(p, r)) for texts, rewards in zip(requests, answers) for (p, r), got in zip(texts, rewards)
+    )
+    assert worst <= 1e-5
+
+
+@pytest.mark.parametrize(
+    ("samples", "message"),
+    [
+        ([], "request has no samples"),
+        ([text("Q", "fine"), text("Q", "")], "sample 1: empty response"),
+        ([pb.Sample()], "sample 0: no input"),
+        (
+            [pb.Sample(conversation=pb.Conversation(messages=[pb.Message(role="robot", content="hi")]))],
+            "sample 0: message 0 has unknown role 'robot'",
+        ),
+        (
+            [pb.Sample(conversation=pb.Conversation(messages=[pb.Message(role="user", content="hi")]))],
+            "sample 0: a conversation must end with the assistant message",
+        ),
+        (
+            [text("Q", "ok"), pb.Sample(tokens=pb.TokenIds(ids=[101, 10**9]))],
+            "sample 1: token id 1000000000 is outside",
+        ),
+        ([pb.Sample(tokens=pb.TokenIds(ids=[]))], "sample 0: empty token ids"),
+        ([text("Q", "ok")] * 65, "request has 65 samples; at most 64 are accepted"),
+    ],
+)
+def test_bad_requests_get_invalid_argument_naming_the_sample(server, samples, message):
+    with pytest.raises(grpc.RpcError) as error:
+        server.stub().Score(pb.ScoreRequest(samples=samples))
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in error.value.details()
+    assert server.health() == 1  # still SERVING
+
+
+def test_metrics_count_the_traffic_sent(server):
+    before = metrics(server)
+    stub = server.stub()
+    for n in (1, 3, 5):
+        stub.Score(pb.ScoreRequest(samples=[text("Q", "It was fine.")] * n))
+    with pytest.raises(grpc.RpcError):
+        stub.Score(pb.ScoreRequest(samples=[]))
+    after = metrics(server)
+
+    def delta(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    assert delta('rm_requests_total{code="OK",method="Score"}') == 3
+    assert delta('rm_requests_total{code="INVALID_ARGUMENT",method="Score"}') == 1
+    assert delta("rm_samples_total") == 9
+    assert delta('rm_latency_seconds_count{stage="inference"}') == 3
+    assert after["rm_queue_depth"] == 0
+    assert (
+        after['rm_model_info{name="toy",pooling="cls",provider="CPUExecutionProvider",variant="fp32",version="1"}'] == 1
+    )
