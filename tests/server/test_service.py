@@ -108,13 +108,14 @@ def test_overlong_samples_are_truncated_or_refused_in_strict_mode(server):
 
 def test_compare_and_rank(server, reference):
     stub = server.stub()
-    compared = stub.Compare(pb.CompareRequest(prompt="How was it?", response_a="Excellent!", response_b="Awful."))
-    expected = 1 / (1 + np.exp(-(reference("How was it?", "Excellent!") - reference("How was it?", "Awful."))))
+    prompt, good, bad = "How was the food?", "The food was excellent.", "The food was awful."
+    compared = stub.Compare(pb.CompareRequest(prompt=prompt, response_a=good, response_b=bad))
+    expected = 1 / (1 + np.exp(-(reference(prompt, good) - reference(prompt, bad))))
     assert compared.probability_a_preferred == pytest.approx(expected, abs=1e-5)
     assert compared.probability_a_preferred > 0.5
-    responses = ["Awful.", "Excellent!", "It was ok."]
-    ranked = stub.Rank(pb.RankRequest(prompt="How was it?", responses=responses))
-    expected_rewards = [reference("How was it?", r) for r in responses]
+    responses = [bad, good, "The food was ok."]
+    ranked = stub.Rank(pb.RankRequest(prompt=prompt, responses=responses))
+    expected_rewards = [reference(prompt, r) for r in responses]
     assert list(ranked.order) == sorted(range(3), key=lambda i: -expected_rewards[i])
     assert list(ranked.order)[0] == 1
     assert list(ranked.rewards) == pytest.approx(expected_rewards, abs=1e-5)

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import signal
 import sys
+import time
 from dataclasses import dataclass
 
 import grpc
@@ -163,10 +164,17 @@ class RewardServer:
 
     async def stop(self) -> None:
         """Graceful drain: NOT_SERVING, refuse new calls, let calls in flight finish within the grace period."""
-        log.info("shutting down: draining calls in flight (grace %.0f s)", self.config.grace_s)
-        await self.health.enter_graceful_shutdown()
-        await self.server.stop(self.config.grace_s)
+        log.info(
+            "shutting down: draining %d calls in flight (grace %.0f s)", self.service.inflight, self.config.grace_s
+        )
+        # Refuse new calls (UNAVAILABLE) and report NOT_SERVING while the calls in flight finish; the port
+        # stays open meanwhile so that probes and load balancers can see the new status.
         self.service.ready = False
+        await self.health.enter_graceful_shutdown()
+        deadline = time.monotonic() + self.config.grace_s
+        while self.service.inflight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await self.server.stop(max(0.0, deadline - time.monotonic()))
         await self.batcher.stop()
         self.scorer.close()
         if self._metrics_http is not None:

@@ -32,6 +32,7 @@ def rpc(method):
         request_id = getattr(request, "request_id", "") or uuid.uuid4().hex[:16]
         started = time.perf_counter()
         code = grpc.StatusCode.OK
+        self.inflight += 1
         try:
             if not self.ready:
                 raise NotReady("the model is not ready (loading, warming up or shutting down)")
@@ -48,6 +49,7 @@ def rpc(method):
             log.exception("request %s %s: unexpected error", request_id, name)
             await context.abort(code, f"internal error (request id {request_id})")
         finally:
+            self.inflight -= 1
             self.metrics.requests.labels(name, code.name).inc()
             self.metrics.latency.labels("total").observe(time.perf_counter() - started)
 
@@ -59,6 +61,8 @@ class RewardService(reward_pb2_grpc.RewardServiceServicer):
         self.scorer = scorer
         self.metrics = metrics
         self.ready = False
+        self.inflight = 0
+        """Calls being answered, so a graceful shutdown knows when the drain is over."""
         manifest = scorer.bundle.manifest
         self.name, self.version = manifest["name"], str(manifest["version"])
 
@@ -112,11 +116,13 @@ class RewardService(reward_pb2_grpc.RewardServiceServicer):
             await responses.put(None)
 
         reader = asyncio.create_task(read())
+        self.inflight += 1
         try:
             while (response := await responses.get()) is not None:
                 yield response
             await reader
-        finally:  # the caller went away: drop its queued work
+        finally:  # done, or the caller went away: drop its queued work
+            self.inflight -= 1
             reader.cancel()
             for task in list(tasks):
                 task.cancel()

@@ -1,0 +1,121 @@
+"""The dynamic batcher with a recording fake engine: budgets, length grouping, splitting, failures, cancels."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+
+from rm_server.batcher import Batcher, BatcherConfig
+from rm_server.errors import InferenceFailed, QueueFull
+
+
+class RecordingEngine:
+    """Reward = sum of the real ids of a row; records every batch it is given; can be gated or made to fail."""
+
+    def __init__(self, fail_on_length: int | None = None):
+        self.batches: list[tuple[int, int]] = []  # (rows, padded length)
+        self.fail_on_length = fail_on_length
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def score(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        self.gate.wait(10)
+        self.batches.append(input_ids.shape)
+        if self.fail_on_length is not None and (attention_mask.sum(1) == self.fail_on_length).any():
+            raise RuntimeError("injected failure")
+        return (input_ids * attention_mask).sum(1).astype(np.float32)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def with_batcher(engine, config: BatcherConfig, body):
+    batcher = Batcher(engine, config)
+    batcher.start()
+    try:
+        return await body(batcher)
+    finally:
+        await batcher.stop()
+
+
+def test_requests_are_reassembled_in_order_across_batches():
+    engine = RecordingEngine()
+    sequences = [[i] * (1 + i % 7) for i in range(1, 40)]
+
+    async def body(batcher):
+        return await batcher.score(sequences)
+
+    result = run(with_batcher(engine, BatcherConfig(max_batch_tokens=64, max_batch_size=8, max_delay_ms=1), body))
+    assert result.rewards.tolist() == [float(sum(s)) for s in sequences]
+    assert len(engine.batches) > 1  # split across batches
+    assert all(rows <= 8 and rows * length <= 64 for rows, length in engine.batches)
+
+
+def test_batches_start_with_the_oldest_sample_and_group_similar_lengths():
+    engine = RecordingEngine()
+    engine.gate.clear()  # hold the engine so requests pile up in the queue
+
+    async def body(batcher):
+        # arrival order: one short, eight long, seven short; FIFO batches of 8 would mix the lengths
+        requests = ([[1] * 2], [[1] * 30] * 8, [[1] * 2] * 7)
+        tasks = [asyncio.create_task(batcher.score(seq)) for seq in requests]
+        await asyncio.sleep(0.05)
+        engine.gate.set()
+        return await asyncio.gather(*tasks)
+
+    results = run(with_batcher(engine, BatcherConfig(max_batch_tokens=10_000, max_batch_size=8, max_delay_ms=1), body))
+    assert [r.rewards.tolist() for r in results] == [[2.0], [30.0] * 8, [2.0] * 7]
+    assert engine.batches == [(8, 2), (8, 30)]  # shorts together (led by the oldest), then the longs
+
+
+def test_a_full_queue_refuses_at_once():
+    engine = RecordingEngine()
+
+    async def body(batcher):
+        with pytest.raises(QueueFull, match="queue full"):
+            await batcher.score([[1]] * 5)
+
+    run(with_batcher(engine, BatcherConfig(max_queue=4), body))
+
+
+def test_an_inference_failure_fails_only_that_batch():
+    engine = RecordingEngine(fail_on_length=5)
+    engine.gate.clear()
+
+    async def body(batcher):
+        bad = asyncio.create_task(batcher.score([[1] * 5]))
+        good = asyncio.create_task(batcher.score([[1] * 40]))
+        await asyncio.sleep(0.05)
+        engine.gate.set()
+        with pytest.raises(InferenceFailed, match="injected failure"):
+            await bad
+        assert (await good).rewards.tolist() == [40.0]
+        return (await batcher.score([[2, 2]])).rewards.tolist()  # still serving
+
+    # a budget of 40 tokens keeps the two requests in different batches
+    assert run(with_batcher(engine, BatcherConfig(max_batch_tokens=40, max_delay_ms=1), body)) == [4.0]
+
+
+def test_cancelled_requests_leave_the_queue():
+    engine = RecordingEngine()
+    engine.gate.clear()
+
+    async def body(batcher):
+        first = asyncio.create_task(batcher.score([[1] * 3]))
+        await asyncio.sleep(0.02)  # the first batch is now inside the (held) engine
+        doomed = asyncio.create_task(batcher.score([[7] * 3] * 10))
+        await asyncio.sleep(0.02)
+        assert batcher.queue_depth == 10
+        doomed.cancel()
+        await asyncio.gather(doomed, return_exceptions=True)
+        assert batcher.queue_depth == 0
+        engine.gate.set()
+        await first
+        return engine.batches
+
+    batches = run(with_batcher(engine, BatcherConfig(max_delay_ms=1), body))
+    assert batches == [(1, 3)]  # the cancelled rows never reached the engine

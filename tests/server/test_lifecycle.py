@@ -1,0 +1,107 @@
+"""Server life cycle and limits: start-up failures, overload, deadlines, graceful shutdown, env configuration."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import threading
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2
+
+from rm_client.pb import reward_pb2 as pb
+from tests.server.conftest import BIN, free_port, start_server, stop_server
+from tests.server.test_service import metrics, text
+
+LONG = "It was a long and winding story with many turns and many more words. " * 20
+
+
+def test_corrupted_bundle_fails_start_up_with_a_clear_message(encoder_bundle, tmp_path):
+    broken = tmp_path / "bundle"
+    shutil.copytree(encoder_bundle, broken)
+    (broken / "tokenizer.json").write_text("{}")
+    port = free_port()
+    result = subprocess.run(
+        [str(BIN / "rm-serve"), "--bundle", str(broken), "--port", str(port), "--metrics-port", "-1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "tokenizer.json: sha256 mismatch" in result.stderr
+    missing = subprocess.run(
+        [str(BIN / "rm-serve"), "--bundle", str(tmp_path / "nowhere"), "--metrics-port", "-1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert missing.returncode == 2 and "bundle.json is missing" in missing.stderr
+
+
+def test_full_queue_answers_resource_exhausted_at_once(encoder_bundle, tmp_path):
+    server = start_server(encoder_bundle, tmp_path / "log", "--max-queue", "8")
+    try:
+        with pytest.raises(grpc.RpcError) as error:
+            server.stub().Score(pb.ScoreRequest(samples=[text("Q", "fine")] * 9), timeout=10)
+        assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "queue full" in error.value.details()
+        assert len(server.stub().Score(pb.ScoreRequest(samples=[text("Q", "fine")] * 8)).results) == 8
+    finally:
+        stop_server(server)
+
+
+def test_deadline_exceeded_work_is_dropped_and_the_queue_drains(encoder_bundle, tmp_path):
+    server = start_server(encoder_bundle, tmp_path / "log", "--max-batch-size", "4")
+    try:
+        with pytest.raises(grpc.RpcError) as error:
+            server.stub().Score(pb.ScoreRequest(samples=[text("Q", LONG)] * 2000), timeout=0.3)
+        assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        deadline = time.monotonic() + 10
+        while metrics(server)["rm_queue_depth"] > 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert metrics(server)["rm_queue_depth"] == 0
+        assert metrics(server)["rm_samples_total"] < 2000  # the abandoned samples were never scored
+        assert len(server.stub().Score(pb.ScoreRequest(samples=[text("Q", "fine")]), timeout=10).results) == 1
+    finally:
+        stop_server(server)
+
+
+def test_sigterm_drains_calls_in_flight_and_refuses_new_ones(encoder_bundle, tmp_path):
+    server = start_server(encoder_bundle, tmp_path / "log", "--max-batch-size", "1")
+    stub = server.stub()
+    answers, errors = [], []
+
+    def call():  # one row per batch: each call keeps the engine busy for a while
+        try:
+            answers.append(len(stub.Score(pb.ScoreRequest(samples=[text("Q", LONG)] * 1000), timeout=120).results))
+        except grpc.RpcError as e:
+            errors.append(e.code())
+
+    threads = [threading.Thread(target=call) for _ in range(6)]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)  # the calls are in the queue or in the engine
+    server.process.send_signal(signal.SIGTERM)
+    time.sleep(0.2)
+    assert server.health() == health_pb2.HealthCheckResponse.NOT_SERVING
+    with pytest.raises(grpc.RpcError) as refused:
+        server.stub().Score(pb.ScoreRequest(samples=[text("Q", "fine")]), timeout=5)
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    for t in threads:
+        t.join(60)
+    assert errors == [] and answers == [1000] * 6
+    assert server.process.wait(timeout=60) == 0
+    assert "shutting down: draining 6 calls in flight" in server.log() and "stopped" in server.log()
+
+
+def test_environment_variables_configure_the_server(encoder_bundle, tmp_path):
+    server = start_server(encoder_bundle, tmp_path / "log", env={"RM_MAX_SAMPLES_PER_REQUEST": "3"})
+    try:
+        with pytest.raises(grpc.RpcError) as error:
+            server.stub().Score(pb.ScoreRequest(samples=[text("Q", "fine")] * 4))
+        assert "at most 3 are accepted" in error.value.details()
+    finally:
+        stop_server(server)
