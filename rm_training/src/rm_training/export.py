@@ -138,7 +138,7 @@ def export(args: argparse.Namespace) -> Path:
         staging = Path(tmp) / "bundle"
         staging.mkdir()
         export_graph(model, Path(tmp) / "raw.onnx", args.opset)
-        optimization = optimize(Path(tmp) / "raw.onnx", staging / VARIANT_FILES["fp32"], metadata.pooling == "cls")
+        optimization = optimize(Path(tmp) / "raw.onnx", staging / VARIANT_FILES["fp32"])
         if "fp16" in dtypes:
             make_fp16(staging / VARIANT_FILES["fp32"], staging / VARIANT_FILES["fp16"])
         if "int8" in dtypes:
