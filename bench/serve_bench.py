@@ -17,7 +17,6 @@ import json
 import platform
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ import grpc
 import numpy as np
 import torch
 
+from rm_client.demo import free_port
 from rm_client.pb import reward_pb2 as pb
 from rm_client.pb import reward_pb2_grpc
 from rm_server.bundle import load_bundle
@@ -39,12 +39,6 @@ from rm_training.model import load_reward_model
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "rm_training" / "data" / "demo"
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def demo_pairs() -> list[tuple[str, str]]:

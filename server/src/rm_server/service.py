@@ -8,6 +8,7 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Coroutine
 
 import grpc
 import numpy as np
@@ -24,36 +25,21 @@ log = logging.getLogger("rm_server")
 
 
 def rpc(method):
-    """Map domain errors to gRPC statuses (unexpected ones to INTERNAL with a logged request id); count calls."""
+    """A unary handler whose domain errors become the call's gRPC status (see RewardService.answer)."""
 
     @functools.wraps(method)
     async def wrapper(self: RewardService, request, context: grpc.aio.ServicerContext):
-        name = method.__name__
-        request_id = getattr(request, "request_id", "") or uuid.uuid4().hex[:16]
-        started = time.perf_counter()
-        code = grpc.StatusCode.OK
-        self.inflight += 1
-        try:
-            if not self.ready:
-                raise NotReady("the model is not ready (loading, warming up or shutting down)")
-            return await method(self, request, context, request_id)
-        except RewardServiceError as e:
-            code = status_of(e)
-            log.info("request %s %s: %s %s", request_id, name, code.name, e)
-            await context.abort(code, str(e))
-        except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
-            raise
-        except Exception:
-            code = grpc.StatusCode.INTERNAL
-            log.exception("request %s %s: unexpected error", request_id, name)
-            await context.abort(code, f"internal error (request id {request_id})")
-        finally:
-            self.inflight -= 1
-            self.metrics.requests.labels(name, code.name).inc()
-            self.metrics.latency.labels("total").observe(time.perf_counter() - started)
+        request_id = getattr(request, "request_id", "") or new_request_id()
+        code, result = await self.answer(method.__name__, request_id, method(self, request, context, request_id))
+        if code != grpc.StatusCode.OK:
+            await context.abort(code, result)
+        return result
 
     return wrapper
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex[:16]
 
 
 class RewardService(reward_pb2_grpc.RewardServiceServicer):
@@ -65,6 +51,32 @@ class RewardService(reward_pb2_grpc.RewardServiceServicer):
         """Calls being answered, so a graceful shutdown knows when the drain is over."""
         manifest = scorer.bundle.manifest
         self.name, self.version = manifest["name"], str(manifest["version"])
+
+    async def answer(self, method: str, request_id: str, work: Coroutine) -> tuple[grpc.StatusCode, object]:
+        """Run one request's work: (OK, result), or (status, message) from the one error table; unexpected
+        errors become INTERNAL with a logged request id. Counts the call and keeps the in-flight count."""
+        started = time.perf_counter()
+        code, result = grpc.StatusCode.OK, None
+        self.inflight += 1
+        try:
+            if not self.ready:
+                work.close()
+                raise NotReady("the model is not ready (loading, warming up or shutting down)")
+            result = await work
+        except RewardServiceError as e:
+            code, result = status_of(e), str(e)
+            log.info("request %s %s: %s %s", request_id, method, code.name, e)
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception:
+            code, result = grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})"
+            log.exception("request %s %s: unexpected error", request_id, method)
+        finally:
+            self.inflight -= 1
+            self.metrics.requests.labels(method, code.name).inc()
+            self.metrics.latency.labels("total").observe(time.perf_counter() - started)
+        return code, result
 
     async def _score(self, request: pb.ScoreRequest, request_id: str) -> pb.ScoreResponse:
         strict = request.truncation == pb.TRUNCATION_POLICY_STRICT
@@ -86,26 +98,11 @@ class RewardService(reward_pb2_grpc.RewardServiceServicer):
         tasks: set[asyncio.Task] = set()
 
         async def one(request: pb.ScoreRequest) -> None:
-            request_id = request.request_id or uuid.uuid4().hex[:16]
-            code = grpc.StatusCode.OK
-            try:
-                if not self.ready:
-                    raise NotReady("the model is not ready (loading, warming up or shutting down)")
-                await responses.put(await self._score(request, request_id))
-            except RewardServiceError as e:
-                code = status_of(e)
-                await responses.put(
-                    pb.ScoreResponse(request_id=request_id, error=pb.Error(code=code.value[0], message=str(e)))
-                )
-            except Exception:
-                code = grpc.StatusCode.INTERNAL
-                log.exception("request %s ScoreStream: unexpected error", request_id)
-                message = f"internal error (request id {request_id})"
-                await responses.put(
-                    pb.ScoreResponse(request_id=request_id, error=pb.Error(code=code.value[0], message=message))
-                )
-            finally:
-                self.metrics.requests.labels("ScoreStream", code.name).inc()
+            request_id = request.request_id or new_request_id()
+            code, result = await self.answer("ScoreStream", request_id, self._score(request, request_id))
+            if code != grpc.StatusCode.OK:  # the stream goes on; this request's answer carries the error
+                result = pb.ScoreResponse(request_id=request_id, error=pb.Error(code=code.value[0], message=result))
+            await responses.put(result)
 
         async def read() -> None:
             async for request in request_iterator:
