@@ -2,8 +2,9 @@
 
     .venv/bin/python bench/serve_bench.py --bundle runs/demo/bundle --checkpoint runs/demo/rm
 
-Load: closed-loop async gRPC clients at several concurrencies, each sending requests of 1-32 samples drawn
-from the demo data (its real length distribution), a fixed amount of work per point. References, on the
+Load: closed-loop async gRPC clients at several concurrencies, each sending requests of 1-32 samples
+drawn from the demo data (its real length distribution), the same 256 requests (about 4200 samples)
+per point. References, on the
 same samples: ONNX Runtime offline (length-sorted, best batch size: the limit for this engine), PyTorch
 eager offline (same batching), and a naive HTTP + JSON server scoring each request alone. Ratios are what
 count: the machine is shared and noisy.
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import report
 import torch
 
 from rm_client.demo import free_port
@@ -46,15 +48,10 @@ def demo_pairs() -> list[tuple[str, str]]:
     return list(dict.fromkeys((r["prompt"], r[side]) for r in rows for side in ("chosen", "rejected")))
 
 
-def make_requests(pairs: list[tuple[str, str]], total: int, seed: int) -> list[list[tuple[str, str]]]:
-    """Requests of 1-32 samples, drawn at random, adding up to `total` samples."""
+def make_requests(pairs: list[tuple[str, str]], n_requests: int, seed: int) -> list[list[tuple[str, str]]]:
+    """`n_requests` requests of 1-32 samples drawn at random (the same list for every system and point)."""
     rng = random.Random(seed)
-    requests, left = [], total
-    while left > 0:
-        n = min(left, rng.randint(1, 32))
-        requests.append([rng.choice(pairs) for _ in range(n)])
-        left -= n
-    return requests
+    return [[rng.choice(pairs) for _ in range(rng.randint(1, 32))] for _ in range(n_requests)]
 
 
 def summarize(latencies: list[float], samples: int, tokens: int, seconds: float) -> dict:
@@ -67,6 +64,7 @@ def summarize(latencies: list[float], samples: int, tokens: int, seconds: float)
         "p99_ms": round(float(np.percentile(ms, 99)), 2),
         "requests": len(latencies),
         "seconds": round(seconds, 2),
+        "_latencies": latencies,  # raw, for the CDF plot; not saved
     }
 
 
@@ -74,7 +72,12 @@ def summarize(latencies: list[float], samples: int, tokens: int, seconds: float)
 
 
 def offline_best(score, sequences: list[list[int]], pad_id: int, batch_sizes=(8, 16, 32, 64)) -> dict:
-    """Length-sorted batches at the best batch size: what a server with zero overhead could reach."""
+    """Length-sorted batches at the best batch size: what a server with zero overhead could reach.
+
+    Measured on a seeded sample of 1024 of the load's sequences (same length distribution, a quarter of
+    the time)."""
+    if len(sequences) > 1024:
+        sequences = random.Random(0).sample(sequences, 1024)
     ordered = sorted(sequences, key=len)
     best = {}
     for batch_size in batch_sizes:
@@ -238,7 +241,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", default="runs/demo/bundle")
     parser.add_argument("--checkpoint", default="runs/demo/rm")
-    parser.add_argument("--samples", type=int, default=512, help="samples of work per load point")
+    parser.add_argument(
+        "--requests", type=int, default=256, help="requests of work per load point (at least 4 per client at c=64)"
+    )
     parser.add_argument("--concurrency", default="1,4,16,64")
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--seed", type=int, default=0)
@@ -249,7 +254,7 @@ def main() -> None:
     encoder = bundle.sample_encoder()
     pad_id = bundle.manifest.get("pad_token_id") or 0
     pairs = demo_pairs()
-    requests = make_requests(pairs, args.samples, args.seed)
+    requests = make_requests(pairs, args.requests, args.seed)
     sequences = [encoder.encode(Sample.from_text(p, r)).ids for request in requests for p, r in request]
     token_cache: dict = {}
 
@@ -283,10 +288,10 @@ def main() -> None:
         engine.score(*batch)
         forward.append(time.perf_counter() - started)
     single_requests = [[pairs[i % len(pairs)]] for i in range(64)]
-    port_result = bench_rm_serve(args.bundle, "fp32", single_requests, [1], [])
+    single = bench_rm_serve(args.bundle, "fp32", single_requests, [1], [])["1"]
     results["single_sample"] = {
         "forward_p50_ms": round(1000 * float(np.median(forward)), 2),
-        "server_p50_ms": port_result["1"]["p50_ms"],
+        "server_p50_ms": single["p50_ms"],
     }
 
     saturation = max(concurrencies)
@@ -305,10 +310,17 @@ def main() -> None:
     if "server_int8" in results:
         int8 = max(results["server_int8"][str(c)]["samples_per_s"] for c in concurrencies)
         results["ratios"]["int8_vs_fp32"] = round(int8 / fp32, 3)
+    top = str(saturation)
+    latencies = {label: results[key][top]["_latencies"] for key, label in report.SERVERS.items() if key in results}
+    for key in ("server_fp32", "server_int8", "naive_server"):
+        for point in results.get(key, {}).values():
+            point.pop("_latencies", None)
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / "latest.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps(results["ratios"], indent=2))
-    print(f"wrote {args.output / 'latest.json'}")
+    (args.output / "latest.md").write_text(report.markdown(results))
+    pictures = report.plots(results, latencies, args.output)
+    print(report.markdown(results))
+    print(f"wrote {args.output / 'latest.json'}, latest.md, " + ", ".join(p.name for p in pictures))
 
 
 if __name__ == "__main__":
