@@ -49,8 +49,8 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plots(results: dict, latencies: dict[str, list[float]], out: Path) -> list[Path]:
-    """Throughput against concurrency (offline limits as lines), and the latency CDF at the highest load."""
+def throughput_plot(results: dict, path: Path) -> Path:
+    """Throughput against concurrency per server, with the offline limits as dashed lines."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for key, label in SERVERS.items():
         if key in results:
@@ -58,30 +58,25 @@ def plots(results: dict, latencies: dict[str, list[float]], out: Path) -> list[P
             ax.plot(c, [v["samples_per_s"] for v in results[key].values()], "o-", label=label, color=COLORS[key])
     for key, label in OFFLINE.items():
         if key in results:
-            ax.axhline(
-                results[key]["samples_per_s"],
-                linestyle="--",
-                linewidth=1,
-                label=label,
-                color="grey" if "torch" in key else None,
-            )
+            ax.axhline(results[key]["samples_per_s"], linestyle="--", linewidth=1, label=label, color=COLORS[key])
     ax.set(xscale="log", xlabel="concurrent clients", ylabel="samples/s", title="throughput vs concurrency")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    throughput = out / "throughput.png"
-    fig.savefig(throughput, dpi=100)
-    plt.close(fig)
+    return _save(fig, ax, path)
 
+
+def latency_cdf_plot(latencies: dict[str, list[float]], path: Path) -> Path:
+    """Distribution of request latencies (seconds in, milliseconds plotted) per server."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, values in latencies.items():
         ms = np.sort(np.array(values) * 1000)
         ax.plot(ms, np.arange(1, len(ms) + 1) / len(ms), label=label)
     ax.set(xlabel="request latency (ms)", ylabel="fraction of requests", title="latency CDF at the highest concurrency")
+    return _save(fig, ax, path)
+
+
+def _save(fig, ax, path: Path) -> Path:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    cdf = out / "latency_cdf.png"
-    fig.savefig(cdf, dpi=100)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
-    return [throughput, cdf]
+    return path

@@ -30,7 +30,7 @@ import numpy as np
 import report
 import torch
 
-from rm_client.demo import free_port
+from rm_client.demo import free_port, wait_until_serving
 from rm_client.pb import reward_pb2 as pb
 from rm_client.pb import reward_pb2_grpc
 from rm_server.bundle import load_bundle
@@ -107,7 +107,7 @@ def torch_scorer(checkpoint: str):
 # --- load against servers -------------------------------------------------------------------------------
 
 
-async def load_grpc(target: str, requests, concurrency: int, token_counts: dict) -> dict:
+async def load_grpc(target: str, requests, concurrency: int) -> dict:
     async with grpc.aio.insecure_channel(target) as channel:
         stub = reward_pb2_grpc.RewardServiceStub(channel)
         queue = list(reversed(requests))
@@ -177,18 +177,6 @@ def stop_process(process: subprocess.Popen) -> None:
         process.kill()
 
 
-def grpc_ready(target: str):
-    def ready() -> bool:
-        try:
-            stub = reward_pb2_grpc.RewardServiceStub(grpc.insecure_channel(target))
-            stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=1)
-            return True
-        except grpc.RpcError:
-            return False
-
-    return ready
-
-
 def http_ready(url: str):
     def ready() -> bool:
         try:
@@ -216,10 +204,11 @@ def bench_rm_serve(bundle: str, variant: str, requests, concurrencies, extra: li
         variant,
         *extra,
     ]
-    process = start_process(command, grpc_ready(target))
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        asyncio.run(load_grpc(target, requests[:4], 2, {}))  # warm the connection
-        return {str(c): asyncio.run(load_grpc(target, requests, c, {})) for c in concurrencies}
+        wait_until_serving(grpc.insecure_channel(target), process, timeout_s=180)
+        asyncio.run(load_grpc(target, requests[:4], 2))  # warm the connection
+        return {str(c): asyncio.run(load_grpc(target, requests, c)) for c in concurrencies}
     finally:
         stop_process(process)
 
@@ -318,7 +307,10 @@ def main() -> None:
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / "latest.json").write_text(json.dumps(results, indent=2) + "\n")
     (args.output / "latest.md").write_text(report.markdown(results))
-    pictures = report.plots(results, latencies, args.output)
+    pictures = [
+        report.throughput_plot(results, args.output / "throughput.png"),
+        report.latency_cdf_plot(latencies, args.output / "latency_cdf.png"),
+    ]
     print(report.markdown(results))
     print(f"wrote {args.output / 'latest.json'}, latest.md, " + ", ".join(p.name for p in pictures))
 

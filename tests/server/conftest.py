@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +13,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from rm_client.demo import free_port
+from rm_client.demo import free_port, wait_until_serving
 from rm_client.pb import reward_pb2_grpc
 
 BIN = Path(sys.executable).parent
@@ -61,16 +59,12 @@ def start_server(bundle: Path, log_path: Path, *args: str, env: dict | None = No
     log_file = open(log_path, "w")  # noqa: SIM115 - closed with the process
     process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     server = RunningServer(process, port, metrics_port, log_path)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"rm-serve exited with {process.returncode}:\n{server.log()}")
-        with contextlib.suppress(grpc.RpcError):
-            if server.health() == health_pb2.HealthCheckResponse.SERVING:
-                return server
-        time.sleep(0.2)
-    process.kill()
-    raise RuntimeError(f"rm-serve did not become healthy:\n{server.log()}")
+    try:
+        wait_until_serving(server.channel(), process)
+    except RuntimeError as e:
+        process.kill()
+        raise RuntimeError(f"{e}:\n{server.log()}") from None
+    return server
 
 
 def stop_server(server: RunningServer) -> int:

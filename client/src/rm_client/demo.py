@@ -28,11 +28,12 @@ def free_port() -> int:
 
 
 def wait_until_serving(channel: grpc.Channel, process: subprocess.Popen, timeout_s: float = 120) -> None:
+    """Poll grpc.health.v1 until the server reports SERVING; RuntimeError if it exits or takes too long."""
     health = health_pb2_grpc.HealthStub(channel)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            sys.exit(f"rm-serve exited with code {process.returncode}")
+            raise RuntimeError(f"rm-serve exited with code {process.returncode}")
         try:
             if (
                 health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
@@ -42,7 +43,7 @@ def wait_until_serving(channel: grpc.Channel, process: subprocess.Popen, timeout
         except grpc.RpcError:
             pass
         time.sleep(0.2)
-    sys.exit("rm-serve did not report SERVING in time")
+    raise RuntimeError(f"rm-serve did not report SERVING within {timeout_s:.0f} s")
 
 
 def main() -> None:
@@ -69,7 +70,10 @@ def main() -> None:
     process = subprocess.Popen(command)
     try:
         channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-        wait_until_serving(channel, process)
+        try:
+            wait_until_serving(channel, process)
+        except RuntimeError as e:
+            sys.exit(str(e))
         stub = reward_pb2_grpc.RewardServiceStub(channel)
         rows = [json.loads(line) for line in Path(args.data).read_text().splitlines()[: args.pairs]]
         samples = [

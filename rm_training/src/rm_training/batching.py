@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -83,16 +84,37 @@ def collate(groups: list[TokenizedGroup], pad_id: int) -> PairBatch:
     )
 
 
+def pair_rows(groups: list[TokenizedGroup]) -> tuple[list[int], list[int], list[float]]:
+    """Rows of each pair's chosen and rejected response in the groups' flattened sequences, and margins."""
+    chosen, rejected, margin, offset = [], [], [], 0
+    for g in groups:
+        chosen += [offset + p.chosen for p in g.pairs]
+        rejected += [offset + p.rejected for p in g.pairs]
+        margin += [p.margin for p in g.pairs]
+        offset += len(g.ids)
+    return chosen, rejected, margin
+
+
+def score_by_length(score, sequences: list[tuple[int, ...]], batch_size: int, desc: str | None = None) -> np.ndarray:
+    """Rewards (N,) in input order from `score(list of id sequences) -> rewards`; batches are length-sorted
+    to waste little padding."""
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    rewards = np.empty(len(sequences), dtype=np.float32)
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False, disable=desc is None):
+        rows = order[start : start + batch_size]
+        rewards[rows] = np.asarray(score([sequences[i] for i in rows]), dtype=np.float32)
+    return rewards
+
+
 @torch.no_grad()
 def score_sequences(
     model: torch.nn.Module, sequences: list[tuple[int, ...]], pad_id: int, batch_size: int, desc: str = "score"
 ) -> torch.Tensor:
-    """Rewards (N,) in input order; sequences are batched by length to waste little padding."""
+    """Rewards (N,) of a PyTorch reward model, in input order."""
     device = next(model.parameters()).device
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-    rewards = torch.empty(len(sequences))
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False):
-        rows = order[start : start + batch_size]
-        input_ids, attention_mask = pad([sequences[i] for i in rows], pad_id)
-        rewards[rows] = model(input_ids.to(device), attention_mask.to(device)).float().cpu()
-    return rewards
+
+    def score(batch: list[tuple[int, ...]]) -> np.ndarray:
+        input_ids, attention_mask = pad(batch, pad_id)
+        return model(input_ids.to(device), attention_mask.to(device)).float().cpu().numpy()
+
+    return torch.from_numpy(score_by_length(score, sequences, batch_size, desc))

@@ -11,7 +11,7 @@ import sys
 
 import torch
 
-from rm_training.batching import TokenizedGroup, score_sequences, tokenize_groups
+from rm_training.batching import TokenizedGroup, pair_rows, score_sequences, tokenize_groups
 from rm_training.data import DataError, load_groups
 from rm_training.losses import bradley_terry_loss, pairwise_accuracy
 from rm_training.model import CheckpointError, RewardModel, load_reward_model, sample_encoder
@@ -24,12 +24,7 @@ def evaluate_groups(model: RewardModel, groups: list[TokenizedGroup], pad_id: in
     sequences = [ids for g in groups for ids in g.ids]
     rewards = score_sequences(model, sequences, pad_id, batch_size, desc="eval")
     model.train(was_training)
-    chosen, rejected, margin, offset = [], [], [], 0
-    for g in groups:
-        chosen += [offset + p.chosen for p in g.pairs]
-        rejected += [offset + p.rejected for p in g.pairs]
-        margin += [p.margin for p in g.pairs]
-        offset += len(g.ids)
+    chosen, rejected, margin = pair_rows(groups)
     r_chosen, r_rejected = rewards[chosen], rewards[rejected]
     margins = r_chosen - r_rejected
     return {

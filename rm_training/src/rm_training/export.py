@@ -29,7 +29,7 @@ import torch
 
 from rm_server.bundle import FORMAT_VERSION, MANIFEST, VARIANTS, BundleError, hash_files, load_bundle
 from rm_server.engine import OnnxEngine
-from rm_server.recipe import RecipeError
+from rm_server.recipe import RecipeError, SampleEncoder
 from rm_training.batching import TokenizedGroup, tokenize_groups
 from rm_training.data import DataError, load_groups
 from rm_training.model import CheckpointError, RewardModel, load_reward_model, sample_encoder
@@ -60,6 +60,7 @@ class Checked:
     vset: VerificationSet
     eval_groups: list[TokenizedGroup]
     sides: tuple[str, ...]
+    encoder: SampleEncoder
 
 
 def prepare_checks(model: RewardModel, tokenizer, recipe, eval_data: str | None) -> Checked:
@@ -70,7 +71,7 @@ def prepare_checks(model: RewardModel, tokenizer, recipe, eval_data: str | None)
     vset = VerificationSet(ids, reference_rewards(model, ids))
     tokenized = tokenize_groups(eval_groups, encoder, desc="tokenize eval") if eval_groups else []
     sides = ("right",) if model.pooling == "cls" else ("right", "left")
-    return Checked(model, tokenizer.pad_token_id, vset, tokenized, sides)
+    return Checked(model, tokenizer.pad_token_id, vset, tokenized, sides, encoder)
 
 
 def run_checks(checked: Checked, variant_paths: dict[str, Path]) -> dict:
@@ -132,7 +133,6 @@ def export(args: argparse.Namespace) -> Path:
             file=sys.stderr,
         )
     output = Path(args.output)
-    encoder = sample_encoder(tokenizer, metadata.recipe)
     checked = prepare_checks(model, tokenizer, metadata.recipe, eval_data)
     with tempfile.TemporaryDirectory(dir=output.parent if output.parent.exists() else None) as tmp:
         staging = Path(tmp) / "bundle"
@@ -142,7 +142,9 @@ def export(args: argparse.Namespace) -> Path:
         if "fp16" in dtypes:
             make_fp16(staging / VARIANT_FILES["fp32"], staging / VARIANT_FILES["fp16"])
         if "int8" in dtypes:
-            make_int8(Path(tmp) / "raw.onnx", staging / VARIANT_FILES["int8"], calibration_sequences(args, encoder))
+            make_int8(
+                Path(tmp) / "raw.onnx", staging / VARIANT_FILES["int8"], calibration_sequences(args, checked.encoder)
+            )
         paths = {d: staging / VARIANT_FILES[d] for d in dtypes}
         report = run_checks(checked, paths)
         tokenizer.save_pretrained(staging)
@@ -237,7 +239,7 @@ def trained_data(checkpoint: Path, split: str) -> str | None:
     return None
 
 
-def calibration_sequences(args: argparse.Namespace, encoder, limit: int = 128) -> list[list[int]]:
+def calibration_sequences(args: argparse.Namespace, encoder: SampleEncoder, limit: int = 128) -> list[list[int]]:
     """Responses for int8 calibration: --calibration-data, else the training data, else the eval data."""
     source = args.calibration_data or trained_data(Path(args.model), "data") or args.eval_data
     groups = load_groups(source)

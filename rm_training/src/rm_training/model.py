@@ -95,20 +95,24 @@ def pooling_of(model: PreTrainedModel) -> Pooling:
     return "last_attended" if isinstance(getattr(model, "score", None), nn.Linear) else "cls"
 
 
-def default_recipe(tokenizer: PreTrainedTokenizerBase, pooling: Pooling, max_length: int) -> InputRecipe:
-    """Decoders with a chat template score the rendered conversation; other decoders join prompt and
-    response with EOS at the end (as TRL does); encoders use their pair template."""
-    special = {name: str(value) for name, value in tokenizer.special_tokens_map.items() if isinstance(value, str)}
+def default_recipe(
+    tokenizer: PreTrainedTokenizerBase, pooling: Pooling, max_length: int, template: str | None = None
+) -> InputRecipe:
+    """Unless `template` says otherwise: decoders with a chat template score the rendered conversation;
+    other decoders join prompt and response with EOS at the end (as TRL does); encoders use their pair
+    template."""
     decoder = pooling != "cls"
-    if decoder and tokenizer.chat_template:
-        return InputRecipe(
-            template="chat", max_length=max_length, chat_template=tokenizer.chat_template, special_tokens=special
-        )
+    if template is None:
+        template = "chat" if decoder and tokenizer.chat_template else ("concat" if decoder else "pair")
+    chat = template == "chat"
+    special = {name: str(value) for name, value in tokenizer.special_tokens_map.items() if isinstance(value, str)}
     return InputRecipe(
-        template="concat" if decoder else "pair",
+        template=template,
         max_length=max_length,
-        append_eos=decoder and tokenizer.eos_token is not None,
+        append_eos=not chat and decoder and tokenizer.eos_token is not None,
         eos_token=tokenizer.eos_token,
+        chat_template=tokenizer.chat_template if chat else None,
+        special_tokens=special if chat else None,
     )
 
 
@@ -177,16 +181,7 @@ def load_reward_model(
     limit = max_length or min(
         v for v in (tokenizer.model_max_length, getattr(model.config, "max_position_embeddings", None), 2048) if v
     )
-    recipe = default_recipe(tokenizer, pooling, limit)
-    if template:
-        recipe = InputRecipe(
-            template=template,
-            max_length=limit,
-            append_eos=template != "chat" and pooling != "cls" and tokenizer.eos_token is not None,
-            eos_token=tokenizer.eos_token,
-            chat_template=tokenizer.chat_template,
-            special_tokens=recipe.special_tokens,
-        )
+    recipe = default_recipe(tokenizer, pooling, limit, template)
     return RewardModel(model, pooling), tokenizer, RewardModelMetadata(recipe, pooling, source=str(directory))
 
 

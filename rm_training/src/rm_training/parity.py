@@ -16,7 +16,7 @@ import torch
 
 from rm_server.engine import OnnxEngine, pad_batch
 from rm_server.recipe import Sample, SampleEncoder
-from rm_training.batching import TokenizedGroup, pad
+from rm_training.batching import TokenizedGroup, pad, pair_rows, score_by_length
 from rm_training.model import RewardModel
 
 TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}
@@ -96,19 +96,10 @@ def check_variant(engine: OnnxEngine, vset: VerificationSet, pad_id: int, sides:
 
 
 def pairwise_accuracy(score, groups: list[TokenizedGroup], batch_size: int = 32) -> float:
-    """Accuracy (ties wrong) of `score(input_ids, mask) -> rewards` on the groups' pairs, length-sorted batches."""
-    sequences = [ids for g in groups for ids in g.ids]
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
-    rewards = np.empty(len(sequences))
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        rewards[rows] = score([sequences[i] for i in rows])
-    correct, total, offset = 0, 0, 0
-    for g in groups:
-        correct += sum(rewards[offset + p.chosen] > rewards[offset + p.rejected] for p in g.pairs)
-        total += len(g.pairs)
-        offset += len(g.ids)
-    return correct / total
+    """Accuracy (ties wrong) of `score(id sequences) -> rewards` on the groups' pairs."""
+    rewards = score_by_length(score, [ids for g in groups for ids in g.ids], batch_size)
+    chosen, rejected, _ = pair_rows(groups)
+    return float((rewards[chosen] > rewards[rejected]).mean())
 
 
 def torch_scorer(model: RewardModel, pad_id: int):
