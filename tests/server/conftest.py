@@ -1,76 +1,10 @@
-"""Real rm-serve processes on loopback ports, waited on through grpc.health.v1."""
+"""A module-scoped rm-serve on the toy encoder bundle."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-from dataclasses import dataclass
-from pathlib import Path
-
-import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from rm_client.demo import free_port, wait_until_serving
-from rm_client.pb import reward_pb2_grpc
-
-BIN = Path(sys.executable).parent
-
-
-@dataclass
-class RunningServer:
-    process: subprocess.Popen
-    port: int
-    metrics_port: int
-    log_path: Path
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def channel(self) -> grpc.Channel:
-        return grpc.insecure_channel(self.target)
-
-    def stub(self) -> reward_pb2_grpc.RewardServiceStub:
-        return reward_pb2_grpc.RewardServiceStub(self.channel())
-
-    def health(self, service: str = "") -> int:
-        stub = health_pb2_grpc.HealthStub(self.channel())
-        return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2).status
-
-    def log(self) -> str:
-        return self.log_path.read_text()
-
-
-def start_server(bundle: Path, log_path: Path, *args: str, env: dict | None = None) -> RunningServer:
-    port, metrics_port = free_port(), free_port()
-    command = [
-        str(BIN / "rm-serve"),
-        "--bundle",
-        str(bundle),
-        "--port",
-        str(port),
-        "--metrics-port",
-        str(metrics_port),
-        *args,
-    ]
-    log_file = open(log_path, "w")  # noqa: SIM115 - closed with the process
-    process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-    server = RunningServer(process, port, metrics_port, log_path)
-    try:
-        wait_until_serving(server.channel(), process)
-    except RuntimeError as e:
-        process.kill()
-        raise RuntimeError(f"{e}:\n{server.log()}") from None
-    return server
-
-
-def stop_server(server: RunningServer) -> int:
-    if server.process.poll() is None:
-        server.process.send_signal(signal.SIGTERM)
-    return server.process.wait(timeout=60)
+from tests.servers import start_server, stop_server
 
 
 @pytest.fixture(scope="module")

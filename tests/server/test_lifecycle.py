@@ -14,8 +14,8 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 from rm_client.pb import reward_pb2 as pb
-from tests.server.conftest import BIN, free_port, start_server, stop_server
 from tests.server.test_service import metrics, text
+from tests.servers import BIN, free_port, start_server, stop_server
 
 LONG = "It was a long and winding story with many turns and many more words. " * 20
 

@@ -13,37 +13,12 @@ import pytest
 
 from rm_client.pb import reward_pb2 as pb
 from rm_server.bundle import load_bundle
-from rm_server.engine import OnnxEngine, pad_batch
 from rm_server.recipe import Sample
-from tests.conftest import GOOD, THINGS
-
-PROMPTS = [f"How was the {thing}?" for thing in THINGS]
-WORDS = GOOD + ["ok", "fine", "not great", "rather bad", "awful", "a mixed bag"]
+from tests.conftest import random_texts
 
 
 def text(prompt: str, response: str) -> pb.Sample:
     return pb.Sample(text=pb.TextPair(prompt=prompt, response=response))
-
-
-def random_texts(rng: random.Random, n: int) -> list[tuple[str, str]]:
-    """Responses of very different lengths, so batches mix lengths and need padding."""
-    return [
-        (rng.choice(PROMPTS), " ".join(f"It was {rng.choice(WORDS)}." for _ in range(rng.randint(1, 30))))
-        for _ in range(n)
-    ]
-
-
-@pytest.fixture(scope="module")
-def reference(encoder_bundle):
-    """Each sample scored alone by ONNX Runtime in this process, from the same bundle."""
-    bundle = load_bundle(encoder_bundle)
-    engine, encoder = OnnxEngine(bundle.model_path("fp32")), bundle.sample_encoder()
-
-    def score_alone(prompt: str, response: str) -> float:
-        ids = encoder.encode(Sample.from_text(prompt, response)).ids
-        return float(engine.score(*pad_batch([ids], 0))[0])
-
-    return score_alone
 
 
 def metrics(server) -> dict[str, float]:
@@ -80,6 +55,12 @@ def test_conversations_and_token_ids_score_like_text(server, encoder_bundle):
     assert as_conversation.reward == pytest.approx(as_text.reward, abs=1e-6)
     assert as_ids.reward == pytest.approx(as_text.reward, abs=1e-6)
     assert as_ids.num_tokens == len(ids)
+
+
+def test_an_empty_response_is_scored_as_the_model_sees_it(server, reference):
+    """A policy may answer with EOS alone; the trainer still needs its reward."""
+    result = server.stub().Score(pb.ScoreRequest(samples=[text("How was the trip?", "")])).results[0]
+    assert result.reward == pytest.approx(reference("How was the trip?", ""), abs=1e-5)
 
 
 def test_normalized_rewards_use_the_bundle_statistics(server, encoder_bundle):
@@ -167,7 +148,6 @@ def test_rewards_do_not_depend_on_concurrent_traffic(server, reference):
     ("samples", "message"),
     [
         ([], "request has no samples"),
-        ([text("Q", "fine"), text("Q", "")], "sample 1: empty response"),
         ([pb.Sample()], "sample 0: no input"),
         (
             [pb.Sample(conversation=pb.Conversation(messages=[pb.Message(role="robot", content="hi")]))],

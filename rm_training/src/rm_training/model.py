@@ -18,8 +18,8 @@ import torch
 from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from rm_client.backbones import Backbone, resolve_backbone
 from rm_server.recipe import InputRecipe, SampleEncoder
-from rm_training.backbones import Backbone, resolve_backbone
 
 Pooling = Literal["cls", "last_attended", "last_non_pad"]
 METADATA_FILE = "reward_model.json"

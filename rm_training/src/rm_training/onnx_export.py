@@ -26,7 +26,12 @@ TWO_GB = 2 * 1024**3
 
 
 def export_graph(model: RewardModel, path: Path, opset: int = 17) -> None:
-    """Trace the reward model (ids, mask) -> reward with dynamic batch and sequence axes."""
+    """Trace the reward model (ids, mask) -> reward with dynamic batch and sequence axes.
+
+    Traced with eager attention: the SDPA path adds Where/IsNaN guards to the graph that cost 3% (fp32)
+    to 8% (int8) of CPU throughput on the demo MiniLM, for the same numbers.
+    """
+    model.model.set_attn_implementation("eager")
     example = (torch.tensor([[5, 6, 7, 8], [5, 6, 7, 8]]), torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]))
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # tracer warnings about Python control flow on shapes
@@ -90,12 +95,19 @@ def make_int8(raw_path: Path, out: Path, calibration: list[list[int]]) -> None:
     """Static int8 quantization of the matrix products, calibrated on real samples (for CPU serving).
 
     Static, not dynamic: dynamic quantization picks activation scales per batch (padding included), so a
-    sample's reward would depend on its batch. Only MatMul/Gemm are quantized: quantizing the attention
-    mask's addition would clip the mask and let padding leak into attention.
+    sample's reward would depend on its batch. Only products with a weight matrix are quantized: quantizing
+    the attention mask's addition would clip the mask and let padding leak into attention, and the
+    activation-by-activation products of attention are a few percent of the work but their extra
+    quantize/dequantize nodes cost more than they save (measured: 245 -> 264 samples/s on the demo MiniLM).
     """
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
         quant_pre_process(str(raw_path), str(prepared), skip_symbolic_shape=True)
+        graph = onnx.load(str(prepared), load_external_data=False).graph
+        weights = {i.name for i in graph.initializer}
+        weight_products = [
+            n.name for n in graph.node if n.op_type in ("MatMul", "Gemm") and any(i in weights for i in n.input)
+        ]
         with _quiet_logging():
             quantize_static(
                 str(prepared),
@@ -103,6 +115,7 @@ def make_int8(raw_path: Path, out: Path, calibration: list[list[int]]) -> None:
                 _IdsReader(calibration),
                 quant_format=QuantFormat.QDQ,
                 op_types_to_quantize=["MatMul", "Gemm"],
+                nodes_to_quantize=weight_products,
                 per_channel=True,
                 activation_type=QuantType.QUInt8,
                 weight_type=QuantType.QInt8,

@@ -26,9 +26,9 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 from transformers import get_scheduler
 
-from rm_server.cli import ConfigError, parse_config
+from rm_client.backbones import BackboneError
+from rm_client.config_cli import ConfigError, parse_config
 from rm_server.recipe import RecipeError
-from rm_training.backbones import BackboneError
 from rm_training.batching import TokenizedGroup, collate, score_sequences, tokenize_groups
 from rm_training.data import DataError, load_groups
 from rm_training.evaluate import evaluate_groups

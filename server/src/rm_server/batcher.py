@@ -36,7 +36,7 @@ class BatcherConfig:
     """Padded tokens (rows x longest row) per batch."""
     max_batch_size: int = 64
     """Rows per batch."""
-    max_delay_ms: float = 2.0
+    max_delay_ms: float = 0.0
     """Longest wait for more work before running a batch that is not full."""
     max_queue: int = 4096
     """Samples waiting at most; beyond it requests are refused at once (RESOURCE_EXHAUSTED)."""

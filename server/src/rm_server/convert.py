@@ -10,9 +10,7 @@ from rm_server.scoring import SampleInput, ScoreOutcome, TokenInput
 
 def sample_from_pb(index: int, sample: pb.Sample) -> SampleInput:
     kind = sample.WhichOneof("input")
-    if kind == "text":
-        if not sample.text.response:
-            raise InvalidRequest(f"sample {index}: empty response")
+    if kind == "text":  # an empty response is scored: a policy may answer with EOS alone
         return Sample.from_text(sample.text.prompt, sample.text.response)
     if kind == "conversation":
         return _conversation(index, sample.conversation.messages)
@@ -35,8 +33,6 @@ def _conversation(index: int, messages) -> Sample:
     if split == len(messages):
         raise InvalidRequest(f"sample {index}: a conversation must end with the assistant message(s) to score")
     response = tuple(Message(m.role, m.content) for m in messages[split:])
-    if not any(m.content for m in response):
-        raise InvalidRequest(f"sample {index}: empty response")
     return Sample(tuple(Message(m.role, m.content) for m in messages[:split]), response)
 
 

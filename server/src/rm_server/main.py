@@ -21,12 +21,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from rm_client.config_cli import ConfigError, parse_config
 from rm_client.pb import reward_pb2, reward_pb2_grpc
 from rm_server.batcher import Batcher, BatcherConfig
 from rm_server.bundle import BundleError, load_bundle
-from rm_server.cli import ConfigError, parse_config
 from rm_server.engine import OnnxEngine, pad_batch
 from rm_server.metrics import ServiceMetrics
+from rm_server.openrlhf_http import OpenRLHFEndpoint
 from rm_server.scoring import Limits, Scorer
 from rm_server.service import RewardService
 
@@ -46,6 +47,8 @@ class ServerConfig:
     """Address of the Prometheus endpoint."""
     metrics_port: int = 9090
     """Prometheus /metrics port (-1: no metrics endpoint)."""
+    http_port: int = -1
+    """OpenRLHF-compatible HTTP reward endpoint (POST /get_reward) on `host`: -1 off, 0 a free port."""
     variant: str = "fp32"
     """Bundle variant to serve: fp32, int8 or fp16."""
     providers: str = "cpu"
@@ -54,12 +57,14 @@ class ServerConfig:
     """ONNX Runtime intra-op threads (0: one per core)."""
     tokenizer_threads: int = 2
     """Threads tokenizing requests off the event loop."""
-    max_batch_tokens: int = 16384
-    """Padded tokens per batch (rows x longest row)."""
+    max_batch_tokens: int = 0
+    """Padded tokens per batch (rows x longest row); 0: 1024 on CPU (bigger batches run slower per sample
+    there, docs/benchmarks.md), 16384 on GPU; never below the model's max length."""
     max_batch_size: int = 64
     """Rows per batch."""
-    max_delay_ms: float = 2.0
-    """Longest wait for more work before running a batch that is not full."""
+    max_delay_ms: float = 0.0
+    """Longest wait for more work before running a batch that is not full (0: batches form while the
+    engine is busy, and an idle engine starts at once)."""
     max_queue: int = 8192
     """Samples waiting at most; further requests get RESOURCE_EXHAUSTED at once."""
     max_samples_per_request: int = 4096
@@ -77,7 +82,11 @@ class ServerConfig:
     def validate(self) -> None:
         if self.variant not in ("fp32", "int8", "fp16"):
             raise ConfigError(f"--variant must be fp32, int8 or fp16, not {self.variant!r}")
-        for name in ("max_batch_tokens", "max_batch_size", "max_queue", "max_samples_per_request", "max_message_mb"):
+        if self.max_batch_tokens < 0:
+            raise ConfigError("--max-batch-tokens must not be negative")
+        if self.http_port < -1:
+            raise ConfigError("--http-port must be -1 (off), 0 (any free port) or a port number")
+        for name in ("max_batch_size", "max_queue", "max_samples_per_request", "max_message_mb"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
         if self.max_delay_ms < 0:
@@ -91,6 +100,9 @@ class RewardServer:
         config.validate()
         self.config = config
         self.bundle = load_bundle(config.bundle, verify=config.verify)
+        if not config.max_batch_tokens:
+            on_gpu = config.providers.split(",")[0] in ("cuda", "tensorrt")
+            config.max_batch_tokens = max(16384 if on_gpu else 1024, self.bundle.recipe.max_length)
         if config.max_batch_tokens < self.bundle.recipe.max_length:
             raise ConfigError(
                 f"--max-batch-tokens {config.max_batch_tokens} is below the model's max length "
@@ -103,6 +115,7 @@ class RewardServer:
         self.health = health.aio.HealthServicer()
         self.port = 0
         self._metrics_http = None
+        self.http: OpenRLHFEndpoint | None = None
 
     async def start(self) -> None:
         config, manifest = self.config, self.bundle.manifest
@@ -145,13 +158,17 @@ class RewardServer:
         self.batcher.start()
         self.metrics.queue_depth.set_function(lambda: self.batcher.queue_depth)
         await self.server.start()
+        if config.http_port >= 0:
+            self.http = OpenRLHFEndpoint(self.service, config.max_message_mb)
+            await self.http.start(config.host, config.http_port)
         await self._warm_up()
         self.service.ready = True
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         metrics_at = f"{config.metrics_host}:{config.metrics_port}" if config.metrics_port >= 0 else "off"
+        http_at = f"{config.host}:{self.http.port}" if self.http else "off"
         log.info(
-            "serving %s v%s (%s, %s) on %s:%d; metrics %s",
+            "serving %s v%s (%s, %s) on %s:%d; metrics %s; OpenRLHF HTTP %s",
             manifest["name"],
             manifest["version"],
             config.variant,
@@ -159,6 +176,7 @@ class RewardServer:
             config.host,
             self.port,
             metrics_at,
+            http_at,
         )
 
     async def _warm_up(self) -> None:
@@ -182,6 +200,8 @@ class RewardServer:
         while self.service.inflight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         await self.server.stop(max(0.0, deadline - time.monotonic()))
+        if self.http is not None:
+            await self.http.stop()
         await self.batcher.stop()
         self.scorer.close()
         if self._metrics_http is not None:

@@ -11,6 +11,7 @@ import dataclasses
 import inspect
 import os
 import textwrap
+import types
 import typing
 from collections.abc import Mapping
 from typing import TypeVar
@@ -56,7 +57,7 @@ def parse_config(
     environ = os.environ if environ is None else environ
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
-        kind = hints[f.name]
+        kind = _without_none(hints[f.name])
         help_text = docs.get(f.name, "")
         default = f.default
         env_name = f"{env_prefix}_{f.name.upper()}" if env_prefix else None
@@ -71,6 +72,15 @@ def parse_config(
         else:
             parser.add_argument(flag, type=kind, default=default, help=f"{help_text} (default: {default})")
     return cls(**vars(parser.parse_args(argv)))
+
+
+def _without_none(hint):
+    """`X | None` -> X (None stays reachable as the default); other hints unchanged."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        members = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(members) == 1:
+            return members[0]
+    return hint
 
 
 def _from_env(name: str, value: str, kind: type):

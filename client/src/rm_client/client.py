@@ -1,0 +1,278 @@
+"""Reward-service clients: `AsyncRewardClient` (asyncio) and `RewardClient` (blocking, same methods).
+
+    with RewardClient("localhost:50051") as client:
+        rewards = client.score(["How are you?"], ["Great, thanks for asking!"])   # numpy float32, input order
+
+Large inputs are split into chunks that respect the server's per-request limit and sent concurrently;
+calls are retried with backoff on UNAVAILABLE / RESOURCE_EXHAUSTED (a replica that dies mid-call is
+retried on another), bounded by a per-call deadline. Every failure raises `RewardServiceError`: a score is
+either the server's answer or an exception, never a placeholder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Coroutine, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from rm_client.channel import Security, open_aio_channel
+from rm_client.errors import RewardServiceError
+from rm_client.pb import reward_pb2 as pb
+from rm_client.pb import reward_pb2_grpc
+from rm_client.retry import RetryPolicy, call_with_retries
+from rm_client.samples import (
+    Conversation,
+    conversation_samples,
+    prompt_completion_samples,
+    text_samples,
+    token_samples,
+)
+
+T = TypeVar("T")
+TRUNCATION = {"truncate": pb.TRUNCATION_POLICY_TRUNCATE, "strict": pb.TRUNCATION_POLICY_STRICT}
+
+
+@dataclass(frozen=True)
+class Comparison:
+    probability_a_preferred: float
+    reward_a: float
+    reward_b: float
+
+
+@dataclass(frozen=True)
+class Ranking:
+    order: list[int]
+    """Indices of the responses from best to worst."""
+    rewards: np.ndarray
+
+
+class AsyncRewardClient:
+    """asyncio client; open it with `async with` or call `close()`."""
+
+    def __init__(
+        self,
+        target: str | Sequence[str],
+        *,
+        timeout_s: float | None = 60.0,
+        retry: RetryPolicy | None = None,
+        security: Security | None = None,
+        chunk_size: int | None = None,
+        max_in_flight: int = 8,
+        max_message_mb: int = 64,
+        keepalive_s: float = 30.0,
+    ):
+        """`target`: `host:port`, a list of them (one per replica), or a gRPC URI such as `dns:///name:port`.
+        `timeout_s`: deadline of each method call, retries included. `chunk_size`: samples per request
+        (default: the server's max_samples_per_request, at most 512). `max_in_flight`: chunks sent at once."""
+        if max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1")
+        security = security or Security()
+        self._channel = open_aio_channel(target, security, max_message_mb, keepalive_s)
+        self._stub = reward_pb2_grpc.RewardServiceStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._metadata = security.metadata()
+        self.timeout_s, self.retry, self.max_in_flight = timeout_s, retry or RetryPolicy(), max_in_flight
+        self._chunk_size = chunk_size
+
+    async def __aenter__(self) -> AsyncRewardClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def _unary(self, method, request, timeout_s: float | None = None):
+        """One RPC with retries and the overall deadline."""
+
+        async def attempt(remaining: float | None):
+            return await method(request, timeout=remaining, metadata=self._metadata, wait_for_ready=False)
+
+        return await call_with_retries(attempt, self.retry, timeout_s if timeout_s is not None else self.timeout_s)
+
+    # --- scoring -----------------------------------------------------------------------------------------
+
+    async def score(
+        self, prompts: Sequence[str], responses: Sequence[str], *, normalize: bool = False, truncation: str = "truncate"
+    ) -> np.ndarray:
+        """Rewards of (prompt, response) pairs, in input order."""
+        return await self.score_samples(text_samples(prompts, responses), normalize=normalize, truncation=truncation)
+
+    async def score_conversations(
+        self, conversations: Sequence[Conversation], *, normalize: bool = False, truncation: str = "truncate"
+    ) -> np.ndarray:
+        """Rewards of chat conversations, each ending with the assistant message(s) to score."""
+        samples = conversation_samples(conversations)
+        return await self.score_samples(samples, normalize=normalize, truncation=truncation)
+
+    async def score_tokens(
+        self, sequences: Sequence[Sequence[int]], *, normalize: bool = False, truncation: str = "truncate"
+    ) -> np.ndarray:
+        """Rewards of already-tokenized inputs (the model's own input format, special tokens included)."""
+        return await self.score_samples(token_samples(sequences), normalize=normalize, truncation=truncation)
+
+    async def score_completions(
+        self, prompts: Sequence, completions: Sequence, *, normalize: bool = False
+    ) -> np.ndarray:
+        """TRL's shapes: strings, or prompt messages with generated assistant messages."""
+        return await self.score_samples(prompt_completion_samples(prompts, completions), normalize=normalize)
+
+    async def score_samples(
+        self, samples: Sequence[pb.Sample], *, normalize: bool = False, truncation: str = "truncate"
+    ) -> np.ndarray:
+        """Rewards of reward.v1 Samples, split into concurrent chunks and reassembled in order."""
+        if truncation not in TRUNCATION:
+            raise ValueError(f"truncation must be one of {sorted(TRUNCATION)}, not {truncation!r}")
+        if not samples:
+            return np.empty(0, dtype=np.float32)
+        size = await self.chunk_size()
+        chunks = [samples[i : i + size] for i in range(0, len(samples), size)]
+        gate = asyncio.Semaphore(self.max_in_flight)
+
+        async def one(chunk: Sequence[pb.Sample]) -> list[float]:
+            request = pb.ScoreRequest(samples=chunk, normalize=normalize, truncation=TRUNCATION[truncation])
+            async with gate:
+                response = await self._unary(self._stub.Score, request)
+            if len(response.results) != len(chunk):
+                raise RewardServiceError(
+                    grpc.StatusCode.INTERNAL, f"server answered {len(response.results)} results for {len(chunk)}"
+                )
+            return [r.reward for r in response.results]
+
+        parts = await asyncio.gather(*(one(c) for c in chunks))
+        return np.array([r for part in parts for r in part], dtype=np.float32)
+
+    async def chunk_size(self) -> int:
+        if self._chunk_size is None:
+            info = await self.model_info()
+            self._chunk_size = min(512, info.max_samples_per_request or 512)
+        return self._chunk_size
+
+    async def compare(self, prompt: str, response_a: str, response_b: str) -> Comparison:
+        """Bradley-Terry probability that A is preferred to B, with both rewards."""
+        request = pb.CompareRequest(prompt=prompt, response_a=response_a, response_b=response_b)
+        r = await self._unary(self._stub.Compare, request)
+        return Comparison(r.probability_a_preferred, r.reward_a, r.reward_b)
+
+    async def rank(self, prompt: str, responses: Sequence[str]) -> Ranking:
+        """Responses ordered from best to worst by reward."""
+        r = await self._unary(self._stub.Rank, pb.RankRequest(prompt=prompt, responses=list(responses)))
+        return Ranking(list(r.order), np.array(r.rewards, dtype=np.float32))
+
+    async def model_info(self) -> pb.ModelInfo:
+        return await self._unary(self._stub.GetModelInfo, pb.GetModelInfoRequest())
+
+    async def health(self, service: str = "") -> str:
+        """grpc.health.v1 status name: SERVING, NOT_SERVING, ... (no retries: it reports the present)."""
+        try:
+            answer = await self._health.Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=self.timeout_s, metadata=self._metadata
+            )
+        except grpc.RpcError as error:
+            raise RewardServiceError.from_rpc_error(error) from None
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
+
+    async def stream_scores(
+        self, requests: Iterable[Sequence[pb.Sample]], *, in_flight: int = 8, normalize: bool = False
+    ) -> AsyncIterator[tuple[int, np.ndarray]]:
+        """Score many requests over one ScoreStream, keeping `in_flight` of them outstanding; yields
+        `(index, rewards)` as each finishes (not necessarily in order). A failed request raises."""
+        if in_flight < 1:
+            raise ValueError("in_flight must be at least 1")
+        sizes: dict[str, int] = {}
+        window = asyncio.Semaphore(in_flight)
+        done_sending = asyncio.Event()
+
+        async def outgoing() -> AsyncIterator[pb.ScoreRequest]:
+            for index, samples in enumerate(requests):
+                await window.acquire()
+                sizes[str(index)] = len(samples)
+                yield pb.ScoreRequest(request_id=str(index), samples=samples, normalize=normalize)
+            done_sending.set()
+
+        call = self._stub.ScoreStream(outgoing(), metadata=self._metadata)
+        try:
+            async for response in call:
+                window.release()
+                expected = sizes.pop(response.request_id, None)
+                if response.HasField("error"):
+                    code = _status_code(response.error.code)
+                    raise RewardServiceError(code, f"request {response.request_id}: {response.error.message}")
+                if expected is None or len(response.results) != expected:
+                    raise RewardServiceError(grpc.StatusCode.INTERNAL, f"unexpected response {response.request_id!r}")
+                yield int(response.request_id), np.array([r.reward for r in response.results], dtype=np.float32)
+        except grpc.RpcError as error:
+            raise RewardServiceError.from_rpc_error(error) from None
+        finally:
+            call.cancel()
+        if sizes or not done_sending.is_set():
+            raise RewardServiceError(grpc.StatusCode.UNKNOWN, f"stream ended with {len(sizes)} requests unanswered")
+
+
+def _status_code(value: int) -> grpc.StatusCode:
+    return next((c for c in grpc.StatusCode if c.value[0] == value), grpc.StatusCode.UNKNOWN)
+
+
+class RewardClient:
+    """Blocking client with the methods of `AsyncRewardClient`; it runs one in a private event-loop thread,
+    so it also works where an event loop is already running (notebooks, trainers' async code)."""
+
+    def __init__(self, target: str | Sequence[str], **options: Any):
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="rm-client", daemon=True)
+        self._thread.start()
+        self._client: AsyncRewardClient = self._run(self._open(target, options))
+
+    @staticmethod
+    async def _open(target, options) -> AsyncRewardClient:
+        return AsyncRewardClient(target, **options)
+
+    def _run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
+
+    def __enter__(self) -> RewardClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._loop.is_running():
+            self._run(self._client.close())
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join()
+            self._loop.close()
+
+    def score(self, prompts: Sequence[str], responses: Sequence[str], **kw: Any) -> np.ndarray:
+        return self._run(self._client.score(prompts, responses, **kw))
+
+    def score_conversations(self, conversations: Sequence[Conversation], **kw: Any) -> np.ndarray:
+        return self._run(self._client.score_conversations(conversations, **kw))
+
+    def score_tokens(self, sequences: Sequence[Sequence[int]], **kw: Any) -> np.ndarray:
+        return self._run(self._client.score_tokens(sequences, **kw))
+
+    def score_completions(self, prompts: Sequence, completions: Sequence, **kw: Any) -> np.ndarray:
+        return self._run(self._client.score_completions(prompts, completions, **kw))
+
+    def score_samples(self, samples: Sequence[pb.Sample], **kw: Any) -> np.ndarray:
+        return self._run(self._client.score_samples(samples, **kw))
+
+    def compare(self, prompt: str, response_a: str, response_b: str) -> Comparison:
+        return self._run(self._client.compare(prompt, response_a, response_b))
+
+    def rank(self, prompt: str, responses: Sequence[str]) -> Ranking:
+        return self._run(self._client.rank(prompt, responses))
+
+    def model_info(self) -> pb.ModelInfo:
+        return self._run(self._client.model_info())
+
+    def health(self, service: str = "") -> str:
+        return self._run(self._client.health(service))

@@ -1,0 +1,162 @@
+"""Rollouts: prompts in (plain or chat), sampled responses out, with the token-level tensors PPO needs."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+
+class PromptError(ValueError):
+    """A prompts file that cannot be used; the message names the file and line."""
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """What the reward service gets as the prompt: the text, or the chat messages."""
+
+    text: str | None = None
+    messages: tuple[dict, ...] | None = None
+
+    def for_service(self) -> str | list[dict]:
+        return self.text if self.messages is None else list(self.messages)
+
+
+def read_prompts(path: str | Path) -> list[Prompt]:
+    """JSONL with `prompt` (a string, or a list of messages) or `messages` per line."""
+    prompts = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise PromptError(f"{where}: not valid JSON ({e.msg})") from None
+            value = record.get("prompt", record.get("messages")) if isinstance(record, dict) else None
+            if isinstance(value, str) and value:
+                prompts.append(Prompt(text=value))
+            elif isinstance(value, list) and value and all(isinstance(m, dict) and "content" in m for m in value):
+                prompts.append(Prompt(messages=tuple({"role": m["role"], "content": m["content"]} for m in value)))
+            else:
+                raise PromptError(f"{where}: expected 'prompt' (text or messages) or 'messages'")
+    if not prompts:
+        raise PromptError(f"{path}: no prompts")
+    return prompts
+
+
+def prompt_ids(tokenizer, prompt: Prompt) -> list[int]:
+    """The policy's input: the chat template with the generation prompt where the tokenizer has one."""
+    if tokenizer.chat_template:
+        messages = list(prompt.messages) if prompt.messages else [{"role": "user", "content": prompt.text}]
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+        return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+    text = prompt.text if prompt.messages is None else "\n".join(m["content"] for m in prompt.messages)
+    return tokenizer(text, add_special_tokens=True)["input_ids"]
+
+
+@dataclass
+class Rollout:
+    """A batch of sampled responses. Queries are left-padded, responses right-padded."""
+
+    query_ids: torch.Tensor  # (B, Q)
+    query_mask: torch.Tensor
+    response_ids: torch.Tensor  # (B, R)
+    response_mask: torch.Tensor  # 1 up to and including EOS
+    ended_with_eos: torch.Tensor  # (B,) bool
+    logprobs: torch.Tensor  # (B, R) policy logprobs at sampling time (logits / temperature)
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        return torch.cat([self.query_ids, self.response_ids], dim=1)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        return torch.cat([self.query_mask, self.response_mask], dim=1)
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, s in enumerate(sequences):
+        ids[row, width - len(s) :] = torch.tensor(s)
+        mask[row, width - len(s) :] = 1
+    return ids, mask
+
+
+def response_mask_until_eos(response_ids: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """1 on every token up to and including the first EOS (all tokens when there is none); (mask, has_eos)."""
+    is_eos = response_ids == eos_id
+    has_eos = is_eos.any(dim=1)
+    first = torch.where(
+        has_eos, is_eos.float().argmax(dim=1), torch.full_like(has_eos, response_ids.shape[1], dtype=torch.long)
+    )
+    positions = torch.arange(response_ids.shape[1]).unsqueeze(0)
+    last = torch.where(has_eos, first, first - 1)
+    return (positions <= last.unsqueeze(1)).long(), has_eos
+
+
+def token_logprobs(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    n_response: int,
+    temperature: float,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probabilities of the last `n_response` tokens under `model`, logits divided by the sampling
+    temperature (so they match the distribution the tokens were drawn from). Position ids come from the
+    mask, so left padding does not shift them."""
+    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+    logits = logits[:, -n_response - 1 : -1].float() / temperature
+    logp = F.log_softmax(logits, dim=-1)
+    taken = logp.gather(-1, input_ids[:, -n_response:].unsqueeze(-1)).squeeze(-1)
+    entropy = -(logp.exp() * logp).sum(-1) if with_entropy else None
+    return taken, entropy
+
+
+@torch.no_grad()
+def sample(
+    policy,
+    tokenizer,
+    prompts: list[Prompt],
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    eos_id: int,
+    pad_id: int,
+) -> Rollout:
+    query_ids, query_mask = left_pad([prompt_ids(tokenizer, p) for p in prompts], pad_id)
+    output = policy.generate(
+        input_ids=query_ids,
+        attention_mask=query_mask,
+        do_sample=True,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=0,
+        max_new_tokens=max_new_tokens,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+    )
+    response_ids = output[:, query_ids.shape[1] :]
+    response_mask, has_eos = response_mask_until_eos(response_ids, eos_id)
+    response_ids = torch.where(response_mask.bool(), response_ids, torch.full_like(response_ids, pad_id))
+    rollout = Rollout(query_ids, query_mask, response_ids, response_mask, has_eos, torch.empty(0))
+    rollout.logprobs, _ = token_logprobs(
+        policy, rollout.input_ids, rollout.attention_mask, response_ids.shape[1], temperature
+    )
+    return rollout
+
+
+def response_texts(tokenizer, rollout: Rollout) -> list[str]:
+    """The responses as text, EOS and padding removed (what the reward service scores)."""
+    return [
+        tokenizer.decode(ids[mask.bool()], skip_special_tokens=True)
+        for ids, mask in zip(rollout.response_ids, rollout.response_mask)
+    ]

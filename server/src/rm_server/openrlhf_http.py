@@ -1,0 +1,92 @@
+"""OpenRLHF's remote reward protocol on an optional HTTP port, backed by the same batcher as gRPC.
+
+OpenRLHF (`--remote_rm_url http://HOST:PORT/get_reward`) posts `{"query": [...], "prompts": [...],
+"labels": [...]}` where each query is the prompt followed by the generated response; the answer is
+`{"rewards": [...], "scores": [...], "extra_logs": {...}}`, one entry per query. The response is what
+follows the prompt in its query; the bundle's input recipe then formats (prompt, response) exactly as for
+gRPC, so send raw prompts (no chat template applied on the OpenRLHF side) to chat-template bundles.
+Errors: 400 for bad input, 503 (with Retry-After) when the queue is full or the server is not ready,
+500 for an inference failure; the body is `{"error": message, "code": gRPC status name}`.
+"""
+
+from __future__ import annotations
+
+import grpc
+from aiohttp import web
+
+from rm_server.errors import InvalidRequest
+from rm_server.recipe import Sample
+from rm_server.service import RewardService, new_request_id
+
+HTTP_STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 503,
+    grpc.StatusCode.UNAVAILABLE: 503,
+}
+PATH = "/get_reward"
+
+
+def split_queries(body: object) -> list[Sample]:
+    """(prompt, response) per query; every problem names the field and the index."""
+    if not isinstance(body, dict):
+        raise InvalidRequest("body must be a JSON object with 'query' and 'prompts' lists")
+    queries, prompts = body.get("query"), body.get("prompts")
+    if not isinstance(queries, list) or not all(isinstance(q, str) for q in queries):
+        raise InvalidRequest("'query' must be a list of strings (prompt followed by response)")
+    if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+        raise InvalidRequest("'prompts' must be a list of strings, one per query (needed to find each response)")
+    if len(prompts) != len(queries):
+        raise InvalidRequest(f"{len(queries)} queries but {len(prompts)} prompts")
+    samples = []
+    for i, (query, prompt) in enumerate(zip(queries, prompts)):
+        if not query.startswith(prompt):
+            raise InvalidRequest(f"query {i} does not start with prompts[{i}]")
+        if len(query) == len(prompt):
+            raise InvalidRequest(f"query {i} has no response after its prompt")
+        samples.append(Sample.from_text(prompt, query[len(prompt) :]))
+    return samples
+
+
+class OpenRLHFEndpoint:
+    def __init__(self, service: RewardService, max_body_mb: int):
+        self.service = service
+        self.app = web.Application(client_max_size=max_body_mb * 1024 * 1024)
+        self.app.router.add_post(PATH, self.get_reward)
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    async def start(self, host: str, port: int) -> None:
+        self._runner = web.AppRunner(self.app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # the chosen port when asked for 0
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def get_reward(self, request: web.Request) -> web.Response:
+        request_id = request.headers.get("x-request-id") or new_request_id()
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        code, result = await self.service.answer("OpenRLHF", request_id, self._score(body))
+        if code != grpc.StatusCode.OK:
+            status = HTTP_STATUS.get(code, 500)
+            headers = {"Retry-After": "1"} if status == 503 else None
+            return web.json_response({"error": result, "code": code.name}, status=status, headers=headers)
+        return web.json_response(result)
+
+    async def _score(self, body: object) -> dict:
+        samples = split_queries(body)
+        if not samples:
+            return {"rewards": [], "scores": [], "extra_logs": {}}
+        outcome = await self.service.scorer.score(samples)
+        rewards = [r.reward for r in outcome.results]
+        return {
+            "rewards": rewards,
+            "scores": rewards,
+            "extra_logs": {"num_tokens": [r.num_tokens for r in outcome.results]},
+        }

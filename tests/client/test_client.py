@@ -1,0 +1,194 @@
+"""RewardClient and AsyncRewardClient against real rm-serve processes on loopback ports."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from rm_client import AsyncRewardClient, RetryPolicy, RewardClient, RewardServiceError
+from rm_client.pb import reward_pb2 as pb
+from rm_client.samples import text_samples
+from tests.conftest import random_texts
+from tests.servers import free_port, start_server, stop_server
+
+LIMIT = 16
+"""The servers here accept at most this many samples per request, so chunking is exercised."""
+
+
+@pytest.fixture(scope="module")
+def server(encoder_bundle, tmp_path_factory):
+    running = start_server(
+        encoder_bundle, tmp_path_factory.mktemp("server") / "serve.log", "--max-samples-per-request", str(LIMIT)
+    )
+    yield running
+    stop_server(running)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with RewardClient(server.target, timeout_s=60) as c:
+        yield c
+
+
+def expected(reference, texts) -> np.ndarray:
+    return np.array([reference(p, r) for p, r in texts], dtype=np.float32)
+
+
+def test_score_methods_return_the_servers_rewards_in_input_order(client, reference):
+    texts = random_texts(random.Random(0), 5)
+    prompts, responses = zip(*texts)
+    want = expected(reference, texts)
+    np.testing.assert_allclose(client.score(prompts, responses), want, atol=1e-5)
+    conversations = [[{"role": "user", "content": p}, {"role": "assistant", "content": r}] for p, r in texts]
+    by_conversation = client.score_conversations(conversations)
+    by_completion = client.score_completions(
+        [[{"role": "user", "content": p}] for p in prompts], [[{"role": "assistant", "content": r}] for r in responses]
+    )
+    np.testing.assert_allclose(by_conversation, by_completion, atol=1e-6)
+    assert client.score_completions(list(prompts), list(responses)).tolist() == pytest.approx(want, abs=1e-5)
+
+
+def test_token_ids_compare_rank_info_and_health(client, server, reference, encoder_bundle):
+    from rm_server.bundle import load_bundle
+    from rm_server.recipe import Sample
+
+    encoder = load_bundle(encoder_bundle).sample_encoder()
+    texts = [("How was the food?", "Wonderful."), ("How was the food?", "Awful.")]
+    ids = [encoder.encode(Sample.from_text(p, r)).ids for p, r in texts]
+    np.testing.assert_allclose(client.score_tokens(ids), expected(reference, texts), atol=1e-5)
+
+    comparison = client.compare("How was the food?", "Wonderful.", "Awful.")
+    assert comparison.reward_a == pytest.approx(reference(*texts[0]), abs=1e-5)
+    assert comparison.probability_a_preferred == pytest.approx(
+        1 / (1 + np.exp(comparison.reward_b - comparison.reward_a)), abs=1e-6
+    )
+    ranking = client.rank("How was the food?", ["Awful.", "Wonderful.", "It was ok."])
+    assert sorted(ranking.order) == [0, 1, 2]
+    assert list(ranking.rewards[ranking.order]) == sorted(ranking.rewards, reverse=True)
+    info = client.model_info()
+    assert info.name == "toy" and info.max_samples_per_request == LIMIT
+    assert client.health() == "SERVING"
+
+
+def test_requests_over_the_server_limit_are_split_and_reassembled(client, server, reference):
+    texts = random_texts(random.Random(1), 5 * LIMIT + 3)
+    with pytest.raises(grpc.RpcError) as raw:  # what the client saves its users from
+        server.stub().Score(pb.ScoreRequest(samples=text_samples(*zip(*texts))), timeout=30)
+    assert raw.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    rewards = client.score(*zip(*texts))
+    assert rewards.shape == (len(texts),)
+    np.testing.assert_allclose(rewards, expected(reference, texts), atol=1e-5)
+
+
+def test_bad_input_raises_with_the_servers_message_and_is_not_retried(client):
+    with pytest.raises(RewardServiceError) as error:
+        client.score_tokens([[1, 2, 10**9]])
+    assert error.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "outside the vocabulary" in error.value.message and error.value.attempts == 1
+    with pytest.raises(ValueError, match="2 prompts but 1 responses"):
+        client.score(["a", "b"], ["c"])
+    with pytest.raises(ValueError, match="truncation"):
+        client.score(["a"], ["b"], truncation="sometimes")
+
+
+def test_deadline_exceeded_raises(server):
+    texts = random_texts(random.Random(2), 2000)
+    with RewardClient(server.target, timeout_s=0.05) as hurried:
+        with pytest.raises(RewardServiceError) as error:
+            hurried.score(*zip(*texts))
+    assert error.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_unreachable_service_raises_after_the_retries(server):
+    policy = RetryPolicy(max_attempts=3, initial_backoff_s=0.01, max_backoff_s=0.02)
+    with RewardClient(f"127.0.0.1:{free_port()}", retry=policy, timeout_s=30) as lost:
+        with pytest.raises(RewardServiceError) as error:
+            lost.score(["hi"], ["hello"])
+    assert error.value.code == grpc.StatusCode.UNAVAILABLE and error.value.attempts == 3
+
+
+def test_async_client_and_stream_helper(server, reference):
+    texts = random_texts(random.Random(3), 40)
+    requests = [text_samples(*zip(*texts[i : i + 4])) for i in range(0, len(texts), 4)]
+
+    async def run():
+        async with AsyncRewardClient(server.target) as client:
+            whole = await client.score(*zip(*texts))
+            streamed = {i: r async for i, r in client.stream_scores(requests, in_flight=3)}
+            return whole, streamed
+
+    whole, streamed = asyncio.run(run())
+    want = expected(reference, texts)
+    np.testing.assert_allclose(whole, want, atol=1e-5)
+    assert sorted(streamed) == list(range(len(requests)))
+    np.testing.assert_allclose(np.concatenate([streamed[i] for i in range(len(requests))]), want, atol=1e-5)
+
+
+def test_retry_then_success_after_a_server_restart(encoder_bundle, tmp_path, reference, caplog):
+    port = free_port()
+    first = start_server(encoder_bundle, tmp_path / "first.log", port=port)
+    policy = RetryPolicy(max_attempts=30, initial_backoff_s=0.2, max_backoff_s=1.0)
+    with RewardClient(first.target, retry=policy, timeout_s=120) as client:
+        assert client.health() == "SERVING"
+        stop_server(first)
+        restarted = {}
+        threading.Thread(
+            target=lambda: restarted.update(s=start_server(encoder_bundle, tmp_path / "second.log", port=port))
+        ).start()
+        try:
+            rewards = client.score(["How was the trip?"], ["It was wonderful."])  # sent while the port is closed
+        finally:
+            deadline = time.monotonic() + 120
+            while "s" not in restarted and time.monotonic() < deadline:
+                time.sleep(0.1)
+            stop_server(restarted["s"])
+    assert rewards[0] == pytest.approx(reference("How was the trip?", "It was wonderful."), abs=1e-5)
+    assert "UNAVAILABLE (attempt 1 of 30); retrying" in caplog.text
+
+
+def test_failover_when_a_replica_is_killed_mid_load(encoder_bundle, tmp_path, reference):
+    """Two replicas behind one client (round_robin); one is SIGKILLed while requests are in flight. Every
+    request still gets exactly its own rewards, in order."""
+    replicas = [start_server(encoder_bundle, tmp_path / f"replica{i}.log") for i in range(2)]
+    texts = random_texts(random.Random(4), 400)
+    requests = [texts[i : i + 8] for i in range(0, len(texts), 8)]
+    policy = RetryPolicy(max_attempts=10, initial_backoff_s=0.05, max_backoff_s=0.5)
+
+    answered, killed_after = [], []
+
+    async def run():
+        async with AsyncRewardClient([r.target for r in replicas], retry=policy, timeout_s=120) as client:
+            gate = asyncio.Semaphore(6)
+
+            async def one(i: int, request):
+                async with gate:
+                    rewards = await client.score(*zip(*request))
+                answered.append(i)
+                return i, rewards
+
+            async def killer():
+                while len(answered) < len(requests) // 4:
+                    await asyncio.sleep(0.01)
+                replicas[0].process.kill()  # mid-load: calls are in flight on it
+                killed_after.append(len(answered))
+
+            *answers, _ = await asyncio.gather(*(one(i, r) for i, r in enumerate(requests)), killer())
+            return answers
+
+    try:
+        answers = asyncio.run(run())
+    finally:
+        for r in replicas:
+            stop_server(r)
+    assert [i for i, _ in answers] == list(range(len(requests)))
+    got = np.concatenate([rewards for _, rewards in answers])
+    assert got.shape == (len(texts),)
+    np.testing.assert_allclose(got, expected(reference, texts), atol=1e-5)
+    assert replicas[0].process.returncode == -9 and len(answered) == len(requests)
+    assert killed_after[0] < len(requests) - 6  # most of the load came after the kill

@@ -1,0 +1,148 @@
+"""rm-ppo end to end: a tiny random policy learns, in a few steps, what a served reward model rewards."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from rm_client import RewardClient
+from rm_client.ppo.rollout import Prompt, response_texts, sample
+from rm_training.train import TrainConfig, train
+from tests.conftest import BAD, GOOD, THINGS, rm_export, tiny_llama_config, write_jsonl
+from tests.servers import start_server, stop_server
+
+RM_PPO = str(Path(sys.executable).parent / "rm-ppo")
+
+
+def rm_ppo(**options) -> subprocess.CompletedProcess:
+    """Run rm-ppo with `name=value` options as `--name value` flags."""
+    flags = [part for name, value in options.items() for part in (f"--{name.replace('_', '-')}", str(value))]
+    return subprocess.run([RM_PPO, *flags], capture_output=True, text=True, timeout=600)
+
+
+def word_policy(directory: Path) -> Path:
+    """A random tiny Llama over a word vocabulary: sentiment words, the toy task's nouns, EOS."""
+    vocab = ["<pad>", "<eos>", "how", "was", "the", "it", *THINGS, *GOOD, *BAD]
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<pad>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", eos_token="<eos>")
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_llama_config(len(vocab), pad_token_id=0, eos_token_id=1)).save_pretrained(directory)
+    fast.save_pretrained(directory)
+    return directory
+
+
+def mean_reward(policy_dir: Path, client: RewardClient, prompts: list[Prompt], seed: int) -> float:
+    policy = AutoModelForCausalLM.from_pretrained(policy_dir)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(policy_dir)
+    torch.manual_seed(seed)
+    rollout = sample(policy, tokenizer, prompts * 8, 4, 1.0, 1.0, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    texts = response_texts(tokenizer, rollout)
+    return float(np.mean(client.score([p.text for p in prompts * 8], texts)))
+
+
+def word_pairs(n: int, seed: int) -> list[dict]:
+    """Preference pairs over the policy's words: the response with a positive word beats the one with a
+    negative word, wherever it stands among neutral words (so the reward generalizes to any word order)."""
+    rng = random.Random(seed)
+    neutral = ["the", "it", "was", *THINGS]
+    rows = []
+    for _ in range(n):
+        words = [rng.choice(neutral) for _ in range(3)]
+        at = rng.randint(0, 3)
+        chosen, rejected = (" ".join(words[:at] + [rng.choice(side)] + words[at:]) for side in (GOOD, BAD))
+        rows.append({"prompt": f"how was the {rng.choice(THINGS)}", "chosen": chosen, "rejected": rejected})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def word_reward_bundle(tiny_encoder_checkpoint, tmp_path_factory) -> Path:
+    """A tiny encoder reward model that rewards positive words anywhere in a response, served as a bundle."""
+    tmp = tmp_path_factory.mktemp("word-reward")
+    train_file = write_jsonl(tmp / "train.jsonl", word_pairs(256, seed=0))
+    test_file = write_jsonl(tmp / "test.jsonl", word_pairs(64, seed=1))
+    config = TrainConfig(
+        data=str(train_file),
+        eval_data=str(test_file),
+        output=str(tmp / "rm"),
+        model=str(tiny_encoder_checkpoint),
+        epochs=6,
+        lr=2e-3,
+        batch_size=16,
+    )
+    train(config)
+    result = rm_export(
+        "--model", str(tmp / "rm"), "--output", str(tmp / "bundle"), "--dtype", "fp32", "--name", "words"
+    )
+    assert result.returncode == 0, result.stderr
+    return tmp / "bundle"
+
+
+def test_ppo_raises_the_reward_of_a_tiny_policy(word_reward_bundle, tmp_path):
+    policy_dir = word_policy(tmp_path / "policy0")
+    prompt_texts = [f"how was the {thing}" for thing in THINGS]
+    prompts_file = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": p} for p in prompt_texts])
+    server = start_server(word_reward_bundle, tmp_path / "serve.log")
+    try:
+        result = rm_ppo(
+            policy=policy_dir,
+            reward_target=server.target,
+            prompts=prompts_file,
+            output=tmp_path / "run",
+            steps=12,
+            batch_size=16,
+            minibatch_size=8,
+            ppo_epochs=2,
+            lr=3e-3,
+            value_lr=3e-3,
+            max_new_tokens=4,
+            temperature=1.0,
+            beta=0.01,
+            kl_estimator="k3",
+            save_every=5,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == list(range(1, 13))
+        assert (tmp_path / "run" / "curves.png").stat().st_size > 0
+        prompts = [Prompt(text=t) for t in prompt_texts]
+        with RewardClient(server.target) as client:
+            before = mean_reward(policy_dir, client, prompts, seed=1)
+            after = mean_reward(tmp_path / "run" / "policy", client, prompts, seed=1)
+    finally:
+        stop_server(server)
+    assert after > before + 0.5, (before, after, [r["score"] for r in rows])
+    assert all(np.isfinite(r["kl"]) and r["time/reward_wait"] >= 0 for r in rows)
+
+
+def test_ppo_stops_loudly_when_the_reward_service_is_unreachable(tmp_path):
+    from tests.servers import free_port
+
+    policy_dir = word_policy(tmp_path / "policy0")
+    prompts_file = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "how was the food"}])
+    result = rm_ppo(
+        policy=policy_dir,
+        reward_target=f"127.0.0.1:{free_port()}",
+        prompts=prompts_file,
+        output=tmp_path / "run",
+        reward_timeout_s=3,
+    )
+    assert result.returncode == 1
+    assert "reward service failed" in result.stderr and "UNAVAILABLE" in result.stderr
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_bad_prompts_file_exits_2(tmp_path):
+    bad = tmp_path / "prompts.jsonl"
+    bad.write_text('{"prompt": "fine"}\n{"nope": 1}\n')
+    result = rm_ppo(policy=word_policy(tmp_path / "p"), reward_target="127.0.0.1:1", prompts=bad, output=tmp_path / "r")
+    assert result.returncode == 2 and "prompts.jsonl:2" in result.stderr
