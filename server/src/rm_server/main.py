@@ -206,7 +206,8 @@ class RewardServer:
         self.scorer.close()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
-        log.info("stopped")
+        served = self.metrics.registry.get_sample_value("rm_samples_total") or 0
+        log.info("stopped (samples scored: %d)", served)
 
 
 async def serve(config: ServerConfig) -> None:

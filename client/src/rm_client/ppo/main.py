@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rm_client.backbones import BackboneError, resolve_backbone
+from rm_client.backbones import BackboneError, load_pretrained, resolve_backbone
 from rm_client.client import RewardClient
 from rm_client.config_cli import ConfigError, parse_config
 from rm_client.errors import RewardServiceError
@@ -32,9 +32,8 @@ log = logging.getLogger("rm_ppo")
 def load_policy(name_or_path: str):
     """(policy, tokenizer) in float32 from a local checkpoint or a bundled name."""
     backbone = resolve_backbone(name_or_path)
-    kwargs = backbone.from_pretrained_kwargs()
-    tokenizer = AutoTokenizer.from_pretrained(backbone.path, **kwargs)
-    policy = AutoModelForCausalLM.from_pretrained(backbone.path, dtype=torch.float32, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(backbone.path, **backbone.from_pretrained_kwargs())
+    policy = load_pretrained(AutoModelForCausalLM, backbone, dtype=torch.float32)
     if tokenizer.eos_token_id is None:
         raise ConfigError(f"the tokenizer of {name_or_path} has no EOS token: responses could never end")
     policy.generation_config.pad_token_id = tokenizer.pad_token_id or tokenizer.eos_token_id
