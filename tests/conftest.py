@@ -119,19 +119,25 @@ def toy_data(tmp_path) -> tuple[Path, Path]:
 def trained_encoder(tmp_path_factory, tiny_encoder_checkpoint) -> tuple[Path, Path]:
     """A tiny encoder reward model trained on the toy task (so accuracy means something), and its eval data."""
     tmp = tmp_path_factory.mktemp("trained-encoder")
-    train_file = write_jsonl(tmp / "train.jsonl", sentiment_pairs(96, seed=0))
     test_file = write_jsonl(tmp / "test.jsonl", sentiment_pairs(48, seed=1))
+    return train_tiny_encoder(tiny_encoder_checkpoint, sentiment_pairs(96, seed=0), test_file, tmp, 8), test_file
+
+
+def train_tiny_encoder(checkpoint: Path, train_rows: list[dict], test_file: Path, tmp: Path, batch_size: int) -> Path:
+    """Train the tiny random encoder on `train_rows` (6 epochs at 2e-3): a real reward model in seconds."""
+    train_file = write_jsonl(tmp / "train.jsonl", train_rows)
+    output = tmp / "rm"
     cfg = TrainConfig(
         data=str(train_file),
         eval_data=str(test_file),
-        output=str(tmp / "rm"),
-        model=str(tiny_encoder_checkpoint),
+        output=str(output),
+        model=str(checkpoint),
         epochs=6,
         lr=2e-3,
-        batch_size=8,
+        batch_size=batch_size,
     )
     train(cfg)
-    return tmp / "rm", test_file
+    return output
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,8 +45,16 @@ class RunningServer:
 
 
 def start_server(
-    bundle: Path, log_path: Path, *args: str, env: dict | None = None, port: int | None = None
+    bundle: Path,
+    log_path: Path,
+    *args: str,
+    env: dict | None = None,
+    port: int | None = None,
+    secure: bool = False,
+    token: str | None = None,
 ) -> RunningServer:
+    """Start rm-serve and wait until it serves: through plaintext health, or (TLS, or health behind a
+    token) until its start-up line is logged."""
     port, metrics_port = port or free_port(), free_port()
     command = [
         str(BIN / "rm-serve"),
@@ -61,11 +70,24 @@ def start_server(
     process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     server = RunningServer(process, port, metrics_port, log_path)
     try:
-        wait_until_serving(server.channel(), process)
+        if secure or token:
+            wait_for_log_line(server, "serving ")
+        else:
+            wait_until_serving(server.channel(), process)
     except RuntimeError as e:
         process.kill()
         raise RuntimeError(f"{e}:\n{server.log()}") from None
     return server
+
+
+def wait_for_log_line(server: RunningServer, text: str, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while text not in server.log():
+        if server.process.poll() is not None:
+            raise RuntimeError(f"rm-serve exited with code {server.process.returncode}")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"rm-serve did not log {text!r} within {timeout_s:.0f} s")
+        time.sleep(0.2)
 
 
 def stop_server(server: RunningServer) -> int:

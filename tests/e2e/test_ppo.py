@@ -16,17 +16,19 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM, PreTrainedToken
 
 from rm_client import RewardClient
 from rm_client.ppo.rollout import Prompt, response_texts, sample
-from rm_training.train import TrainConfig, train
-from tests.conftest import BAD, GOOD, THINGS, rm_export, tiny_llama_config, write_jsonl
+from tests.conftest import BAD, GOOD, THINGS, rm_export, tiny_llama_config, train_tiny_encoder, write_jsonl
 from tests.servers import start_server, stop_server
 
 RM_PPO = str(Path(sys.executable).parent / "rm-ppo")
 
 
+def ppo_flags(**options) -> list[str]:
+    """`name=value` options as `--name value` flags."""
+    return [part for name, value in options.items() for part in (f"--{name.replace('_', '-')}", str(value))]
+
+
 def rm_ppo(**options) -> subprocess.CompletedProcess:
-    """Run rm-ppo with `name=value` options as `--name value` flags."""
-    flags = [part for name, value in options.items() for part in (f"--{name.replace('_', '-')}", str(value))]
-    return subprocess.run([RM_PPO, *flags], capture_output=True, text=True, timeout=600)
+    return subprocess.run([RM_PPO, *ppo_flags(**options)], capture_output=True, text=True, timeout=600)
 
 
 def word_policy(directory: Path) -> Path:
@@ -68,20 +70,10 @@ def word_pairs(n: int, seed: int) -> list[dict]:
 def word_reward_bundle(tiny_encoder_checkpoint, tmp_path_factory) -> Path:
     """A tiny encoder reward model that rewards positive words anywhere in a response, served as a bundle."""
     tmp = tmp_path_factory.mktemp("word-reward")
-    train_file = write_jsonl(tmp / "train.jsonl", word_pairs(256, seed=0))
     test_file = write_jsonl(tmp / "test.jsonl", word_pairs(64, seed=1))
-    config = TrainConfig(
-        data=str(train_file),
-        eval_data=str(test_file),
-        output=str(tmp / "rm"),
-        model=str(tiny_encoder_checkpoint),
-        epochs=6,
-        lr=2e-3,
-        batch_size=16,
-    )
-    train(config)
+    checkpoint = train_tiny_encoder(tiny_encoder_checkpoint, word_pairs(256, seed=0), test_file, tmp, 16)
     result = rm_export(
-        "--model", str(tmp / "rm"), "--output", str(tmp / "bundle"), "--dtype", "fp32", "--name", "words"
+        "--model", str(checkpoint), "--output", str(tmp / "bundle"), "--dtype", "fp32", "--name", "words"
     )
     assert result.returncode == 0, result.stderr
     return tmp / "bundle"
@@ -146,3 +138,25 @@ def test_bad_prompts_file_exits_2(tmp_path):
     bad.write_text('{"prompt": "fine"}\n{"nope": 1}\n')
     result = rm_ppo(policy=word_policy(tmp_path / "p"), reward_target="127.0.0.1:1", prompts=bad, output=tmp_path / "r")
     assert result.returncode == 2 and "prompts.jsonl:2" in result.stderr
+
+
+def test_resume_continues_from_the_checkpoint(word_reward_bundle, tmp_path):
+    policy_dir = word_policy(tmp_path / "policy0")
+    prompts_file = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"how was the {t}"} for t in THINGS])
+    server = start_server(word_reward_bundle, tmp_path / "serve.log")
+    common = {"policy": policy_dir, "reward_target": server.target, "prompts": prompts_file, "output": tmp_path / "run"}
+    common |= {"batch_size": 4, "minibatch_size": 2, "max_new_tokens": 3, "save_every": 1}
+    try:
+        first = rm_ppo(steps=2, **common)
+        assert first.returncode == 0, first.stderr[-2000:]
+        state = torch.load(tmp_path / "run" / "checkpoint" / "trainer_state.pt", weights_only=True)
+        assert state["step"] == 2
+        resumed = subprocess.run(
+            [RM_PPO, *ppo_flags(steps=3, **common), "--resume"], capture_output=True, text=True, timeout=600
+        )
+        assert resumed.returncode == 0, resumed.stderr[-2000:]
+    finally:
+        stop_server(server)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert "resumed from" in resumed.stderr and "at step 2" in resumed.stderr

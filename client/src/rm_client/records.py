@@ -11,7 +11,7 @@ Every other field of the record is kept as it is.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,21 +32,22 @@ class ScorableRecord:
     is_pair: bool = False
 
 
-def read_records(path: str | Path) -> list[ScorableRecord]:
+def jsonl(path: str | Path, error: type[ValueError] = RecordError) -> Iterator[tuple[str, object]]:
+    """(`file:line`, parsed record) for every non-blank line; `error` names the line of invalid JSON."""
     path = Path(path)
     if not path.is_file():
-        raise RecordError(f"{path}: not a file (rm-client reads JSONL)")
-    out = []
+        raise error(f"{path}: not a file (JSONL expected)")
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise RecordError(f"{where}: not valid JSON ({e.msg})") from None
-            out.append(parse_record(record, where))
+            if line.strip():
+                try:
+                    yield f"{path}:{number}", json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise error(f"{path}:{number}: not valid JSON ({e.msg})") from None
+
+
+def read_records(path: str | Path) -> list[ScorableRecord]:
+    out = [parse_record(record, where) for where, record in jsonl(path)]
     if not out:
         raise RecordError(f"{path}: no records")
     return out

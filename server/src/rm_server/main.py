@@ -26,9 +26,11 @@ from rm_client.pb import reward_pb2, reward_pb2_grpc
 from rm_server.batcher import Batcher, BatcherConfig
 from rm_server.bundle import BundleError, load_bundle
 from rm_server.engine import OnnxEngine, pad_batch
+from rm_server.malformed import MalformedRequestInterceptor
 from rm_server.metrics import ServiceMetrics
 from rm_server.openrlhf_http import OpenRLHFEndpoint
 from rm_server.scoring import Limits, Scorer
+from rm_server.security import HEALTH_METHODS, BearerTokenInterceptor, read_token, server_credentials
 from rm_server.service import RewardService
 
 log = logging.getLogger("rm_server")
@@ -49,6 +51,16 @@ class ServerConfig:
     """Prometheus /metrics port (-1: no metrics endpoint)."""
     http_port: int = -1
     """OpenRLHF-compatible HTTP reward endpoint (POST /get_reward) on `host`: -1 off, 0 a free port."""
+    tls_cert: str | None = None
+    """PEM certificate chain of the server: serve gRPC over TLS (with --tls-key)."""
+    tls_key: str | None = None
+    """PEM private key of --tls-cert."""
+    tls_client_ca: str | None = None
+    """PEM CA bundle: require clients to present a certificate it signed (mutual TLS)."""
+    auth_token_file: str | None = None
+    """File holding the bearer token every call must carry (default: the RM_AUTH_TOKEN variable; none: no auth)."""
+    health_requires_auth: bool = False
+    """Also require the token for grpc.health.v1 (probes usually carry none)."""
     variant: str = "fp32"
     """Bundle variant to serve: fp32, int8 or fp16."""
     providers: str = "cpu"
@@ -84,6 +96,10 @@ class ServerConfig:
             raise ConfigError(f"--variant must be fp32, int8 or fp16, not {self.variant!r}")
         if self.max_batch_tokens < 0:
             raise ConfigError("--max-batch-tokens must not be negative")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ConfigError("--tls-cert and --tls-key go together")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ConfigError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
         if self.http_port < -1:
             raise ConfigError("--http-port must be -1 (off), 0 (any free port) or a port number")
         for name in ("max_batch_size", "max_queue", "max_samples_per_request", "max_message_mb"):
@@ -108,6 +124,10 @@ class RewardServer:
                 f"--max-batch-tokens {config.max_batch_tokens} is below the model's max length "
                 f"{self.bundle.recipe.max_length}: a long sample could never be batched"
             )
+        self.token = read_token(config.auth_token_file)
+        self.credentials = (
+            server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca) if config.tls_cert else None
+        )
         self.engine = OnnxEngine(
             self.bundle.model_path(config.variant), tuple(config.providers.split(",")), config.threads
         )
@@ -132,18 +152,26 @@ class RewardServer:
         self.scorer = Scorer(self.bundle, config.variant, self.batcher, limits, config.tokenizer_threads)
         self.service = RewardService(self.scorer, self.metrics)
         message_bytes = config.max_message_mb * 1024 * 1024
+        open_methods = () if config.health_requires_auth else HEALTH_METHODS
+        interceptors = [BearerTokenInterceptor(self.token, open_methods)] if self.token else []
+        interceptors.append(MalformedRequestInterceptor())
         self.server = grpc.aio.server(
+            interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", message_bytes),
                 ("grpc.max_send_message_length", message_bytes),
-            ]
+            ],
         )
         reward_pb2_grpc.add_RewardServiceServicer_to_server(self.service, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = self.server.add_insecure_port(f"{config.host}:{config.port}")
+        address = f"{config.host}:{config.port}"
+        if self.credentials:
+            self.port = self.server.add_secure_port(address, self.credentials)
+        else:
+            self.port = self.server.add_insecure_port(address)
         if config.metrics_port >= 0:
             self._metrics_http = self.metrics.serve(config.metrics_host, config.metrics_port)
         self.metrics.model.info(
@@ -159,7 +187,7 @@ class RewardServer:
         self.metrics.queue_depth.set_function(lambda: self.batcher.queue_depth)
         await self.server.start()
         if config.http_port >= 0:
-            self.http = OpenRLHFEndpoint(self.service, config.max_message_mb)
+            self.http = OpenRLHFEndpoint(self.service, config.max_message_mb, self.token)
             await self.http.start(config.host, config.http_port)
         await self._warm_up()
         self.service.ready = True
@@ -168,13 +196,15 @@ class RewardServer:
         metrics_at = f"{config.metrics_host}:{config.metrics_port}" if config.metrics_port >= 0 else "off"
         http_at = f"{config.host}:{self.http.port}" if self.http else "off"
         log.info(
-            "serving %s v%s (%s, %s) on %s:%d; metrics %s; OpenRLHF HTTP %s",
+            "serving %s v%s (%s, %s) on %s:%d (%s, %s); metrics %s; OpenRLHF HTTP %s",
             manifest["name"],
             manifest["version"],
             config.variant,
             self.engine.providers[0],
             config.host,
             self.port,
+            ("mutual TLS" if config.tls_client_ca else "TLS") if self.credentials else "plaintext",
+            "bearer token required" if self.token else "no authentication",
             metrics_at,
             http_at,
         )

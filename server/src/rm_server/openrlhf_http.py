@@ -5,6 +5,7 @@ OpenRLHF (`--remote_rm_url http://HOST:PORT/get_reward`) posts `{"query": [...],
 `{"rewards": [...], "scores": [...], "extra_logs": {...}}`, one entry per query. The response is what
 follows the prompt in its query; the bundle's input recipe then formats (prompt, response) exactly as for
 gRPC, so send raw prompts (no chat template applied on the OpenRLHF side) to chat-template bundles.
+With a bearer token configured, requests need `Authorization: Bearer <token>` (401 otherwise).
 Errors: 400 for bad input, 503 (with Retry-After) when the queue is full or the server is not ready,
 500 for an inference failure; the body is `{"error": message, "code": gRPC status name}`.
 """
@@ -16,6 +17,7 @@ from aiohttp import web
 
 from rm_server.errors import InvalidRequest
 from rm_server.recipe import Sample
+from rm_server.security import token_matches
 from rm_server.service import RewardService, new_request_id
 
 HTTP_STATUS = {
@@ -48,8 +50,9 @@ def split_queries(body: object) -> list[Sample]:
 
 
 class OpenRLHFEndpoint:
-    def __init__(self, service: RewardService, max_body_mb: int):
+    def __init__(self, service: RewardService, max_body_mb: int, token: str | None = None):
         self.service = service
+        self.token = token
         self.app = web.Application(client_max_size=max_body_mb * 1024 * 1024)
         self.app.router.add_post(PATH, self.get_reward)
         self._runner: web.AppRunner | None = None
@@ -68,6 +71,9 @@ class OpenRLHFEndpoint:
 
     async def get_reward(self, request: web.Request) -> web.Response:
         request_id = request.headers.get("x-request-id") or new_request_id()
+        if self.token and not token_matches(request.headers.get("Authorization"), self.token):
+            body = {"error": "missing or invalid bearer token (Authorization header)", "code": "UNAUTHENTICATED"}
+            return web.json_response(body, status=401, headers={"WWW-Authenticate": "Bearer"})
         try:
             body = await request.json()
         except ValueError:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from rm_client.records import jsonl
 
 
 class PromptError(ValueError):
@@ -28,22 +29,18 @@ class Prompt:
 def read_prompts(path: str | Path) -> list[Prompt]:
     """JSONL with `prompt` (a string, or a list of messages) or `messages` per line."""
     prompts = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise PromptError(f"{where}: not valid JSON ({e.msg})") from None
-            value = record.get("prompt", record.get("messages")) if isinstance(record, dict) else None
-            if isinstance(value, str) and value:
-                prompts.append(Prompt(text=value))
-            elif isinstance(value, list) and value and all(isinstance(m, dict) and "content" in m for m in value):
-                prompts.append(Prompt(messages=tuple({"role": m["role"], "content": m["content"]} for m in value)))
-            else:
-                raise PromptError(f"{where}: expected 'prompt' (text or messages) or 'messages'")
+    for where, record in jsonl(path, PromptError):
+        value = record.get("prompt", record.get("messages")) if isinstance(record, dict) else None
+        if isinstance(value, str) and value:
+            prompts.append(Prompt(text=value))
+        elif (
+            isinstance(value, list)
+            and value
+            and all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in value)
+        ):
+            prompts.append(Prompt(messages=tuple({"role": m["role"], "content": m["content"]} for m in value)))
+        else:
+            raise PromptError(f"{where}: expected 'prompt' (text or messages) or 'messages'")
     if not prompts:
         raise PromptError(f"{path}: no prompts")
     return prompts

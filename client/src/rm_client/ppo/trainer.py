@@ -233,7 +233,7 @@ class PPOTrainer:
         partial.replace(directory / "trainer_state.pt")  # a crash mid-save never leaves a torn checkpoint
 
     def load_checkpoint(self, directory: Path) -> None:
-        state = torch.load(directory / "trainer_state.pt", weights_only=False)
+        state = torch.load(directory / "trainer_state.pt", weights_only=True)  # no pickle of arbitrary objects
         self.step_index = state["step"]
         self.policy.load_state_dict(state["policy"])
         self.value_model.load_state_dict(state["value_model"])

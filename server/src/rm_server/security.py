@@ -1,0 +1,85 @@
+"""Who may call: TLS / mutual TLS credentials and bearer-token authentication for gRPC and HTTP.
+
+The token is compared in constant time (hmac.compare_digest), so response timing does not leak how much of
+a guess was right. Health checks may stay open (probes rarely carry tokens); everything else, reflection
+included, needs the token when one is configured.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from collections.abc import Collection
+from pathlib import Path
+
+import grpc
+
+from rm_client.config_cli import ConfigError
+
+HEALTH_METHODS = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"})
+TOKEN_ENV = "RM_AUTH_TOKEN"
+
+
+def read_token(token_file: str | None) -> str | None:
+    """The bearer token from --auth-token-file, else the RM_AUTH_TOKEN environment variable, else None."""
+    if token_file:
+        try:
+            token = Path(token_file).read_text().strip()
+        except OSError as e:
+            raise ConfigError(f"--auth-token-file: cannot read {token_file}: {e.strerror}") from None
+        if not token:
+            raise ConfigError(f"--auth-token-file {token_file} is empty")
+        return token
+    return os.environ.get(TOKEN_ENV) or None
+
+
+def server_credentials(cert: str, key: str, client_ca: str | None) -> grpc.ServerCredentials:
+    """TLS with the server's certificate; with a client CA, clients must present a certificate it signed."""
+
+    def read(path: str, flag: str) -> bytes:
+        try:
+            return Path(path).read_bytes()
+        except OSError as e:
+            raise ConfigError(f"{flag}: cannot read {path}: {e.strerror}") from None
+
+    root = read(client_ca, "--tls-client-ca") if client_ca else None
+    pairs = [(read(key, "--tls-key"), read(cert, "--tls-cert"))]
+    return grpc.ssl_server_credentials(pairs, root_certificates=root, require_client_auth=root is not None)
+
+
+def token_matches(header: str | None, token: str) -> bool:
+    return hmac.compare_digest((header or "").encode(), f"Bearer {token}".encode())
+
+
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+    """UNAUTHENTICATED for every call without `authorization: Bearer <token>`, except `open_methods`."""
+
+    def __init__(self, token: str, open_methods: Collection[str] = HEALTH_METHODS):
+        self._token = token
+        self._open = frozenset(open_methods)
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler_call_details.method in self._open:
+            return handler
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        if token_matches(metadata.get("authorization"), self._token):
+            return handler
+        return _refusal(handler)
+
+
+async def _deny(request_or_iterator, context: grpc.aio.ServicerContext) -> None:
+    await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token (authorization header)")
+
+
+def _refusal(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    """A handler of the same shape as `handler` that only refuses (so streams are refused as streams)."""
+    make = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }[(handler.request_streaming, handler.response_streaming)]
+    return make(
+        _deny, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+    )

@@ -1,0 +1,170 @@
+"""Faults on real servers: SIGKILL and restart mid-load, an inference failure in one batch, clients that
+cancel, vanish or read slowly on streams. Nothing accepted is lost or answered wrongly, and the server
+keeps serving."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import random
+import shutil
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+from tokenizers import Tokenizer
+
+from rm_client import AsyncRewardClient, RetryPolicy
+from rm_client.pb import reward_pb2 as pb
+from rm_client.samples import text_samples
+from tests.conftest import random_texts
+from tests.server.test_service import metrics
+from tests.servers import free_port, start_server, stop_server
+
+
+def test_sigkill_and_restart_mid_load(encoder_bundle, tmp_path, reference):
+    port = free_port()
+    first = start_server(encoder_bundle, tmp_path / "first.log", port=port)
+    texts = random_texts(random.Random(6), 480)
+    requests = [texts[i : i + 6] for i in range(0, len(texts), 6)]
+    answered, restarted = [], {}
+
+    async def run():
+        policy = RetryPolicy(max_attempts=40, initial_backoff_s=0.1, max_backoff_s=1.0)
+        async with AsyncRewardClient(first.target, retry=policy, timeout_s=180) as client:
+            gate = asyncio.Semaphore(6)
+
+            async def one(request):
+                async with gate:
+                    rewards = await client.score(*zip(*request))
+                answered.append(1)
+                return rewards
+
+            async def crash_and_restart():
+                while len(answered) < len(requests) // 3:
+                    await asyncio.sleep(0.01)
+                first.process.kill()
+                restarted["server"] = await asyncio.to_thread(
+                    start_server, encoder_bundle, tmp_path / "2.log", port=port
+                )
+
+            *results, _ = await asyncio.gather(*(one(r) for r in requests), crash_and_restart())
+            return results
+
+    try:
+        results = asyncio.run(run())
+    finally:
+        for server in (first, restarted.get("server")):
+            if server is not None:
+                stop_server(server)
+    assert first.process.returncode == -9
+    np.testing.assert_allclose(np.concatenate(results), [reference(p, r) for p, r in texts], atol=1e-5)
+
+
+@pytest.fixture
+def fragile_bundle(encoder_bundle, tmp_path):
+    """The bundle with tokens added to its tokenizer that the model has no embeddings for (with honest
+    hashes): a sample using them passes validation and then fails inside ONNX Runtime, in its own batch."""
+    bundle = tmp_path / "fragile"
+    shutil.copytree(encoder_bundle, bundle)
+    tokenizer = Tokenizer.from_file(str(bundle / "tokenizer.json"))
+    tokenizer.add_tokens([f"<beyond-{i}>" for i in range(100)])
+    tokenizer.save(str(bundle / "tokenizer.json"))
+    manifest = json.loads((bundle / "bundle.json").read_text())
+    manifest["files"]["tokenizer.json"] = hashlib.sha256((bundle / "tokenizer.json").read_bytes()).hexdigest()
+    (bundle / "bundle.json").write_text(json.dumps(manifest))
+    return bundle, tokenizer.get_vocab_size() - 1
+
+
+def test_an_inference_failure_fails_only_its_batch(fragile_bundle, tmp_path, reference):
+    bundle, bad_id = fragile_bundle
+    server = start_server(bundle, tmp_path / "serve.log")
+    try:
+        stub = server.stub()
+        good = text_samples(["How was the food?"], ["Lovely."])
+        bad = pb.ScoreRequest(samples=[pb.Sample(tokens=pb.TokenIds(ids=[101] + [bad_id] * 200 + [102]))])
+        futures = [stub.Score.future(bad, timeout=60)] + [
+            stub.Score.future(pb.ScoreRequest(samples=good)) for _ in range(8)
+        ]
+        with pytest.raises(grpc.RpcError) as failed:
+            futures[0].result()
+        assert failed.value.code() == grpc.StatusCode.INTERNAL and "inference failed" in failed.value.details()
+        for future in futures[1:]:  # other requests, in other batches, are answered
+            assert future.result().results[0].reward == pytest.approx(
+                reference("How was the food?", "Lovely."), abs=1e-5
+            )
+        assert server.health() == 1  # SERVING
+        assert "inference failed on a batch of 1 rows" in server.log()
+    finally:
+        stop_server(server)
+
+
+@pytest.fixture(scope="module")
+def server(encoder_bundle, tmp_path_factory):
+    running = start_server(encoder_bundle, tmp_path_factory.mktemp("faults") / "serve.log")
+    yield running
+    stop_server(running)
+
+
+def stream_of(n: int, size: int = 8):
+    texts = random_texts(random.Random(7), n * size)
+    chunks = [texts[i * size : (i + 1) * size] for i in range(n)]
+    return [pb.ScoreRequest(request_id=str(i), samples=text_samples(*zip(*chunk))) for i, chunk in enumerate(chunks)]
+
+
+def wait_for_empty_queue(server, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while metrics(server)["rm_queue_depth"] > 0:
+        assert time.monotonic() < deadline, "the queue never drained"
+        time.sleep(0.1)
+
+
+def test_a_client_that_cancels_mid_stream(server):
+    call = server.stub().ScoreStream(iter(stream_of(200)), timeout=120)
+    received = [next(call) for _ in range(3)]
+    call.cancel()
+    assert len(received) == 3
+    wait_for_empty_queue(server)
+    assert server.health() == 1
+
+
+def test_a_client_process_that_vanishes_mid_stream(server):
+    script = textwrap.dedent(f"""
+        import os, grpc
+        from tests.server.test_faults import stream_of
+        from rm_client.pb import reward_pb2_grpc
+        stub = reward_pb2_grpc.RewardServiceStub(grpc.insecure_channel("{server.target}"))
+        call = stub.ScoreStream(iter(stream_of(300)))
+        next(call)
+        os._exit(0)  # gone without closing anything
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+    wait_for_empty_queue(server)
+    assert server.health() == 1
+
+
+def test_a_slow_stream_reader_does_not_hold_up_others(server, reference):
+    """A client sends 150 requests on a stream and reads nothing for a while; another client is served
+    meanwhile; then the slow client reads every answer, each its own."""
+    requests = stream_of(150)
+    call = server.stub().ScoreStream(iter(requests), timeout=300)
+    others = []
+    worker = threading.Thread(
+        target=lambda: others.extend(
+            server.stub().Score(pb.ScoreRequest(samples=text_samples(["Hi"], ["Hello!"])), timeout=60)
+            for _ in range(20)
+        )
+    )
+    worker.start()
+    worker.join(timeout=120)
+    assert len(others) == 20  # served while the stream's answers waited unread
+    answers = {r.request_id: r for r in call}
+    assert sorted(answers, key=int) == [r.request_id for r in requests]
+    first = requests[0].samples[0].text
+    assert answers["0"].results[0].reward == pytest.approx(reference(first.prompt, first.response), abs=1e-5)

@@ -1,0 +1,122 @@
+"""Hostile input: property-based requests over every field, and raw bytes on every method path. Each gets
+an answer or a clear client-side status (never INTERNAL/UNKNOWN), and the server stays healthy."""
+
+from __future__ import annotations
+
+import math
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from rm_client.pb import reward_pb2 as pb
+from tests.servers import start_server, stop_server
+
+LIMIT = 64
+CLIENT_STATUSES = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED}
+SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+
+
+@pytest.fixture(scope="module")
+def server(encoder_bundle, tmp_path_factory):
+    running = start_server(
+        encoder_bundle,
+        tmp_path_factory.mktemp("hostile") / "serve.log",
+        "--max-samples-per-request",
+        str(LIMIT),
+        "--max-message-mb",
+        "1",
+    )
+    yield running
+    stop_server(running)
+
+
+@pytest.fixture(scope="module")
+def stub(server):
+    return server.stub()
+
+
+any_text = st.one_of(
+    st.text(max_size=200),
+    st.text(alphabet=st.characters(min_codepoint=0, max_codepoint=0x1F), max_size=50),  # control characters
+    st.text(alphabet=st.characters(categories=["Mn", "Me", "Cf", "Co", "So"]), max_size=100),  # marks, emoji
+    st.builds(lambda c, n: c * n, st.characters(), st.integers(1000, 60_000)),  # long runs
+)
+roles = st.one_of(st.sampled_from(["system", "user", "assistant"]), st.text(max_size=10))
+messages = st.lists(st.builds(pb.Message, role=roles, content=any_text), max_size=6)
+samples = st.one_of(
+    st.builds(lambda p, r: pb.Sample(text=pb.TextPair(prompt=p, response=r)), any_text, any_text),
+    st.builds(lambda m: pb.Sample(conversation=pb.Conversation(messages=m)), messages),
+    st.builds(lambda ids: pb.Sample(tokens=pb.TokenIds(ids=ids)), st.lists(st.integers(0, 2**32 - 1), max_size=600)),
+    st.just(pb.Sample()),
+)
+requests = st.builds(
+    pb.ScoreRequest,
+    request_id=st.text(max_size=40),
+    samples=st.lists(samples, max_size=LIMIT + 2),
+    normalize=st.booleans(),
+    truncation=st.integers(0, 5),
+)
+
+
+def assert_clear(call) -> object | None:
+    """The call's answer, or None when it failed with a client-side status and a message."""
+    try:
+        return call()
+    except grpc.RpcError as error:
+        assert error.code() in CLIENT_STATUSES, (error.code(), error.details())
+        assert error.details()
+        return None
+
+
+@SETTINGS
+@given(request=requests)
+def test_any_score_request_gets_rewards_or_a_clear_error(stub, request):
+    answer = assert_clear(lambda: stub.Score(request, timeout=60))
+    if answer is not None:
+        assert len(answer.results) == len(request.samples)
+        assert all(math.isfinite(r.reward) for r in answer.results)
+
+
+@SETTINGS
+@given(prompt=any_text, a=any_text, b=any_text, responses=st.lists(any_text, max_size=8))
+def test_any_compare_and_rank_request_gets_an_answer_or_a_clear_error(stub, prompt, a, b, responses):
+    compared = assert_clear(lambda: stub.Compare(pb.CompareRequest(prompt=prompt, response_a=a, response_b=b)))
+    if compared is not None:
+        assert 0.0 <= compared.probability_a_preferred <= 1.0
+    ranked = assert_clear(lambda: stub.Rank(pb.RankRequest(prompt=prompt, responses=responses)))
+    if ranked is not None:
+        assert sorted(ranked.order) == list(range(len(responses)))
+
+
+METHODS = ["Score", "Compare", "Rank", "GetModelInfo"]
+
+
+@SETTINGS
+@given(method=st.sampled_from(METHODS), body=st.binary(max_size=2000))
+def test_raw_bytes_on_unary_method_paths(server, method, body):
+    call = server.channel().unary_unary(f"/reward.v1.RewardService/{method}")  # bytes in, bytes out
+    try:
+        call(body, timeout=30)
+    except grpc.RpcError as error:
+        assert error.code() in CLIENT_STATUSES, (error.code(), error.details())
+        assert "not a valid message" in error.details() or error.details()
+
+
+def test_raw_bytes_on_the_stream_and_an_oversize_message(server):
+    stream = server.channel().stream_stream("/reward.v1.RewardService/ScoreStream")
+    with pytest.raises(grpc.RpcError) as broken:
+        list(stream(iter([b"\xff\xff\xff\xff\x0f garbage"]), timeout=30))
+    assert broken.value.code() != grpc.StatusCode.OK
+    oversize = pb.ScoreRequest(samples=[pb.Sample(text=pb.TextPair(prompt="p", response="x" * (2 * 1024 * 1024)))])
+    with pytest.raises(grpc.RpcError) as too_big:
+        server.stub().Score(oversize, timeout=30)
+    assert too_big.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_the_server_is_healthy_after_all_of_it(server):
+    assert server.health() == health_pb2.HealthCheckResponse.SERVING
+    answer = server.stub().Score(pb.ScoreRequest(samples=[pb.Sample(text=pb.TextPair(prompt="Hi", response="Hello"))]))
+    assert len(answer.results) == 1

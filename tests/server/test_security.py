@@ -1,0 +1,176 @@
+"""TLS, mutual TLS and bearer tokens on real servers, with certificates made in the test."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import ipaddress
+import json
+import subprocess
+import urllib.error
+import urllib.request
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from rm_client import AsyncRewardClient, RetryPolicy, RewardClient, RewardServiceError, Security
+from rm_client.samples import text_samples
+from tests.servers import BIN, free_port, start_server, stop_server
+
+NO_RETRY = RetryPolicy(max_attempts=1)
+SAMPLE = text_samples(["How was the food?"], ["Lovely."])
+
+
+def _certificate(subject: str, key, issuer_name, issuer_key, ca: bool, hosts: tuple[str, ...] = ()):
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+        .issuer_name(issuer_name or x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
+    if hosts:
+        names = [x509.DNSName(h) if not h[0].isdigit() else x509.IPAddress(ipaddress.ip_address(h)) for h in hosts]
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    return builder.sign(issuer_key or key, hashes.SHA256())
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    """A CA, a server certificate for localhost / 127.0.0.1, a client certificate, and a stranger's CA."""
+    directory = tmp_path_factory.mktemp("pki")
+    files = {}
+
+    def write(name: str, cert, key) -> None:
+        (directory / f"{name}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        (directory / f"{name}.key").write_bytes(pem)
+        files[name] = (str(directory / f"{name}.crt"), str(directory / f"{name}.key"))
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = _certificate("test CA", ca_key, None, None, ca=True)
+    write("ca", ca, ca_key)
+    for name, hosts in (("server", ("localhost", "127.0.0.1")), ("client", ())):
+        key = ec.generate_private_key(ec.SECP256R1())
+        write(name, _certificate(name, key, ca.subject, ca_key, ca=False, hosts=hosts), key)
+    other_key = ec.generate_private_key(ec.SECP256R1())
+    write("stranger", _certificate("stranger CA", other_key, None, None, ca=True), other_key)
+    return files
+
+
+def score(target: str, security: Security) -> float:
+    with RewardClient(target, security=security, retry=NO_RETRY, timeout_s=10) as client:
+        return float(client.score(["How was the food?"], ["Lovely."])[0])
+
+
+def test_tls_and_mutual_tls(encoder_bundle, tmp_path, pki):
+    cert, key = pki["server"]
+    tls = start_server(encoder_bundle, tmp_path / "tls.log", "--tls-cert", cert, "--tls-key", key, secure=True)
+    try:
+        assert isinstance(score(f"localhost:{tls.port}", Security(tls=True, ca_file=pki["ca"][0])), float)
+        with pytest.raises(RewardServiceError) as plaintext:
+            score(f"localhost:{tls.port}", Security())
+        assert plaintext.value.code == grpc.StatusCode.UNAVAILABLE
+        with pytest.raises(RewardServiceError):  # a server certificate from a CA the client does not trust
+            score(f"localhost:{tls.port}", Security(tls=True, ca_file=pki["stranger"][0]))
+    finally:
+        stop_server(tls)
+
+    mutual = ["--tls-cert", cert, "--tls-key", key, "--tls-client-ca", pki["ca"][0]]
+    mtls = start_server(encoder_bundle, tmp_path / "mtls.log", *mutual, secure=True)
+    try:
+        client_cert, client_key = pki["client"]
+        trusted = Security(tls=True, ca_file=pki["ca"][0], cert_file=client_cert, key_file=client_key)
+        assert isinstance(score(f"localhost:{mtls.port}", trusted), float)
+        with pytest.raises(RewardServiceError):  # no client certificate
+            score(f"localhost:{mtls.port}", Security(tls=True, ca_file=pki["ca"][0]))
+        assert "mutual TLS" in mtls.log()
+    finally:
+        stop_server(mtls)
+
+
+@pytest.fixture(scope="module")
+def token_server(encoder_bundle, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("token")
+    (directory / "token").write_text("s3cret-token\n")
+    http_port = free_port()
+    flags = ["--auth-token-file", str(directory / "token"), "--http-port", str(http_port)]
+    server = start_server(encoder_bundle, directory / "serve.log", *flags)
+    server.http_url = f"http://127.0.0.1:{http_port}/get_reward"
+    yield server
+    stop_server(server)
+
+
+@pytest.mark.parametrize("token", [None, "wrong", "s3cret-token-but-longer", "s3cret-toke"])
+def test_calls_without_the_right_token_are_unauthenticated(token_server, token):
+    async def calls() -> list[RewardServiceError]:
+        errors = []
+        async with AsyncRewardClient(token_server.target, security=Security(token=token), retry=NO_RETRY) as client:
+            for call in (client.score(["a"], ["b"]), client.model_info(), drain(client.stream_scores([SAMPLE]))):
+                try:
+                    await call
+                except RewardServiceError as e:
+                    errors.append(e)
+            assert await client.health() == "SERVING"  # health stays open for probes by default
+        return errors
+
+    errors = asyncio.run(calls())
+    assert len(errors) == 3  # unary calls and the stream alike
+    assert all(e.code == grpc.StatusCode.UNAUTHENTICATED and "bearer token" in e.message for e in errors)
+
+
+async def drain(stream) -> None:
+    async for _ in stream:
+        pass
+
+
+def test_the_right_token_is_accepted_on_grpc_and_http(token_server):
+    with RewardClient(token_server.target, security=Security(token="s3cret-token")) as client:
+        assert client.score(["a"], ["b"]).shape == (1,)
+        assert client.model_info().name == "toy"
+    body = json.dumps({"query": ["Hi there"], "prompts": ["Hi"]}).encode()
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(urllib.request.Request(token_server.http_url, data=body), timeout=10)
+    assert refused.value.code == 401
+    request = urllib.request.Request(token_server.http_url, data=body, headers={"Authorization": "Bearer s3cret-token"})
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        assert len(json.loads(answer.read())["rewards"]) == 1
+
+
+def test_health_can_require_the_token_too(encoder_bundle, tmp_path):
+    server = start_server(
+        encoder_bundle, tmp_path / "serve.log", "--health-requires-auth", env={"RM_AUTH_TOKEN": "abc"}, token="abc"
+    )
+    try:
+        with RewardClient(server.target, retry=NO_RETRY) as anonymous:
+            with pytest.raises(RewardServiceError) as error:
+                anonymous.health()
+        assert error.value.code == grpc.StatusCode.UNAUTHENTICATED
+        with RewardClient(server.target, security=Security(token="abc")) as client:
+            assert client.health() == "SERVING"
+    finally:
+        stop_server(server)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--tls-cert", "x.crt"], "--tls-cert and --tls-key go together"),
+        (["--tls-cert", "/nonexistent.crt", "--tls-key", "/nonexistent.key"], "cannot read /nonexistent"),
+        (["--auth-token-file", "/nonexistent-token"], "--auth-token-file: cannot read"),
+    ],
+)
+def test_bad_security_options_exit_2(encoder_bundle, flags, message):
+    command = [str(BIN / "rm-serve"), "--bundle", str(encoder_bundle), "--metrics-port", "-1", *flags]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and message in result.stderr
