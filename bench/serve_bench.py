@@ -193,9 +193,7 @@ def main() -> None:
         if key in results:
             latencies[report.SERVERS[key]] = drop_latencies(results[key])[saturation]
     print("single-sample latency ...", flush=True)
-    results["single_sample"] = single_sample_overhead(
-        args.bundle, bundle, sequences, [list(r[0]) for r in requests], pad_id
-    )
+    results["single_sample"] = single_sample_overhead(args.bundle, bundle, pairs[:64], pad_id)
     print("max_batch_tokens sweep ...", flush=True)
     budgets = [b for b in map(int, args.budgets.split(",")) if b >= bundle.recipe.max_length]
     results["budget_sweep"] = sweeps.budget_sweep(args.bundle, requests[:128], budgets, 16)

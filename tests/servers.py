@@ -52,13 +52,14 @@ def start_server(
     port: int | None = None,
     secure: bool = False,
     token: str | None = None,
+    bundle_flag: str = "--bundle",
 ) -> RunningServer:
     """Start rm-serve and wait until it serves: through plaintext health, or (TLS, or health behind a
     token) until its start-up line is logged."""
     port, metrics_port = port or free_port(), free_port()
     command = [
         str(BIN / "rm-serve"),
-        "--bundle",
+        bundle_flag,
         str(bundle),
         "--port",
         str(port),

@@ -84,11 +84,12 @@ def fragile_bundle(encoder_bundle, tmp_path):
 
 def test_an_inference_failure_fails_only_its_batch(fragile_bundle, tmp_path, reference):
     bundle, bad_id = fragile_bundle
-    server = start_server(bundle, tmp_path / "serve.log")
+    # A batch budget of one max-length sample, so the failing sample (250 tokens) runs in a batch of its own.
+    server = start_server(bundle, tmp_path / "serve.log", "--max-batch-tokens", "256")
     try:
         stub = server.stub()
         good = text_samples(["How was the food?"], ["Lovely."])
-        bad = pb.ScoreRequest(samples=[pb.Sample(tokens=pb.TokenIds(ids=[101] + [bad_id] * 200 + [102]))])
+        bad = pb.ScoreRequest(samples=[pb.Sample(tokens=pb.TokenIds(ids=[101] + [bad_id] * 248 + [102]))])
         futures = [stub.Score.future(bad, timeout=60)] + [
             stub.Score.future(pb.ScoreRequest(samples=good)) for _ in range(8)
         ]

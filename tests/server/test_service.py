@@ -190,6 +190,5 @@ def test_metrics_count_the_traffic_sent(server):
     assert delta("rm_samples_total") == 9
     assert delta('rm_latency_seconds_count{stage="inference"}') == 3
     assert after["rm_queue_depth"] == 0
-    assert (
-        after['rm_model_info{name="toy",pooling="cls",provider="CPUExecutionProvider",variant="fp32",version="1"}'] == 1
-    )
+    assert after['rm_model_loaded{model="toy",version="1"}'] == 1
+    assert after['rm_model_info{providers="cpu",variant="fp32"}'] == 1

@@ -36,6 +36,11 @@ from rm_client.samples import (
 
 T = TypeVar("T")
 TRUNCATION = {"truncate": pb.TRUNCATION_POLICY_TRUNCATE, "strict": pb.TRUNCATION_POLICY_STRICT}
+ENSEMBLE_REDUCE = {
+    "mean": pb.ENSEMBLE_REDUCE_MEAN,
+    "mean_minus_k_std": pb.ENSEMBLE_REDUCE_MEAN_MINUS_K_STD,
+    "min": pb.ENSEMBLE_REDUCE_MIN,
+}
 
 
 @dataclass(frozen=True)
@@ -66,10 +71,21 @@ class AsyncRewardClient:
         max_in_flight: int = 8,
         max_message_mb: int = 64,
         keepalive_s: float = 30.0,
+        model: str = "",
+        model_version: str = "",
+        ensemble_reduce: str = "mean",
+        ensemble_k: float = 1.0,
     ):
         """`target`: `host:port`, a list of them (one per replica), or a gRPC URI such as `dns:///name:port`.
         `timeout_s`: deadline of each method call, retries included. `chunk_size`: samples per request
-        (default: the server's max_samples_per_request, at most 512). `max_in_flight`: chunks sent at once."""
+        (default: the server's max_samples_per_request, at most 512). `max_in_flight`: chunks sent at once.
+        `model`, `model_version`: which of the server's models answers (default: its default model and
+        serving version). `ensemble_reduce` (mean, mean_minus_k_std, min) and `ensemble_k`: the reward an
+        ensemble model returns."""
+        if ensemble_reduce not in ENSEMBLE_REDUCE:
+            raise ValueError(f"ensemble_reduce must be one of {sorted(ENSEMBLE_REDUCE)}, not {ensemble_reduce!r}")
+        self.model, self.model_version = model, model_version
+        self._reduce, self.ensemble_k = ENSEMBLE_REDUCE[ensemble_reduce], ensemble_k
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
         security = security or Security()
@@ -137,7 +153,15 @@ class AsyncRewardClient:
         gate = asyncio.Semaphore(self.max_in_flight)
 
         async def one(chunk: Sequence[pb.Sample]) -> list[float]:
-            request = pb.ScoreRequest(samples=chunk, normalize=normalize, truncation=TRUNCATION[truncation])
+            request = pb.ScoreRequest(
+                samples=chunk,
+                normalize=normalize,
+                truncation=TRUNCATION[truncation],
+                model=self.model,
+                model_version=self.model_version,
+                ensemble_reduce=self._reduce,
+                ensemble_k=self.ensemble_k,
+            )
             async with gate:
                 response = await self._unary(self._stub.Score, request)
             if len(response.results) != len(chunk):
@@ -157,17 +181,31 @@ class AsyncRewardClient:
 
     async def compare(self, prompt: str, response_a: str, response_b: str) -> Comparison:
         """Bradley-Terry probability that A is preferred to B, with both rewards."""
-        request = pb.CompareRequest(prompt=prompt, response_a=response_a, response_b=response_b)
+        request = pb.CompareRequest(
+            prompt=prompt,
+            response_a=response_a,
+            response_b=response_b,
+            model=self.model,
+            model_version=self.model_version,
+        )
         r = await self._unary(self._stub.Compare, request)
         return Comparison(r.probability_a_preferred, r.reward_a, r.reward_b)
 
     async def rank(self, prompt: str, responses: Sequence[str]) -> Ranking:
         """Responses ordered from best to worst by reward."""
-        r = await self._unary(self._stub.Rank, pb.RankRequest(prompt=prompt, responses=list(responses)))
+        request = pb.RankRequest(
+            prompt=prompt, responses=list(responses), model=self.model, model_version=self.model_version
+        )
+        r = await self._unary(self._stub.Rank, request)
         return Ranking(list(r.order), np.array(r.rewards, dtype=np.float32))
 
     async def model_info(self) -> pb.ModelInfo:
-        return await self._unary(self._stub.GetModelInfo, pb.GetModelInfoRequest())
+        request = pb.GetModelInfoRequest(model=self.model, model_version=self.model_version)
+        return await self._unary(self._stub.GetModelInfo, request)
+
+    async def reload_models(self) -> pb.ReloadModelsResponse:
+        """Admin: make the server rescan its model repository now (needs the server's token)."""
+        return await self._unary(self._stub.ReloadModels, pb.ReloadModelsRequest())
 
     async def health(self, service: str = "") -> str:
         """grpc.health.v1 status name: SERVING, NOT_SERVING, ... (no retries: it reports the present)."""
@@ -194,7 +232,15 @@ class AsyncRewardClient:
             for index, samples in enumerate(requests):
                 await window.acquire()
                 sizes[str(index)] = len(samples)
-                yield pb.ScoreRequest(request_id=str(index), samples=samples, normalize=normalize)
+                yield pb.ScoreRequest(
+                    request_id=str(index),
+                    samples=samples,
+                    normalize=normalize,
+                    model=self.model,
+                    model_version=self.model_version,
+                    ensemble_reduce=self._reduce,
+                    ensemble_k=self.ensemble_k,
+                )
             done_sending.set()
 
         call = self._stub.ScoreStream(outgoing(), metadata=self._metadata)
@@ -276,3 +322,6 @@ class RewardClient:
 
     def health(self, service: str = "") -> str:
         return self._run(self._client.health(service))
+
+    def reload_models(self) -> pb.ReloadModelsResponse:
+        return self._run(self._client.reload_models())

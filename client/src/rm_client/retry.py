@@ -17,9 +17,10 @@ from rm_client.errors import RewardServiceError
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED})
 """UNAVAILABLE: no replica reachable, or one went away mid-call (scoring is idempotent, so resending is safe).
-RESOURCE_EXHAUSTED: the server's queue is full right now."""
+RESOURCE_EXHAUSTED: the server's queue is full right now. CANCELLED: as a call's status (not our own task
+being cancelled, which raises asyncio.CancelledError), it means the server shut down under the call."""
 
 
 @dataclass(frozen=True)

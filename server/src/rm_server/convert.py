@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from rm_client.pb import reward_pb2 as pb
 from rm_server.errors import InvalidRequest
+from rm_server.models import EnsembleScores
 from rm_server.recipe import ROLES, Message, Sample
 from rm_server.scoring import SampleInput, ScoreOutcome, TokenInput
 
@@ -53,4 +56,29 @@ def score_response(request_id: str, outcome: ScoreOutcome, name: str, version: s
             queue_ms=t.queue_ms, tokenization_ms=t.tokenization_ms, inference_ms=t.inference_ms, total_ms=t.total_ms
         ),
         normalized=outcome.normalized,
+    )
+
+
+def ensemble_response(
+    request_id: str, scores: EnsembleScores, rewards: np.ndarray, name: str, version: str, total_ms: float
+) -> pb.ScoreResponse:
+    """The selected reduction as `reward`, with every member's normalized reward beside it."""
+    mean, std, low = scores.mean, scores.std, scores.min
+    return pb.ScoreResponse(
+        request_id=request_id,
+        results=[
+            pb.SampleResult(
+                reward=float(rewards[i]),
+                num_tokens=scores.num_tokens[i],
+                truncated=scores.truncated[i],
+                ensemble=pb.EnsembleStats(
+                    mean=float(mean[i]), std=float(std[i]), min=float(low[i]), members=scores.members[:, i].tolist()
+                ),
+            )
+            for i in range(len(rewards))
+        ],
+        model_name=name,
+        model_version=version,
+        timing=pb.Timing(total_ms=total_ms),
+        normalized=True,
     )

@@ -19,6 +19,18 @@ class InvalidRequest(RewardServiceError):
     code = grpc.StatusCode.INVALID_ARGUMENT
 
 
+class ModelNotFound(RewardServiceError):
+    """The request names a model or version the server does not hold."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class AdminDisabled(RewardServiceError):
+    """An admin call on a server that has no token (or nothing to administer)."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 class QueueFull(RewardServiceError):
     """The batcher's queue has no room: the caller should back off and retry."""
 

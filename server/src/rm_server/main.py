@@ -16,6 +16,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -23,13 +24,12 @@ from grpc_reflection.v1alpha import reflection
 
 from rm_client.config_cli import ConfigError, parse_config
 from rm_client.pb import reward_pb2, reward_pb2_grpc
-from rm_server.batcher import Batcher, BatcherConfig
 from rm_server.bundle import BundleError, load_bundle
-from rm_server.engine import OnnxEngine, pad_batch
 from rm_server.malformed import MalformedRequestInterceptor
 from rm_server.metrics import ServiceMetrics
+from rm_server.models import ModelRegistry, ModelSettings
 from rm_server.openrlhf_http import OpenRLHFEndpoint
-from rm_server.scoring import Limits, Scorer
+from rm_server.scoring import Limits
 from rm_server.security import HEALTH_METHODS, BearerTokenInterceptor, read_token, server_credentials
 from rm_server.service import RewardService
 
@@ -39,8 +39,16 @@ SERVICE_NAME = reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name
 
 @dataclass
 class ServerConfig:
-    bundle: str
-    """Model bundle directory written by rm-export."""
+    bundle: str | None = None
+    """Model bundle directory written by rm-export (or --model-repo)."""
+    model_repo: str | None = None
+    """Model repository: NAME/VERSION/ bundles and NAME/ensemble.json ensembles, hot-reloaded (docs/operations.md)."""
+    default_model: str | None = None
+    """Model answering requests that name none (default: the first by name)."""
+    pin: str = ""
+    """Pinned versions, NAME=VERSION[,NAME=VERSION]; other models serve their latest loadable version."""
+    poll_s: float = 0.0
+    """Seconds between model-repository scans (0: scan at start and on the ReloadModels admin call only)."""
     host: str = "127.0.0.1"
     """Address the gRPC server binds to (0.0.0.0 to listen on every interface, as in containers)."""
     port: int = 50051
@@ -92,6 +100,11 @@ class ServerConfig:
     """text, or json (one object per line, for log pipelines)."""
 
     def validate(self) -> None:
+        if bool(self.bundle) == bool(self.model_repo):
+            raise ConfigError("give exactly one of --bundle and --model-repo")
+        if self.poll_s < 0:
+            raise ConfigError("--poll-s must not be negative")
+        self.pins()
         if self.variant not in ("fp32", "int8", "fp16"):
             raise ConfigError(f"--variant must be fp32, int8 or fp16, not {self.variant!r}")
         if self.max_batch_tokens < 0:
@@ -108,49 +121,51 @@ class ServerConfig:
         if self.max_delay_ms < 0:
             raise ConfigError("--max-delay-ms must not be negative")
 
+    def pins(self) -> dict[str, str]:
+        pairs = [p.strip() for p in self.pin.split(",") if p.strip()]
+        if any(p.count("=") != 1 or p.startswith("=") or p.endswith("=") for p in pairs):
+            raise ConfigError(f"--pin must be NAME=VERSION[,NAME=VERSION], not {self.pin!r}")
+        return dict(p.split("=") for p in pairs)
+
+    def model_settings(self) -> ModelSettings:
+        return ModelSettings(
+            variant=self.variant,
+            providers=tuple(self.providers.split(",")),
+            threads=self.threads,
+            tokenizer_threads=self.tokenizer_threads,
+            max_batch_tokens=self.max_batch_tokens,
+            max_batch_size=self.max_batch_size,
+            max_delay_ms=self.max_delay_ms,
+            max_queue=self.max_queue,
+            limits=Limits(max_samples_per_request=self.max_samples_per_request),
+            verify=self.verify,
+        )
+
 
 class RewardServer:
-    """The running service: gRPC server, health, metrics endpoint, batcher and engine."""
+    """The running service: gRPC server, health, metrics endpoint, and the models (engines and batchers)."""
 
     def __init__(self, config: ServerConfig):
         config.validate()
         self.config = config
-        self.bundle = load_bundle(config.bundle, verify=config.verify)
-        if not config.max_batch_tokens:
-            on_gpu = config.providers.split(",")[0] in ("cuda", "tensorrt")
-            config.max_batch_tokens = max(16384 if on_gpu else 1024, self.bundle.recipe.max_length)
-        if config.max_batch_tokens < self.bundle.recipe.max_length:
-            raise ConfigError(
-                f"--max-batch-tokens {config.max_batch_tokens} is below the model's max length "
-                f"{self.bundle.recipe.max_length}: a long sample could never be batched"
-            )
         self.token = read_token(config.auth_token_file)
         self.credentials = (
             server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca) if config.tls_cert else None
         )
-        self.engine = OnnxEngine(
-            self.bundle.model_path(config.variant), tuple(config.providers.split(",")), config.threads
-        )
+        if config.bundle and not (Path(config.bundle) / "bundle.json").is_file():
+            load_bundle(config.bundle)  # a clear BundleError before anything starts
         self.metrics = ServiceMetrics()
         self.health = health.aio.HealthServicer()
+        self.registry = ModelRegistry(config.model_settings(), self.metrics, config.default_model)
         self.port = 0
         self._metrics_http = None
+        self._poller: asyncio.Task | None = None
         self.http: OpenRLHFEndpoint | None = None
 
     async def start(self) -> None:
-        config, manifest = self.config, self.bundle.manifest
-        pad_id = manifest.get("pad_token_id") or 0
-        batcher_config = BatcherConfig(
-            max_batch_tokens=config.max_batch_tokens,
-            max_batch_size=config.max_batch_size,
-            max_delay_ms=config.max_delay_ms,
-            max_queue=config.max_queue,
-            pad_id=pad_id,
-        )
-        self.batcher = Batcher(self.engine, batcher_config, on_batch=self.metrics.record_batch)
-        limits = Limits(max_samples_per_request=config.max_samples_per_request)
-        self.scorer = Scorer(self.bundle, config.variant, self.batcher, limits, config.tokenizer_threads)
-        self.service = RewardService(self.scorer, self.metrics)
+        config = self.config
+        admin = self.reload if (config.model_repo and self.token) else None
+        self.service = RewardService(self.registry, self.metrics, admin)
         message_bytes = config.max_message_mb * 1024 * 1024
         open_methods = () if config.health_requires_auth else HEALTH_METHODS
         interceptors = [BearerTokenInterceptor(self.token, open_methods)] if self.token else []
@@ -174,33 +189,25 @@ class RewardServer:
             self.port = self.server.add_insecure_port(address)
         if config.metrics_port >= 0:
             self._metrics_http = self.metrics.serve(config.metrics_host, config.metrics_port)
-        self.metrics.model.info(
-            {
-                "name": manifest["name"],
-                "version": str(manifest["version"]),
-                "variant": config.variant,
-                "pooling": manifest["pooling"],
-                "provider": self.engine.providers[0],
-            }
-        )
-        self.batcher.start()
-        self.metrics.queue_depth.set_function(lambda: self.batcher.queue_depth)
+        self.metrics.model.info({"variant": config.variant, "providers": config.providers})
+        self.metrics.queue_depth.set_function(lambda: self.registry.queue_depth)
         await self.server.start()
+        await self._load_models()
         if config.http_port >= 0:
             self.http = OpenRLHFEndpoint(self.service, config.max_message_mb, self.token)
             await self.http.start(config.host, config.http_port)
-        await self._warm_up()
         self.service.ready = True
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        if config.model_repo and config.poll_s > 0:
+            self._poller = asyncio.create_task(self._poll(), name="model-repo-poll")
         metrics_at = f"{config.metrics_host}:{config.metrics_port}" if config.metrics_port >= 0 else "off"
         http_at = f"{config.host}:{self.http.port}" if self.http else "off"
+        models = ", ".join(f"{n} v{v}" for n, v, serving, _ in self.registry.loaded() if serving)
         log.info(
-            "serving %s v%s (%s, %s) on %s:%d (%s, %s); metrics %s; OpenRLHF HTTP %s",
-            manifest["name"],
-            manifest["version"],
+            "serving %s (%s) on %s:%d (%s, %s); metrics %s; OpenRLHF HTTP %s",
+            models,
             config.variant,
-            self.engine.providers[0],
             config.host,
             self.port,
             ("mutual TLS" if config.tls_client_ca else "TLS") if self.credentials else "plaintext",
@@ -209,13 +216,34 @@ class RewardServer:
             http_at,
         )
 
-    async def _warm_up(self) -> None:
-        """Run a short and the longest shape once (outside the batcher and its metrics), so the first real
-        call pays no start-up cost."""
-        loop = asyncio.get_running_loop()
-        for length in (8, self.bundle.recipe.max_length):
-            ids, mask = pad_batch([[1] * length], 0)
-            await loop.run_in_executor(None, self.engine.score, ids, mask)
+    async def _load_models(self) -> None:
+        """The bundle, or the repository's models; start-up fails when nothing can be served."""
+        if self.config.bundle:
+            bundle = load_bundle(self.config.bundle, verify=False)  # hashes are checked by add()
+            await self.registry.add(bundle.manifest["name"], str(bundle.manifest["version"]), Path(self.config.bundle))
+            return
+        report = await self.reload()
+        if not self.registry.versions:
+            raise BundleError(
+                f"no loadable model in {self.config.model_repo}; rejected: {report['rejected'] or 'none'}"
+            )
+        if self.registry.default_model and self.registry.default_model not in self.registry.serving:
+            if self.registry.default_model not in self.registry.ensembles:
+                raise ConfigError(f"--default-model {self.registry.default_model!r} is not in the repository")
+
+    async def reload(self) -> dict[str, list[str]]:
+        report = await self.registry.sync(Path(self.config.model_repo), self.config.pins())
+        if report["loaded"] or report["unloaded"]:
+            log.info("model repository: loaded %s, unloaded %s", report["loaded"] or "-", report["unloaded"] or "-")
+        return report
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.poll_s)
+            try:
+                await self.reload()
+            except Exception:  # noqa: BLE001 - a bad scan is logged; serving goes on with what is loaded
+                log.exception("model repository scan failed")
 
     async def stop(self) -> None:
         """Graceful drain: NOT_SERVING, refuse new calls, let calls in flight finish within the grace period."""
@@ -225,18 +253,26 @@ class RewardServer:
         # Refuse new calls (UNAVAILABLE) and report NOT_SERVING while the calls in flight finish; the port
         # stays open meanwhile so that probes and load balancers can see the new status.
         self.service.ready = False
+        if self._poller is not None:
+            self._poller.cancel()
         await self.health.enter_graceful_shutdown()
         deadline = time.monotonic() + self.config.grace_s
-        while self.service.inflight and time.monotonic() < deadline:
+        quiet_since = None
+        while time.monotonic() < deadline:  # drained once no call has been in flight for a short while
+            if self.service.inflight:
+                quiet_since = None
+            elif quiet_since is None:
+                quiet_since = time.monotonic()
+            elif time.monotonic() - quiet_since > 0.3:  # late arrivals get UNAVAILABLE and go elsewhere
+                break
             await asyncio.sleep(0.05)
         await self.server.stop(max(0.0, deadline - time.monotonic()))
         if self.http is not None:
             await self.http.stop()
-        await self.batcher.stop()
-        self.scorer.close()
+        served = self.metrics.registry.get_sample_value("rm_samples_total") or 0
+        await self.registry.close()
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
-        served = self.metrics.registry.get_sample_value("rm_samples_total") or 0
         log.info("stopped (samples scored: %d)", served)
 
 

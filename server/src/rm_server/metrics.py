@@ -44,7 +44,8 @@ class ServiceMetrics:
             "rm_batch_inference_seconds", "Engine time per batch", buckets=LATENCY_BUCKETS, registry=r
         )
         self.queue_depth = Gauge("rm_queue_depth", "Samples waiting in the batcher's queue", registry=r)
-        self.model = Info("rm_model", "The model being served", registry=r)
+        self.model = Info("rm_model", "The server's configuration", registry=r)
+        self.loaded = Gauge("rm_model_loaded", "1 per model version held", ["model", "version"], registry=r)
 
     def record_batch(self, stats: BatchStats) -> None:
         self.batch_size.observe(stats.rows)

@@ -89,10 +89,5 @@ class OpenRLHFEndpoint:
         samples = split_queries(body)
         if not samples:
             return {"rewards": [], "scores": [], "extra_logs": {}}
-        outcome = await self.service.scorer.score(samples)
-        rewards = [r.reward for r in outcome.results]
-        return {
-            "rewards": rewards,
-            "scores": rewards,
-            "extra_logs": {"num_tokens": [r.num_tokens for r in outcome.results]},
-        }
+        scored = await self.service.rewards_of(samples)  # the default model
+        return {"rewards": scored.rewards, "scores": scored.rewards, "extra_logs": {"num_tokens": scored.num_tokens}}

@@ -8,18 +8,20 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
 
 import grpc
 import numpy as np
 
 from rm_client.pb import reward_pb2 as pb
 from rm_client.pb import reward_pb2_grpc
-from rm_server.convert import samples_from_request, score_response
-from rm_server.errors import InvalidRequest, NotReady, RewardServiceError, status_of
+from rm_server.convert import ensemble_response, samples_from_request, score_response
+from rm_server.errors import AdminDisabled, InvalidRequest, NotReady, RewardServiceError, status_of
 from rm_server.metrics import ServiceMetrics
+from rm_server.models import Ensemble, ModelRegistry
 from rm_server.recipe import Sample
-from rm_server.scoring import Scorer, preference_probability
+from rm_server.scoring import preference_probability
 
 log = logging.getLogger("rm_server")
 
@@ -42,15 +44,36 @@ def new_request_id() -> str:
     return uuid.uuid4().hex[:16]
 
 
+@dataclass(frozen=True)
+class TextRewards:
+    rewards: list[float]
+    num_tokens: list[int]
+    name: str
+    version: str
+
+
+REDUCTIONS = {
+    pb.ENSEMBLE_REDUCE_UNSPECIFIED: "mean",
+    pb.ENSEMBLE_REDUCE_MEAN: "mean",
+    pb.ENSEMBLE_REDUCE_MEAN_MINUS_K_STD: "mean_minus_k_std",
+    pb.ENSEMBLE_REDUCE_MIN: "min",
+}
+
+
 class RewardService(reward_pb2_grpc.RewardServiceServicer):
-    def __init__(self, scorer: Scorer, metrics: ServiceMetrics):
-        self.scorer = scorer
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        metrics: ServiceMetrics,
+        reload: Callable[[], Awaitable[dict[str, list[str]]]] | None = None,
+    ):
+        self.registry = registry
         self.metrics = metrics
+        self.reload = reload
+        """Rescans the model repository; None when admin calls are disabled (no token, or no repository)."""
         self.ready = False
         self.inflight = 0
         """Calls being answered, so a graceful shutdown knows when the drain is over."""
-        manifest = scorer.bundle.manifest
-        self.name, self.version = manifest["name"], str(manifest["version"])
 
     async def answer(self, method: str, request_id: str, work: Coroutine) -> tuple[grpc.StatusCode, object]:
         """Run one request's work: (OK, result), or (status, message) from the one error table; unexpected
@@ -80,13 +103,32 @@ class RewardService(reward_pb2_grpc.RewardServiceServicer):
 
     async def _score(self, request: pb.ScoreRequest, request_id: str) -> pb.ScoreResponse:
         strict = request.truncation == pb.TRUNCATION_POLICY_STRICT
-        outcome = await self.scorer.score(samples_from_request(request), request.normalize, strict)
+        inputs = samples_from_request(request)
+        async with self.registry.use(request.model, request.model_version) as model:
+            if isinstance(model, Ensemble):
+                if request.ensemble_reduce not in REDUCTIONS:
+                    raise InvalidRequest(f"unknown ensemble_reduce {request.ensemble_reduce}")
+                started = time.perf_counter()
+                scores = await model.score(self.registry, inputs, strict)
+                rewards = scores.reduce(REDUCTIONS[request.ensemble_reduce], request.ensemble_k or 1.0)
+                elapsed_ms = 1000 * (time.perf_counter() - started)
+                return ensemble_response(request_id, scores, rewards, model.name, model.version, elapsed_ms)
+            outcome = await model.scorer.score(inputs, request.normalize, strict)
         self.metrics.latency.labels("queue").observe(outcome.timing.queue_ms / 1000)
         self.metrics.latency.labels("tokenization").observe(outcome.timing.tokenization_ms / 1000)
         self.metrics.latency.labels("inference").observe(outcome.timing.inference_ms / 1000)
         self.metrics.truncated.inc(sum(r.truncated for r in outcome.results))
         log.debug("request %s: %d samples in %.1f ms", request_id, len(outcome.results), outcome.timing.total_ms)
-        return score_response(request_id, outcome, self.name, self.version)
+        return score_response(request_id, outcome, model.name, model.version)
+
+    async def rewards_of(self, samples: list[Sample], model_name: str = "", version: str = "") -> TextRewards:
+        """Rewards of text samples (an ensemble's mean for ensembles), with token counts and the model."""
+        async with self.registry.use(model_name, version) as model:
+            if isinstance(model, Ensemble):
+                scores = await model.score(self.registry, samples, False)
+                return TextRewards(scores.mean.tolist(), scores.num_tokens, model.name, model.version)
+            results = (await model.scorer.score(samples)).results
+            return TextRewards([r.reward for r in results], [r.num_tokens for r in results], model.name, model.version)
 
     @rpc
     async def Score(self, request, context, request_id):
@@ -132,14 +174,14 @@ class RewardService(reward_pb2_grpc.RewardServiceServicer):
             Sample.from_text(request.prompt, request.response_a),
             Sample.from_text(request.prompt, request.response_b),
         ]
-        outcome = await self.scorer.score(samples)
-        reward_a, reward_b = (r.reward for r in outcome.results)
+        scored = await self.rewards_of(samples, request.model, request.model_version)
+        reward_a, reward_b = scored.rewards
         return pb.CompareResponse(
             probability_a_preferred=preference_probability(reward_a, reward_b),
             reward_a=reward_a,
             reward_b=reward_b,
-            model_name=self.name,
-            model_version=self.version,
+            model_name=scored.name,
+            model_version=scored.version,
         )
 
     @rpc
@@ -149,20 +191,34 @@ class RewardService(reward_pb2_grpc.RewardServiceServicer):
         for i, response in enumerate(request.responses):
             if not response:
                 raise InvalidRequest(f"response {i}: empty response")
-        outcome = await self.scorer.score([Sample.from_text(request.prompt, r) for r in request.responses])
-        rewards = np.array([r.reward for r in outcome.results])
+        samples = [Sample.from_text(request.prompt, r) for r in request.responses]
+        scored = await self.rewards_of(samples, request.model, request.model_version)
+        rewards = np.array(scored.rewards)
         order = np.argsort(-rewards, kind="stable")
         return pb.RankResponse(
-            order=order.tolist(), rewards=rewards.tolist(), model_name=self.name, model_version=self.version
+            order=order.tolist(), rewards=rewards.tolist(), model_name=scored.name, model_version=scored.version
         )
 
     @rpc
     async def GetModelInfo(self, request, context, request_id):
-        manifest = self.scorer.bundle.manifest
+        model = self.registry.resolve(request.model, request.model_version)
+        loaded = [
+            pb.LoadedModel(
+                name=name,
+                version=version,
+                is_default_version=serving,
+                is_default_model=name == self.registry.default_model,
+                members=members,
+            )
+            for name, version, serving, members in self.registry.loaded()
+        ]
+        if isinstance(model, Ensemble):
+            return pb.ModelInfo(name=model.name, version=model.version, pooling="ensemble", loaded=loaded)
+        manifest = model.bundle.manifest
         normalization = manifest.get("normalization") or {}
         return pb.ModelInfo(
-            name=self.name,
-            version=self.version,
+            name=model.name,
+            version=model.version,
             max_length=manifest["max_length"],
             pooling=manifest["pooling"],
             normalization=pb.NormalizationStats(
@@ -171,7 +227,17 @@ class RewardService(reward_pb2_grpc.RewardServiceServicer):
                 size=normalization.get("size", 0),
                 description=normalization.get("description", ""),
             ),
-            dtype=self.scorer.variant,
-            max_samples_per_request=self.scorer.limits.max_samples_per_request,
+            dtype=model.settings.variant,
+            max_samples_per_request=model.settings.limits.max_samples_per_request,
             bundle_json=json.dumps(manifest),
+            loaded=loaded,
         )
+
+    @rpc
+    async def ReloadModels(self, request, context, request_id):
+        if self.reload is None:
+            raise AdminDisabled(
+                "ReloadModels needs a model repository (--model-repo) and a bearer token (--auth-token-file)"
+            )
+        report = await self.reload()
+        return pb.ReloadModelsResponse(**report)

@@ -12,9 +12,20 @@ class TruncationPolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TRUNCATION_POLICY_UNSPECIFIED: _ClassVar[TruncationPolicy]
     TRUNCATION_POLICY_TRUNCATE: _ClassVar[TruncationPolicy]
     TRUNCATION_POLICY_STRICT: _ClassVar[TruncationPolicy]
+
+class EnsembleReduce(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ENSEMBLE_REDUCE_UNSPECIFIED: _ClassVar[EnsembleReduce]
+    ENSEMBLE_REDUCE_MEAN: _ClassVar[EnsembleReduce]
+    ENSEMBLE_REDUCE_MEAN_MINUS_K_STD: _ClassVar[EnsembleReduce]
+    ENSEMBLE_REDUCE_MIN: _ClassVar[EnsembleReduce]
 TRUNCATION_POLICY_UNSPECIFIED: TruncationPolicy
 TRUNCATION_POLICY_TRUNCATE: TruncationPolicy
 TRUNCATION_POLICY_STRICT: TruncationPolicy
+ENSEMBLE_REDUCE_UNSPECIFIED: EnsembleReduce
+ENSEMBLE_REDUCE_MEAN: EnsembleReduce
+ENSEMBLE_REDUCE_MEAN_MINUS_K_STD: EnsembleReduce
+ENSEMBLE_REDUCE_MIN: EnsembleReduce
 
 class Message(_message.Message):
     __slots__ = ("role", "content")
@@ -55,16 +66,36 @@ class Sample(_message.Message):
     def __init__(self, text: _Optional[_Union[TextPair, _Mapping]] = ..., conversation: _Optional[_Union[Conversation, _Mapping]] = ..., tokens: _Optional[_Union[TokenIds, _Mapping]] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("request_id", "samples", "normalize", "truncation")
+    __slots__ = ("request_id", "samples", "normalize", "truncation", "model", "model_version", "ensemble_reduce", "ensemble_k")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     NORMALIZE_FIELD_NUMBER: _ClassVar[int]
     TRUNCATION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ENSEMBLE_REDUCE_FIELD_NUMBER: _ClassVar[int]
+    ENSEMBLE_K_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     samples: _containers.RepeatedCompositeFieldContainer[Sample]
     normalize: bool
     truncation: TruncationPolicy
-    def __init__(self, request_id: _Optional[str] = ..., samples: _Optional[_Iterable[_Union[Sample, _Mapping]]] = ..., normalize: _Optional[bool] = ..., truncation: _Optional[_Union[TruncationPolicy, str]] = ...) -> None: ...
+    model: str
+    model_version: str
+    ensemble_reduce: EnsembleReduce
+    ensemble_k: float
+    def __init__(self, request_id: _Optional[str] = ..., samples: _Optional[_Iterable[_Union[Sample, _Mapping]]] = ..., normalize: _Optional[bool] = ..., truncation: _Optional[_Union[TruncationPolicy, str]] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., ensemble_reduce: _Optional[_Union[EnsembleReduce, str]] = ..., ensemble_k: _Optional[float] = ...) -> None: ...
+
+class EnsembleStats(_message.Message):
+    __slots__ = ("mean", "std", "min", "members")
+    MEAN_FIELD_NUMBER: _ClassVar[int]
+    STD_FIELD_NUMBER: _ClassVar[int]
+    MIN_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    mean: float
+    std: float
+    min: float
+    members: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, mean: _Optional[float] = ..., std: _Optional[float] = ..., min: _Optional[float] = ..., members: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class Timing(_message.Message):
     __slots__ = ("queue_ms", "tokenization_ms", "inference_ms", "total_ms")
@@ -79,14 +110,16 @@ class Timing(_message.Message):
     def __init__(self, queue_ms: _Optional[float] = ..., tokenization_ms: _Optional[float] = ..., inference_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
 
 class SampleResult(_message.Message):
-    __slots__ = ("reward", "num_tokens", "truncated")
+    __slots__ = ("reward", "num_tokens", "truncated", "ensemble")
     REWARD_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    ENSEMBLE_FIELD_NUMBER: _ClassVar[int]
     reward: float
     num_tokens: int
     truncated: bool
-    def __init__(self, reward: _Optional[float] = ..., num_tokens: _Optional[int] = ..., truncated: _Optional[bool] = ...) -> None: ...
+    ensemble: EnsembleStats
+    def __init__(self, reward: _Optional[float] = ..., num_tokens: _Optional[int] = ..., truncated: _Optional[bool] = ..., ensemble: _Optional[_Union[EnsembleStats, _Mapping]] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
     __slots__ = ("request_id", "results", "model_name", "model_version", "timing", "normalized", "error")
@@ -115,14 +148,18 @@ class Error(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class CompareRequest(_message.Message):
-    __slots__ = ("prompt", "response_a", "response_b")
+    __slots__ = ("prompt", "response_a", "response_b", "model", "model_version")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_A_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_B_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     response_a: str
     response_b: str
-    def __init__(self, prompt: _Optional[str] = ..., response_a: _Optional[str] = ..., response_b: _Optional[str] = ...) -> None: ...
+    model: str
+    model_version: str
+    def __init__(self, prompt: _Optional[str] = ..., response_a: _Optional[str] = ..., response_b: _Optional[str] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class CompareResponse(_message.Message):
     __slots__ = ("probability_a_preferred", "reward_a", "reward_b", "model_name", "model_version")
@@ -139,12 +176,16 @@ class CompareResponse(_message.Message):
     def __init__(self, probability_a_preferred: _Optional[float] = ..., reward_a: _Optional[float] = ..., reward_b: _Optional[float] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class RankRequest(_message.Message):
-    __slots__ = ("prompt", "responses")
+    __slots__ = ("prompt", "responses", "model", "model_version")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     RESPONSES_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     responses: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, prompt: _Optional[str] = ..., responses: _Optional[_Iterable[str]] = ...) -> None: ...
+    model: str
+    model_version: str
+    def __init__(self, prompt: _Optional[str] = ..., responses: _Optional[_Iterable[str]] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class RankResponse(_message.Message):
     __slots__ = ("order", "rewards", "model_name", "model_version")
@@ -159,8 +200,12 @@ class RankResponse(_message.Message):
     def __init__(self, order: _Optional[_Iterable[int]] = ..., rewards: _Optional[_Iterable[float]] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("model", "model_version")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    model_version: str
+    def __init__(self, model: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class NormalizationStats(_message.Message):
     __slots__ = ("mean", "std", "size", "description")
@@ -175,7 +220,7 @@ class NormalizationStats(_message.Message):
     def __init__(self, mean: _Optional[float] = ..., std: _Optional[float] = ..., size: _Optional[int] = ..., description: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "max_length", "pooling", "normalization", "dtype", "max_samples_per_request", "bundle_json")
+    __slots__ = ("name", "version", "max_length", "pooling", "normalization", "dtype", "max_samples_per_request", "bundle_json", "loaded")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -184,6 +229,7 @@ class ModelInfo(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     MAX_SAMPLES_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     BUNDLE_JSON_FIELD_NUMBER: _ClassVar[int]
+    LOADED_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     max_length: int
@@ -192,4 +238,33 @@ class ModelInfo(_message.Message):
     dtype: str
     max_samples_per_request: int
     bundle_json: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., max_length: _Optional[int] = ..., pooling: _Optional[str] = ..., normalization: _Optional[_Union[NormalizationStats, _Mapping]] = ..., dtype: _Optional[str] = ..., max_samples_per_request: _Optional[int] = ..., bundle_json: _Optional[str] = ...) -> None: ...
+    loaded: _containers.RepeatedCompositeFieldContainer[LoadedModel]
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., max_length: _Optional[int] = ..., pooling: _Optional[str] = ..., normalization: _Optional[_Union[NormalizationStats, _Mapping]] = ..., dtype: _Optional[str] = ..., max_samples_per_request: _Optional[int] = ..., bundle_json: _Optional[str] = ..., loaded: _Optional[_Iterable[_Union[LoadedModel, _Mapping]]] = ...) -> None: ...
+
+class LoadedModel(_message.Message):
+    __slots__ = ("name", "version", "is_default_version", "is_default_model", "members")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    IS_DEFAULT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    IS_DEFAULT_MODEL_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: str
+    is_default_version: bool
+    is_default_model: bool
+    members: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., is_default_version: _Optional[bool] = ..., is_default_model: _Optional[bool] = ..., members: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ReloadModelsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ReloadModelsResponse(_message.Message):
+    __slots__ = ("loaded", "unloaded", "rejected")
+    LOADED_FIELD_NUMBER: _ClassVar[int]
+    UNLOADED_FIELD_NUMBER: _ClassVar[int]
+    REJECTED_FIELD_NUMBER: _ClassVar[int]
+    loaded: _containers.RepeatedScalarFieldContainer[str]
+    unloaded: _containers.RepeatedScalarFieldContainer[str]
+    rejected: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, loaded: _Optional[_Iterable[str]] = ..., unloaded: _Optional[_Iterable[str]] = ..., rejected: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -61,6 +61,11 @@ class RewardServiceStub:
                 request_serializer=reward_dot_v1_dot_reward__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=reward_dot_v1_dot_reward__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.ReloadModels = channel.unary_unary(
+                '/reward.v1.RewardService/ReloadModels',
+                request_serializer=reward_dot_v1_dot_reward__pb2.ReloadModelsRequest.SerializeToString,
+                response_deserializer=reward_dot_v1_dot_reward__pb2.ReloadModelsResponse.FromString,
+                _registered_method=True)
 
 
 class RewardServiceServicer:
@@ -98,7 +103,16 @@ class RewardServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetModelInfo(self, request, context):
-        """What is loaded: name, version, limits, pooling, normalization statistics, bundle metadata.
+        """What is loaded: name, version, limits, pooling, normalization statistics, bundle metadata, and
+        every model and version the server holds.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReloadModels(self, request, context):
+        """Admin: rescan the model repository now (load new versions, switch, unload old ones). Needs the
+        server's bearer token; refused with PERMISSION_DENIED when the server has none configured.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -131,6 +145,11 @@ def add_RewardServiceServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=reward_dot_v1_dot_reward__pb2.GetModelInfoRequest.FromString,
                     response_serializer=reward_dot_v1_dot_reward__pb2.ModelInfo.SerializeToString,
+            ),
+            'ReloadModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReloadModels,
+                    request_deserializer=reward_dot_v1_dot_reward__pb2.ReloadModelsRequest.FromString,
+                    response_serializer=reward_dot_v1_dot_reward__pb2.ReloadModelsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -270,6 +289,33 @@ class RewardService:
             '/reward.v1.RewardService/GetModelInfo',
             reward_dot_v1_dot_reward__pb2.GetModelInfoRequest.SerializeToString,
             reward_dot_v1_dot_reward__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReloadModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/reward.v1.RewardService/ReloadModels',
+            reward_dot_v1_dot_reward__pb2.ReloadModelsRequest.SerializeToString,
+            reward_dot_v1_dot_reward__pb2.ReloadModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,

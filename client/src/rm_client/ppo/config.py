@@ -52,6 +52,12 @@ class PPOConfig:
     """Subtracted from the score of a response that hit max_new_tokens without EOS."""
     reward_normalization: str = "none"
     """none, server (the bundle's statistics, applied by the service) or running (whitened with running moments)."""
+    reward_model: str = ""
+    """Model on the reward service (default: the server's default model)."""
+    ensemble_reduce: str = "mean"
+    """For an ensemble reward model: mean, mean_minus_k_std (conservative) or min."""
+    ensemble_k: float = 1.0
+    """k of mean_minus_k_std."""
     reward_timeout_s: float = 120.0
     """Deadline of one reward call, retries included; the run stops (never trains on missing rewards) after it."""
     save_every: int = 10
@@ -63,6 +69,8 @@ class PPOConfig:
     def validate(self) -> None:
         if self.kl_estimator not in ("k1", "k3"):
             raise ConfigError(f"--kl-estimator must be k1 or k3, not {self.kl_estimator!r}")
+        if self.ensemble_reduce not in ("mean", "mean_minus_k_std", "min"):
+            raise ConfigError("--ensemble-reduce must be mean, mean_minus_k_std or min")
         if self.reward_normalization not in ("none", "server", "running"):
             raise ConfigError("--reward-normalization must be none, server or running")
         for name in ("steps", "batch_size", "minibatch_size", "ppo_epochs", "max_new_tokens"):

@@ -45,7 +45,8 @@ def run(config: PPOConfig) -> Path:
     torch.manual_seed(config.seed)
     prompts = read_prompts(config.prompts)
     policy, tokenizer = load_policy(config.policy)
-    with RewardClient(config.reward_target, timeout_s=config.reward_timeout_s) as client:
+    options = {"model": config.reward_model, "ensemble_reduce": config.ensemble_reduce, "ensemble_k": config.ensemble_k}
+    with RewardClient(config.reward_target, timeout_s=config.reward_timeout_s, **options) as client:
         info = client.model_info()  # fail before any work when the service is unreachable
         log.info("reward model %s v%s (%s) at %s", info.name, info.version, info.dtype, config.reward_target)
         trainer = train(config, policy, tokenizer, client, prompts)

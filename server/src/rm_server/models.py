@@ -1,0 +1,290 @@
+"""The models a server holds: bundle versions (each with its own engine, batcher and scorer), ensembles of
+them, and the model repository they are loaded from and swapped in without stopping traffic.
+
+Repository layout (`--model-repo DIR`): `DIR/NAME/VERSION/` is a bundle; `DIR/NAME/ensemble.json`
+(`{"members": ["a", "b"]}`) defines an ensemble of other models. Versions order numerically when they
+are numbers. Policy `latest` serves each model's newest version that loads and verifies; `pinned` serves the
+versions named by `--pin NAME=VERSION`. A new version is loaded and warmed up before it takes traffic, the
+switch is one dictionary assignment on the event loop (atomic for every request), and a replaced version is
+unloaded once the calls that started on it have finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from rm_server.batcher import Batcher, BatcherConfig
+from rm_server.bundle import Bundle, BundleError, load_bundle
+from rm_server.engine import OnnxEngine, pad_batch
+from rm_server.errors import InvalidRequest, ModelNotFound
+from rm_server.metrics import ServiceMetrics
+from rm_server.scoring import Limits, SampleInput, Scorer
+
+log = logging.getLogger("rm_server")
+ENSEMBLE_FILE = "ensemble.json"
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """How every bundle version is served (from the server's flags)."""
+
+    variant: str = "fp32"
+    providers: tuple[str, ...] = ("cpu",)
+    threads: int = 0
+    tokenizer_threads: int = 2
+    max_batch_tokens: int = 0
+    max_batch_size: int = 64
+    max_delay_ms: float = 0.0
+    max_queue: int = 8192
+    limits: Limits = field(default_factory=Limits)
+    verify: bool = True
+
+    def batch_tokens(self, max_length: int) -> int:
+        """0 means: 1024 on CPU (bigger batches run slower per sample there), 16384 on GPU."""
+        if not self.max_batch_tokens:
+            on_gpu = self.providers[0] in ("cuda", "tensorrt")
+            return max(16384 if on_gpu else 1024, max_length)
+        if self.max_batch_tokens < max_length:
+            raise BundleError(
+                f"--max-batch-tokens {self.max_batch_tokens} is below the model's max length {max_length}: "
+                "a long sample could never be batched"
+            )
+        return self.max_batch_tokens
+
+
+class LoadedModel:
+    """One bundle version with its engine, batcher and scorer; counts the calls using it."""
+
+    def __init__(self, name: str, version: str, bundle: Bundle, settings: ModelSettings, metrics: ServiceMetrics):
+        self.name, self.version, self.bundle, self.settings = name, version, bundle, settings
+        self.engine = OnnxEngine(bundle.model_path(settings.variant), settings.providers, settings.threads)
+        self.inflight = 0
+        self._metrics = metrics
+
+    @classmethod
+    async def load(cls, name: str, version: str, directory: Path, settings: ModelSettings, metrics: ServiceMetrics):
+        """Verify, create the session (in a thread: it takes seconds), start batching, warm up."""
+
+        def build() -> LoadedModel:
+            return cls(name, version, load_bundle(directory, verify=settings.verify), settings, metrics)
+
+        model = await asyncio.to_thread(build)
+        await model.start()
+        return model
+
+    async def start(self) -> None:
+        recipe, manifest = self.bundle.recipe, self.bundle.manifest
+        config = BatcherConfig(
+            max_batch_tokens=self.settings.batch_tokens(recipe.max_length),
+            max_batch_size=self.settings.max_batch_size,
+            max_delay_ms=self.settings.max_delay_ms,
+            max_queue=self.settings.max_queue,
+            pad_id=manifest.get("pad_token_id") or 0,
+        )
+        self.batcher = Batcher(self.engine, config, on_batch=self._metrics.record_batch)
+        settings = self.settings
+        self.scorer = Scorer(self.bundle, settings.variant, self.batcher, settings.limits, settings.tokenizer_threads)
+        self.batcher.start()
+        for length in (8, recipe.max_length):  # the first real call pays no start-up cost
+            await asyncio.to_thread(self.engine.score, *pad_batch([[1] * length], 0))
+
+    async def stop(self, grace_s: float = 60.0) -> None:
+        """Wait (bounded) for the calls that started on this version, then free the engine."""
+        deadline = asyncio.get_running_loop().time() + grace_s
+        while self.inflight and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.05)
+        await self.batcher.stop()
+        self.scorer.close()
+        del self.engine, self.batcher, self.scorer
+
+
+@dataclass(frozen=True)
+class EnsembleScores:
+    """Per sample: members' normalized rewards (members x samples) and their reductions."""
+
+    members: np.ndarray
+    num_tokens: list[int]
+    truncated: list[bool]
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.members.mean(axis=0)
+
+    @property
+    def std(self) -> np.ndarray:
+        return self.members.std(axis=0)
+
+    @property
+    def min(self) -> np.ndarray:
+        return self.members.min(axis=0)
+
+    def reduce(self, how: str, k: float) -> np.ndarray:
+        if how == "mean":
+            return self.mean
+        if how == "mean_minus_k_std":
+            return self.mean - k * self.std
+        if how == "min":
+            return self.min
+        raise InvalidRequest(f"unknown ensemble reduction {how!r}")
+
+
+@dataclass
+class Ensemble:
+    """A model defined as a list of member models scored on the same inputs, one batch per member."""
+
+    name: str
+    members: list[str]
+    version: str = "1"
+    inflight: int = 0
+
+    async def score(self, registry: ModelRegistry, inputs: list[SampleInput], strict: bool) -> EnsembleScores:
+        """Each member's rewards normalized with its own bundle statistics, so members on different scales
+        weigh equally."""
+        async with AsyncExitStack() as stack:
+            models = [await stack.enter_async_context(registry.use(m, "")) for m in self.members]
+            outcomes = await asyncio.gather(*(m.scorer.score(inputs, normalize=True, strict=strict) for m in models))
+        first = outcomes[0].results
+        return EnsembleScores(
+            np.array([[r.reward for r in o.results] for o in outcomes]),
+            [r.num_tokens for r in first],
+            [any(o.results[i].truncated for o in outcomes) for i in range(len(first))],
+        )
+
+
+def version_key(version: str) -> tuple:
+    return (0, int(version), "") if version.isdigit() else (1, 0, version)
+
+
+class ModelRegistry:
+    def __init__(self, settings: ModelSettings, metrics: ServiceMetrics, default_model: str | None = None):
+        self.settings, self.metrics = settings, metrics
+        self.versions: dict[str, dict[str, LoadedModel]] = {}
+        self.serving: dict[str, str] = {}
+        """Per model, the version requests without model_version get."""
+        self.ensembles: dict[str, Ensemble] = {}
+        self.default_model = default_model
+        self._lock = asyncio.Lock()
+
+    # --- requests -----------------------------------------------------------------------------------------
+
+    def resolve(self, name: str, version: str) -> LoadedModel | Ensemble:
+        name = name or self.default_model or ""
+        if name in self.ensembles:
+            return self.ensembles[name]
+        versions = self.versions.get(name)
+        if not versions:
+            known = ", ".join(sorted([*self.versions, *self.ensembles])) or "none"
+            raise ModelNotFound(f"model {name!r} is not loaded (loaded: {known})")
+        version = version or self.serving[name]
+        if version not in versions:
+            raise ModelNotFound(f"model {name!r} has no loaded version {version!r} (loaded: {', '.join(versions)})")
+        return versions[version]
+
+    @asynccontextmanager
+    async def use(self, name: str, version: str) -> AsyncIterator[LoadedModel | Ensemble]:
+        """The model a request runs on, from start to finish, even if a newer version takes over meanwhile."""
+        model = self.resolve(name, version)
+        model.inflight += 1
+        try:
+            yield model
+        finally:
+            model.inflight -= 1
+
+    @property
+    def queue_depth(self) -> int:
+        return sum(m.batcher.queue_depth for versions in self.versions.values() for m in versions.values())
+
+    def loaded(self) -> list[tuple[str, str, bool, list[str]]]:
+        """(name, version, is_serving_version, ensemble members) for everything held."""
+        out = [(n, v, self.serving.get(n) == v, []) for n, vs in self.versions.items() for v in vs]
+        return out + [(e.name, e.version, True, list(e.members)) for e in self.ensembles.values()]
+
+    # --- loading ------------------------------------------------------------------------------------------
+
+    async def add(self, name: str, version: str, directory: Path, serve: bool = True) -> LoadedModel:
+        model = await LoadedModel.load(name, version, Path(directory), self.settings, self.metrics)
+        self.versions.setdefault(name, {})[version] = model
+        if serve:
+            self.serving[name] = version  # the switch: every request resolving after this line gets it
+        self.metrics.loaded.labels(name, version).set(1)
+        self.default_model = self.default_model or name
+        log.info("loaded %s version %s (%s)", name, version, model.engine.providers[0])
+        return model
+
+    async def remove(self, name: str, version: str) -> None:
+        model = self.versions[name].pop(version)
+        if not self.versions[name]:
+            del self.versions[name]
+        self.metrics.loaded.remove(name, version)
+        await model.stop()
+        log.info("unloaded %s version %s", name, version)
+
+    async def sync(self, repository: Path, pins: dict[str, str]) -> dict[str, list[str]]:
+        """Make the loaded set match the repository: load what the policy serves, switch, unload the rest.
+        A version that fails to load or verify is reported and never takes traffic."""
+        report: dict[str, list[str]] = {"loaded": [], "unloaded": [], "rejected": []}
+        async with self._lock:
+            wanted_ensembles = {}
+            for model_dir in sorted(p for p in Path(repository).iterdir() if p.is_dir()):
+                name = model_dir.name
+                if (model_dir / ENSEMBLE_FILE).is_file():
+                    try:
+                        wanted_ensembles[name] = read_ensemble(model_dir)
+                    except (OSError, ValueError) as e:
+                        report["rejected"].append(f"{name}: {e}")
+                    continue
+                await self._sync_model(model_dir, pins.get(name), report)
+            self.ensembles = wanted_ensembles
+            for name, ensemble in wanted_ensembles.items():
+                missing = [m for m in ensemble.members if m not in self.versions]
+                if missing:
+                    del self.ensembles[name]
+                    report["rejected"].append(f"{name}: ensemble members not loaded: {', '.join(missing)}")
+        for line in report["rejected"]:
+            log.error("model repository: rejected %s", line)
+        return report
+
+    async def _sync_model(self, model_dir: Path, pin: str | None, report: dict[str, list[str]]) -> None:
+        name = model_dir.name
+        candidates = sorted((p.name for p in model_dir.iterdir() if p.is_dir()), key=version_key, reverse=True)
+        if pin is not None:
+            candidates = [v for v in candidates if v == pin]
+        target = None
+        for version in candidates:  # newest first; fall back past versions that fail
+            if version in self.versions.get(name, {}):
+                target = version
+                break
+            try:
+                await self.add(name, version, model_dir / version, serve=False)
+                report["loaded"].append(f"{name}/{version}")
+                target = version
+                break
+            except Exception as e:  # noqa: BLE001 - whatever fails, this version never takes traffic
+                report["rejected"].append(f"{name}/{version}: {type(e).__name__}: {e}")
+        if target is None:
+            return
+        self.serving[name] = target
+        for version in [v for v in self.versions.get(name, {}) if v != target]:
+            await self.remove(name, version)
+            report["unloaded"].append(f"{name}/{version}")
+
+    async def close(self) -> None:
+        for name, versions in list(self.versions.items()):
+            for version in list(versions):
+                await self.remove(name, version)
+
+
+def read_ensemble(model_dir: Path) -> Ensemble:
+    spec = json.loads((model_dir / ENSEMBLE_FILE).read_text())
+    members = spec.get("members") if isinstance(spec, dict) else None
+    if not isinstance(members, list) or len(members) < 2 or not all(isinstance(m, str) for m in members):
+        raise ValueError(f"{ENSEMBLE_FILE} needs 'members': a list of at least two model names")
+    return Ensemble(model_dir.name, members, str(spec.get("version", "1")))

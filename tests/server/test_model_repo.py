@@ -1,0 +1,218 @@
+"""Model repository: versions switched under load, broken versions refused, pins, the admin reload, ensembles
+against their members, and memory released on unload."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import random
+import shutil
+import time
+import weakref
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from rm_client import AsyncRewardClient, RetryPolicy, RewardClient, RewardServiceError, Security
+from rm_client.pb import reward_pb2 as pb
+from rm_client.samples import text_samples
+from rm_server.bundle import load_bundle
+from rm_server.engine import OnnxEngine, pad_batch
+from rm_server.metrics import ServiceMetrics
+from rm_server.models import ModelRegistry, ModelSettings
+from rm_server.recipe import Sample
+from tests.conftest import random_texts, rm_export
+from tests.servers import start_server, stop_server, wait_for_log_line
+
+
+@pytest.fixture(scope="module")
+def second_bundle(tiny_encoder_checkpoint, tmp_path_factory) -> Path:
+    """Another real bundle with different rewards: the untrained tiny encoder (random head)."""
+    out = tmp_path_factory.mktemp("second") / "bundle"
+    result = rm_export("--model", str(tiny_encoder_checkpoint), "--output", str(out), "--dtype", "fp32", "--name", "b")
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def scorer_of(bundle_dir: Path, normalize: bool = False):
+    """One-by-one in-process scores of a bundle (optionally normalized with its statistics)."""
+    bundle = load_bundle(bundle_dir)
+    engine, encoder = OnnxEngine(bundle.model_path("fp32")), bundle.sample_encoder()
+    stats = bundle.manifest.get("normalization") or {}
+
+    def score(prompt: str, response: str) -> float:
+        reward = float(engine.score(*pad_batch([encoder.encode(Sample.from_text(prompt, response)).ids], 0))[0])
+        return (reward - stats.get("mean", 0.0)) / (stats.get("std", 1.0) or 1.0) if normalize else reward
+
+    return score
+
+
+def add_version(repo: Path, name: str, version: str, bundle: Path) -> None:
+    """Copy then rename, so the poller never sees a half-copied version."""
+    staging = repo / f".staging-{name}-{version}"
+    shutil.copytree(bundle, staging)
+    (repo / name).mkdir(exist_ok=True)
+    staging.rename(repo / name / version)
+
+
+def test_versions_switch_under_load_without_failed_or_mixed_calls(encoder_bundle, second_bundle, tmp_path):
+    """Clients keep scoring while version 2 appears in the repository: every call succeeds, every call's
+    samples all come from the version it reports, and version 1 stops taking calls once 2 serves."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    add_version(repo, "toy", "1", encoder_bundle)
+    server = start_server(repo, tmp_path / "serve.log", "--poll-s", "0.3", bundle_flag="--model-repo")
+    references = {"1": scorer_of(encoder_bundle), "2": scorer_of(second_bundle)}
+    texts = random_texts(random.Random(9), 600)
+    answers = []
+
+    async def run():
+        async with AsyncRewardClient(server.target, retry=RetryPolicy(max_attempts=1), timeout_s=120) as client:
+            deadline = time.monotonic() + 120
+
+            async def worker(seed: int):
+                rng = random.Random(seed)
+                while sum(a[1].model_version == "2" for a in answers) < 40 and time.monotonic() < deadline:
+                    request = rng.sample(texts, 12)
+                    message = pb.ScoreRequest(samples=text_samples(*zip(*request)))
+                    answers.append((request, await client._stub.Score(message, timeout=120)))
+
+            async def publish():
+                while len(answers) < 30:
+                    await asyncio.sleep(0.01)
+                add_version(repo, "toy", "2", second_bundle)
+
+            await asyncio.gather(*(worker(i) for i in range(4)), publish())
+
+    try:
+        asyncio.run(run())
+        with RewardClient(server.target) as client:
+            info = client.model_info()
+    finally:
+        stop_server(server)
+    versions = [response.model_version for _, response in answers]
+    assert set(versions) == {"1", "2"}, versions
+    first_v2 = versions.index("2")
+    assert versions[first_v2:].count("1") <= 4  # only calls already started on version 1 finish there
+    for request, response in answers:  # every sample of a call scored by the version the call reports
+        expected = [references[response.model_version](p, r) for p, r in request]
+        np.testing.assert_allclose([r.reward for r in response.results], expected, atol=1e-5)
+    assert [(m.name, m.version) for m in info.loaded] == [("toy", "2")]  # version 1 unloaded
+
+
+def test_a_broken_version_is_refused_while_the_old_one_serves(encoder_bundle, tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    add_version(repo, "toy", "1", encoder_bundle)
+    server = start_server(repo, tmp_path / "serve.log", "--poll-s", "0.3", bundle_flag="--model-repo")
+    try:
+        broken = tmp_path / "broken"
+        shutil.copytree(encoder_bundle, broken)
+        with open(broken / "model.onnx", "r+b") as f:
+            f.seek(100)
+            f.write(b"\x00\x01\x02")
+        add_version(repo, "toy", "2", broken)
+        wait_for_log_line(server, "rejected toy/2")
+        with RewardClient(server.target) as client:
+            assert client.model_info().version == "1"
+            assert client.score(["How was it?"], ["Great."]).shape == (1,)
+        assert "sha256" in server.log()
+    finally:
+        stop_server(server)
+
+
+def test_pins_and_requests_naming_a_version(encoder_bundle, second_bundle, tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    add_version(repo, "toy", "1", encoder_bundle)
+    add_version(repo, "toy", "2", second_bundle)
+    server = start_server(repo, tmp_path / "serve.log", "--pin", "toy=1", bundle_flag="--model-repo")
+    try:
+        with RewardClient(server.target) as client:
+            assert client.model_info().version == "1"
+        with RewardClient(server.target, model_version="2", retry=RetryPolicy(max_attempts=1)) as client:
+            with pytest.raises(RewardServiceError) as error:
+                client.score(["a"], ["b"])
+        assert error.value.code == grpc.StatusCode.NOT_FOUND and "no loaded version '2'" in error.value.message
+        with RewardClient(server.target, model="nope", retry=RetryPolicy(max_attempts=1)) as client:
+            with pytest.raises(RewardServiceError) as error:
+                client.score(["a"], ["b"])
+        assert error.value.code == grpc.StatusCode.NOT_FOUND
+    finally:
+        stop_server(server)
+
+
+def test_admin_reload_needs_the_token(encoder_bundle, second_bundle, tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    add_version(repo, "toy", "1", encoder_bundle)
+    server = start_server(repo, tmp_path / "serve.log", bundle_flag="--model-repo", env={"RM_AUTH_TOKEN": "t0k"})
+    try:
+        add_version(repo, "toy", "2", second_bundle)
+        with RewardClient(server.target, retry=RetryPolicy(max_attempts=1)) as anonymous:
+            with pytest.raises(RewardServiceError) as error:
+                anonymous.reload_models()
+            assert error.value.code == grpc.StatusCode.UNAUTHENTICATED
+        with RewardClient(server.target, security=Security(token="t0k")) as admin:
+            report = admin.reload_models()
+            assert list(report.loaded) == ["toy/2"] and list(report.unloaded) == ["toy/1"]
+            assert admin.model_info().version == "2"
+    finally:
+        stop_server(server)
+    plain = start_server(repo, tmp_path / "plain.log", bundle_flag="--model-repo")
+    try:
+        with RewardClient(plain.target, retry=RetryPolicy(max_attempts=1)) as client:
+            with pytest.raises(RewardServiceError) as error:
+                client.reload_models()
+        assert error.value.code == grpc.StatusCode.PERMISSION_DENIED
+    finally:
+        stop_server(plain)
+
+
+def test_ensemble_arithmetic_matches_members_scored_separately(encoder_bundle, second_bundle, tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    add_version(repo, "a", "1", encoder_bundle)
+    add_version(repo, "b", "1", second_bundle)
+    (repo / "ens").mkdir()
+    (repo / "ens" / "ensemble.json").write_text(json.dumps({"members": ["a", "b"]}))
+    server = start_server(repo, tmp_path / "serve.log", bundle_flag="--model-repo")
+    texts = random_texts(random.Random(10), 10)
+    members = np.array(
+        [[scorer_of(b, normalize=True)(p, r) for p, r in texts] for b in (encoder_bundle, second_bundle)]
+    )
+    try:
+        results = {}
+        for reduce in ("mean", "mean_minus_k_std", "min"):
+            with RewardClient(server.target, model="ens", ensemble_reduce=reduce, ensemble_k=2.0) as client:
+                results[reduce] = client.score(*zip(*texts))
+        with RewardClient(server.target, model="ens") as client:
+            info = client.model_info()
+    finally:
+        stop_server(server)
+    mean, std = members.mean(axis=0), members.std(axis=0)
+    np.testing.assert_allclose(results["mean"], mean, atol=1e-4)
+    np.testing.assert_allclose(results["mean_minus_k_std"], mean - 2.0 * std, atol=1e-4)
+    np.testing.assert_allclose(results["min"], members.min(axis=0), atol=1e-4)
+    assert info.name == "ens" and {(m.name, tuple(m.members)) for m in info.loaded} >= {("ens", ("a", "b"))}
+
+
+def test_unloading_frees_the_engine(encoder_bundle):
+    async def run():
+        registry = ModelRegistry(ModelSettings(), ServiceMetrics())
+        model = await registry.add("toy", "1", encoder_bundle)
+        session = weakref.ref(model.engine.session)
+        del model
+        await registry.remove("toy", "1")
+        return session
+
+    session = asyncio.run(run())
+    gc.collect()
+    deadline = time.monotonic() + 5
+    while session() is not None and time.monotonic() < deadline:
+        gc.collect()
+        time.sleep(0.05)
+    assert session() is None, "the ONNX Runtime session is still referenced after unload"
