@@ -125,8 +125,13 @@ def test_calls_without_the_right_token_are_unauthenticated(token_server, token):
         return errors
 
     errors = asyncio.run(calls())
-    assert len(errors) == 3  # unary calls and the stream alike
-    assert all(e.code == grpc.StatusCode.UNAUTHENTICATED and "bearer token" in e.message for e in errors)
+    assert len(errors) == 3  # unary calls and the stream alike are refused
+    unary, stream = errors[:2], errors[2]
+    assert all(e.code == grpc.StatusCode.UNAUTHENTICATED and "bearer token" in e.message for e in unary), errors
+    # The stream is refused too; grpcio sometimes reports a refusal that races the client's writes as INTERNAL
+    # "Internal error from Core" instead of the server's status (seen in about 1 run in 5; docs/reliability.md).
+    refused = stream.code == grpc.StatusCode.UNAUTHENTICATED and "bearer token" in stream.message
+    assert refused or (stream.code == grpc.StatusCode.INTERNAL and "Internal error from Core" in stream.message), stream
 
 
 async def drain(stream) -> None:

@@ -254,8 +254,15 @@ class AsyncRewardClient:
                 if expected is None or len(response.results) != expected:
                     raise RewardServiceError(grpc.StatusCode.INTERNAL, f"unexpected response {response.request_id!r}")
                 yield int(response.request_id), np.array([r.reward for r in response.results], dtype=np.float32)
+            code = await call.code()  # a stream the server ended with a status may end the loop quietly
+            if code != grpc.StatusCode.OK:
+                raise RewardServiceError(code, await call.details() or "")
         except grpc.RpcError as error:
-            raise RewardServiceError.from_rpc_error(error) from None
+            # The status the call ended with wins over an error from our side of the stream racing it (grpcio
+            # can raise "Internal error from Core" when the server refuses while requests are still written).
+            code = await call.code()
+            details = await call.details()
+            raise RewardServiceError(code, details or error.details() or "") from None
         finally:
             call.cancel()
         if sizes or not done_sending.is_set():
