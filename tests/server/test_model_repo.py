@@ -50,6 +50,19 @@ def scorer_of(bundle_dir: Path, normalize: bool = False):
     return score
 
 
+def make_repo(tmp_path: Path, *versions: tuple[str, str, Path]) -> Path:
+    """A model repository holding (name, version, bundle) entries."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for name, version, bundle in versions:
+        add_version(repo, name, version, bundle)
+    return repo
+
+
+def serve_repo(repo: Path, log_path: Path, *flags: str, **options):
+    return start_server(repo, log_path, *flags, bundle_flag="--model-repo", **options)
+
+
 def add_version(repo: Path, name: str, version: str, bundle: Path) -> None:
     """Copy then rename, so the poller never sees a half-copied version."""
     staging = repo / f".staging-{name}-{version}"
@@ -61,10 +74,8 @@ def add_version(repo: Path, name: str, version: str, bundle: Path) -> None:
 def test_versions_switch_under_load_without_failed_or_mixed_calls(encoder_bundle, second_bundle, tmp_path):
     """Clients keep scoring while version 2 appears in the repository: every call succeeds, every call's
     samples all come from the version it reports, and version 1 stops taking calls once 2 serves."""
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    add_version(repo, "toy", "1", encoder_bundle)
-    server = start_server(repo, tmp_path / "serve.log", "--poll-s", "0.3", bundle_flag="--model-repo")
+    repo = make_repo(tmp_path, ("toy", "1", encoder_bundle))
+    server = serve_repo(repo, tmp_path / "serve.log", "--poll-s", "0.3")
     references = {"1": scorer_of(encoder_bundle), "2": scorer_of(second_bundle)}
     texts = random_texts(random.Random(9), 600)
     answers = []
@@ -104,10 +115,8 @@ def test_versions_switch_under_load_without_failed_or_mixed_calls(encoder_bundle
 
 
 def test_a_broken_version_is_refused_while_the_old_one_serves(encoder_bundle, tmp_path):
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    add_version(repo, "toy", "1", encoder_bundle)
-    server = start_server(repo, tmp_path / "serve.log", "--poll-s", "0.3", bundle_flag="--model-repo")
+    repo = make_repo(tmp_path, ("toy", "1", encoder_bundle))
+    server = serve_repo(repo, tmp_path / "serve.log", "--poll-s", "0.3")
     try:
         broken = tmp_path / "broken"
         shutil.copytree(encoder_bundle, broken)
@@ -125,11 +134,8 @@ def test_a_broken_version_is_refused_while_the_old_one_serves(encoder_bundle, tm
 
 
 def test_pins_and_requests_naming_a_version(encoder_bundle, second_bundle, tmp_path):
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    add_version(repo, "toy", "1", encoder_bundle)
-    add_version(repo, "toy", "2", second_bundle)
-    server = start_server(repo, tmp_path / "serve.log", "--pin", "toy=1", bundle_flag="--model-repo")
+    repo = make_repo(tmp_path, ("toy", "1", encoder_bundle), ("toy", "2", second_bundle))
+    server = serve_repo(repo, tmp_path / "serve.log", "--pin", "toy=1")
     try:
         with RewardClient(server.target) as client:
             assert client.model_info().version == "1"
@@ -146,10 +152,8 @@ def test_pins_and_requests_naming_a_version(encoder_bundle, second_bundle, tmp_p
 
 
 def test_admin_reload_needs_the_token(encoder_bundle, second_bundle, tmp_path):
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    add_version(repo, "toy", "1", encoder_bundle)
-    server = start_server(repo, tmp_path / "serve.log", bundle_flag="--model-repo", env={"RM_AUTH_TOKEN": "t0k"})
+    repo = make_repo(tmp_path, ("toy", "1", encoder_bundle))
+    server = serve_repo(repo, tmp_path / "serve.log", env={"RM_AUTH_TOKEN": "t0k"})
     try:
         add_version(repo, "toy", "2", second_bundle)
         with RewardClient(server.target, retry=RetryPolicy(max_attempts=1)) as anonymous:
@@ -162,7 +166,7 @@ def test_admin_reload_needs_the_token(encoder_bundle, second_bundle, tmp_path):
             assert admin.model_info().version == "2"
     finally:
         stop_server(server)
-    plain = start_server(repo, tmp_path / "plain.log", bundle_flag="--model-repo")
+    plain = serve_repo(repo, tmp_path / "plain.log")
     try:
         with RewardClient(plain.target, retry=RetryPolicy(max_attempts=1)) as client:
             with pytest.raises(RewardServiceError) as error:
@@ -173,13 +177,10 @@ def test_admin_reload_needs_the_token(encoder_bundle, second_bundle, tmp_path):
 
 
 def test_ensemble_arithmetic_matches_members_scored_separately(encoder_bundle, second_bundle, tmp_path):
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    add_version(repo, "a", "1", encoder_bundle)
-    add_version(repo, "b", "1", second_bundle)
+    repo = make_repo(tmp_path, ("a", "1", encoder_bundle), ("b", "1", second_bundle))
     (repo / "ens").mkdir()
     (repo / "ens" / "ensemble.json").write_text(json.dumps({"members": ["a", "b"]}))
-    server = start_server(repo, tmp_path / "serve.log", bundle_flag="--model-repo")
+    server = serve_repo(repo, tmp_path / "serve.log")
     texts = random_texts(random.Random(10), 10)
     members = np.array(
         [[scorer_of(b, normalize=True)(p, r) for p, r in texts] for b in (encoder_bundle, second_bundle)]

@@ -152,8 +152,6 @@ class RewardServer:
         self.credentials = (
             server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca) if config.tls_cert else None
         )
-        if config.bundle and not (Path(config.bundle) / "bundle.json").is_file():
-            load_bundle(config.bundle)  # a clear BundleError before anything starts
         self.metrics = ServiceMetrics()
         self.health = health.aio.HealthServicer()
         self.registry = ModelRegistry(config.model_settings(), self.metrics, config.default_model)
