@@ -10,10 +10,11 @@ RUN apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3 python3-venv \
     && rm -rf /var/lib/apt/lists/*
 RUN python3 -m venv /opt/rewardserve
-COPY client/ /src/client/
+COPY proto/pyproject.toml /src/proto/pyproject.toml
+COPY proto/src/ /src/proto/src/
 COPY server/ /src/server/
-# The client is installed without its [ppo] extra: nothing here pulls torch.
-RUN /opt/rewardserve/bin/pip install --no-cache-dir /src/client /src/server
+# The contract and the server only: no client, no training code, nothing that pulls torch.
+RUN /opt/rewardserve/bin/pip install --no-cache-dir /src/proto /src/server
 
 FROM ${BASE_IMAGE}
 RUN apt-get update \
@@ -35,7 +36,7 @@ USER 10001
 # gRPC, Prometheus metrics, and the optional OpenRLHF HTTP endpoint (RM_HTTP_PORT=8000 turns it on).
 EXPOSE 50051 9090 8000
 HEALTHCHECK --interval=10s --timeout=5s --start-period=180s --retries=3 \
-    CMD ["sh", "-c", "rm-client health --target 127.0.0.1:${RM_PORT} --timeout 3"]
+    CMD ["sh", "-c", "rm-serve-probe --target 127.0.0.1:${RM_PORT} --timeout 3"]
 # SIGTERM: health goes NOT_SERVING, new calls are refused, calls in flight finish within RM_GRACE_S.
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["rm-serve"]

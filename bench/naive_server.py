@@ -16,7 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
 
-from rm_server.recipe import Sample
+from rm_contract.recipe import Sample
 from rm_training.batching import pad
 from rm_training.model import load_reward_model, sample_encoder
 

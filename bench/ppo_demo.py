@@ -21,10 +21,10 @@ from pathlib import Path
 import grpc
 import numpy as np
 import torch
+from servers import free_port, wait_until_serving
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rm_client import RewardClient
-from rm_client.demo import free_port, wait_until_serving
 from rm_client.ppo.main import load_policy
 from rm_client.ppo.rollout import Prompt, response_texts, sample, token_logprobs
 from rm_training.gold import gold_score

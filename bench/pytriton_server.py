@@ -3,7 +3,7 @@
     .venv-pytriton/bin/python bench/pytriton_server.py --bundle runs/demo/bundle --variant fp32 --port 8000
 
 Runs in its own virtual environment (`make bench` creates `.venv-pytriton`): pytriton pins protobuf and
-numpy below the versions rewardserve needs. Same tokenizer and input recipe as rm-serve (rm_server.recipe,
+numpy below the versions rewardserve needs. Same tokenizer and input recipe as rm-serve (rm_contract.recipe,
 torch-free, found through PYTHONPATH), same ONNX file and ONNX Runtime; what differs is the batching:
 Triton concatenates whole requests in arrival order and the batch is padded to its longest sample.
 Protocol: Triton's HTTP/gRPC inference API, model `reward`, BYTES inputs `prompt` and `response` (B, 1),
@@ -25,8 +25,8 @@ from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
 from pytriton.triton import Triton, TritonConfig
 from tokenizers import Tokenizer
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "server" / "src"))
-from rm_server.recipe import InputRecipe, Sample, SampleEncoder  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "proto" / "src"))  # the contract only
+from rm_contract.recipe import InputRecipe, Sample, SampleEncoder  # noqa: E402
 
 MODEL_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx", "fp16": "model.fp16.onnx"}
 

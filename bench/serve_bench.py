@@ -30,12 +30,13 @@ import servers
 import sweeps
 import torch
 
-from rm_client.pb import reward_pb2 as pb
-from rm_client.pb import reward_pb2_grpc
 from rm_client.samples import text_samples
-from rm_server.bundle import load_bundle
-from rm_server.engine import OnnxEngine, pad_batch
-from rm_server.recipe import Sample
+from rm_contract.bundle import load_bundle
+from rm_contract.padding import pad_batch
+from rm_contract.pb import reward_pb2 as pb
+from rm_contract.pb import reward_pb2_grpc
+from rm_contract.recipe import Sample
+from rm_server.engine import OnnxEngine
 from rm_training.model import load_reward_model
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -15,9 +15,10 @@ from pathlib import Path
 import grpc
 import loadgen
 
-from rm_client.demo import free_port, wait_until_serving
-
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the process helpers live with the tests: one copy for tests, bench and demos
+from tests.servers import free_port, wait_until_serving  # noqa: E402
+
 BIN = Path(sys.executable).parent
 PYTRITON_PYTHON = ROOT / ".venv-pytriton" / "bin" / "python"
 

@@ -12,7 +12,7 @@ import loadgen
 import numpy as np
 import servers
 
-from rm_server.engine import pad_batch
+from rm_contract.padding import pad_batch
 
 Score = Callable[[np.ndarray, np.ndarray], np.ndarray]
 

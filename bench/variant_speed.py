@@ -13,9 +13,10 @@ import json
 import time
 from pathlib import Path
 
-from rm_server.bundle import load_bundle
-from rm_server.engine import OnnxEngine, pad_batch
-from rm_training.data import load_groups
+from rm_contract.bundle import load_bundle
+from rm_contract.padding import pad_batch
+from rm_contract.records import load_groups
+from rm_server.engine import OnnxEngine
 
 DEMO_TEST = Path(__file__).resolve().parent.parent / "rm_training" / "data" / "demo" / "test.jsonl"
 
@@ -29,7 +30,7 @@ def main() -> None:
     args = parser.parse_args()
     bundle = load_bundle(args.bundle)
     encoder = bundle.sample_encoder()
-    sequences = sorted((encoder.encode(s).ids for g in load_groups(args.data) for s in g.samples()), key=len)
+    sequences = sorted((encoder.encode(s).ids for g in load_groups(args.data) for s in g.samples), key=len)
     pad_id = bundle.manifest["pad_token_id"] or 0
     batches = [pad_batch(sequences[i : i + args.batch_size], pad_id) for i in range(0, len(sequences), args.batch_size)]
     results = {}

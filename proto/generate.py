@@ -1,6 +1,6 @@
-"""Generate the Python stubs of proto/reward/v1/reward.proto into the client package (`make proto`).
+"""Generate the Python stubs of proto/reward/v1/reward.proto into the contract package (`make proto`).
 
-The server imports the same stubs from `rm_client.pb`. With --check, fail when the committed stubs differ
+Server and client both import them from `rm_contract.pb`. With --check, fail when the committed stubs differ
 from freshly generated ones (CI runs this, so stubs never drift from the .proto).
 """
 
@@ -18,7 +18,7 @@ from grpc_tools import protoc
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "proto"
 PROTO = PROTO_ROOT / "reward" / "v1" / "reward.proto"
-TARGET = ROOT / "client" / "src" / "rm_client" / "pb"
+TARGET = ROOT / "proto" / "src" / "rm_contract" / "pb"
 STUBS = ("reward_pb2.py", "reward_pb2.pyi", "reward_pb2_grpc.py")
 
 

@@ -18,10 +18,11 @@ from transformers import (
     LlamaForSequenceClassification,
 )
 
-from rm_client.backbones import resolve_backbone
-from rm_server.bundle import load_bundle
-from rm_server.engine import OnnxEngine, pad_batch
-from rm_server.recipe import Sample
+from rm_contract.backbones import resolve_backbone
+from rm_contract.bundle import load_bundle
+from rm_contract.padding import pad_batch
+from rm_contract.recipe import Sample
+from rm_server.engine import OnnxEngine
 from rm_training.train import TrainConfig, train
 
 GOOD = ["great", "wonderful", "lovely", "excellent", "fantastic", "delightful", "superb", "pleasant"]

@@ -53,10 +53,10 @@ def test_score_keeps_fields_adds_rewards_and_prints_pairwise_accuracy(server, tm
 @pytest.mark.parametrize(
     "line, message",
     [
-        ("not json", "in.jsonl:2: not valid JSON"),
+        ("not json", "in.jsonl:2: invalid JSON"),
         ('{"prompt": "p"}', "in.jsonl:2: no field to score"),
-        ('{"prompt": "p", "chosen": "a"}', "in.jsonl:2: missing 'rejected'"),
-        ('{"prompt": ["x"], "response": "a"}', "in.jsonl:2: 'response' is text, so 'prompt'"),
+        ('{"prompt": "p", "chosen": "a"}', "in.jsonl:2: missing field 'rejected'"),
+        ('{"prompt": ["x"], "response": "a"}', "in.jsonl:2: field 'response' is text, so field 'prompt'"),
     ],
 )
 def test_bad_input_lines_exit_2_naming_file_and_line(server, tmp_path, line, message):
@@ -74,7 +74,7 @@ def test_info_health_compare_and_service_errors(server, tmp_path):
     compare = rm_client("compare", "--target", server.target, "--prompt", "How was it?", "--a", "Great.", "--b", "Bad.")
     assert compare.returncode == 0 and 0 < json.loads(compare.stdout)["probability_a_preferred"] < 1
     missing = rm_client("score", "--target", server.target, "--input", str(tmp_path / "nope"), "--output", "o")
-    assert missing.returncode == 2 and "not a file" in missing.stderr
+    assert missing.returncode == 2 and "no such file" in missing.stderr
     down = rm_client("health", "--target", f"127.0.0.1:{free_port()}", "--timeout", "2")
     assert down.returncode == 1 and "UNAVAILABLE" in down.stderr
     usage = rm_client("score", "--target", server.target)

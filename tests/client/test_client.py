@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from rm_client import AsyncRewardClient, RetryPolicy, RewardClient, RewardServiceError
-from rm_client.pb import reward_pb2 as pb
 from rm_client.samples import text_samples
+from rm_contract.pb import reward_pb2 as pb
 from tests.conftest import random_texts
 from tests.servers import free_port, start_server, stop_server
 
@@ -55,8 +55,8 @@ def test_score_methods_return_the_servers_rewards_in_input_order(client, referen
 
 
 def test_token_ids_compare_rank_info_and_health(client, server, reference, encoder_bundle):
-    from rm_server.bundle import load_bundle
-    from rm_server.recipe import Sample
+    from rm_contract.bundle import load_bundle
+    from rm_contract.recipe import Sample
 
     encoder = load_bundle(encoder_bundle).sample_encoder()
     texts = [("How was the food?", "Wonderful."), ("How was the food?", "Awful.")]

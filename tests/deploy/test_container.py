@@ -114,7 +114,9 @@ def test_image_serves_a_mounted_bundle_and_drains_on_sigterm(image, encoder_bund
         podman("rm", "-f", name, check=False)
 
 
-def test_image_has_no_torch_and_no_training_code(image):
-    probe = "import importlib.util as u; print([m for m in ('torch', 'rm_training', 'transformers') if u.find_spec(m)])"
+def test_image_has_the_contract_and_server_only(image):
+    """No torch, no training code, no client: the server image installs rewardserve-contract and -server."""
+    modules = ("torch", "transformers", "rm_training", "rm_client", "rm_contract", "rm_server")
+    probe = f"import importlib.util as u; print([m for m in {modules!r} if u.find_spec(m)])"
     result = podman("run", "--rm", *RUN_FLAGS, "--entrypoint", "python3", image, "-c", probe)
-    assert result.stdout.strip() == "[]"
+    assert result.stdout.strip() == "['rm_contract', 'rm_server']"

@@ -13,6 +13,18 @@ BIN = Path(sys.executable).parent
 MANIFESTS = sorted((ROOT / "deploy" / "k8s").glob("*.yaml"))
 
 
+def test_make_image_without_a_container_engine_says_what_to_install():
+    result = subprocess.run(
+        ["make", "--no-print-directory", "image", "CONTAINER=no-such-engine"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0
+    assert "make image needs docker with a running engine, or podman: install one" in result.stdout
+
+
 def test_dockerfile_passes_hadolint():
     result = subprocess.run([str(BIN / "hadolint"), str(ROOT / "Dockerfile")], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -79,7 +79,7 @@ def test_a_full_queue_refuses_at_once():
         with pytest.raises(QueueFull, match="queue full"):
             await batcher.score([[1]] * 5)
 
-    run(with_batcher(engine, BatcherConfig(max_queue=4), body))
+    run(with_batcher(engine, BatcherConfig(max_batch_tokens=16384, max_queue=4), body))
 
 
 def test_an_inference_failure_fails_only_that_batch():
@@ -117,5 +117,5 @@ def test_cancelled_requests_leave_the_queue():
         await first
         return engine.batches
 
-    batches = run(with_batcher(engine, BatcherConfig(max_delay_ms=1), body))
+    batches = run(with_batcher(engine, BatcherConfig(max_batch_tokens=16384, max_delay_ms=1), body))
     assert batches == [(1, 3)]  # the cancelled rows never reached the engine

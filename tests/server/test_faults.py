@@ -21,8 +21,8 @@ import pytest
 from tokenizers import Tokenizer
 
 from rm_client import AsyncRewardClient, RetryPolicy
-from rm_client.pb import reward_pb2 as pb
 from rm_client.samples import text_samples
+from rm_contract.pb import reward_pb2 as pb
 from tests.conftest import random_texts
 from tests.server.test_service import metrics
 from tests.servers import free_port, start_server, stop_server
@@ -139,7 +139,7 @@ def test_a_client_process_that_vanishes_mid_stream(server):
     script = textwrap.dedent(f"""
         import os, grpc
         from tests.server.test_faults import stream_of
-        from rm_client.pb import reward_pb2_grpc
+        from rm_contract.pb import reward_pb2_grpc
         stub = reward_pb2_grpc.RewardServiceStub(grpc.insecure_channel("{server.target}"))
         call = stub.ScoreStream(iter(stream_of(300)))
         next(call)

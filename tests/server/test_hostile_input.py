@@ -11,7 +11,7 @@ from grpc_health.v1 import health_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rm_client.pb import reward_pb2 as pb
+from rm_contract.pb import reward_pb2 as pb
 from tests.servers import start_server, stop_server
 
 LIMIT = 64

@@ -13,7 +13,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 
-from rm_client.pb import reward_pb2 as pb
+from rm_contract.pb import reward_pb2 as pb
 from tests.server.test_service import metrics, text
 from tests.servers import BIN, free_port, start_server, stop_server
 

@@ -17,13 +17,14 @@ import numpy as np
 import pytest
 
 from rm_client import AsyncRewardClient, RetryPolicy, RewardClient, RewardServiceError, Security
-from rm_client.pb import reward_pb2 as pb
 from rm_client.samples import text_samples
-from rm_server.bundle import load_bundle
-from rm_server.engine import OnnxEngine, pad_batch
+from rm_contract.bundle import load_bundle
+from rm_contract.padding import pad_batch
+from rm_contract.pb import reward_pb2 as pb
+from rm_contract.recipe import Sample
+from rm_server.engine import OnnxEngine
 from rm_server.metrics import ServiceMetrics
 from rm_server.models import ModelRegistry, ModelSettings
-from rm_server.recipe import Sample
 from tests.conftest import random_texts, rm_export
 from tests.servers import start_server, stop_server, wait_for_log_line
 

@@ -11,9 +11,9 @@ import grpc
 import numpy as np
 import pytest
 
-from rm_client.pb import reward_pb2 as pb
-from rm_server.bundle import load_bundle
-from rm_server.recipe import Sample
+from rm_contract.bundle import load_bundle
+from rm_contract.pb import reward_pb2 as pb
+from rm_contract.recipe import Sample
 from tests.conftest import random_texts
 
 

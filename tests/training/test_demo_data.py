@@ -6,7 +6,7 @@ import json
 import random
 from pathlib import Path
 
-from rm_training.data import load_groups
+from rm_contract.records import load_groups
 from rm_training.demo_data import Config, everyday_prompts, preference_pairs, tidy
 from rm_training.gold import gold_score
 

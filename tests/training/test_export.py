@@ -11,9 +11,10 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from rm_server.bundle import BundleError, load_bundle
-from rm_server.engine import OnnxEngine, pad_batch
-from rm_server.recipe import Message, Sample
+from rm_contract.bundle import BundleError, load_bundle
+from rm_contract.padding import pad_batch
+from rm_contract.recipe import Message, Sample
+from rm_server.engine import OnnxEngine
 from rm_training.export import Checked, VerificationError, prepare_checks, run_checks
 from rm_training.model import load_reward_model, sample_encoder
 from rm_training.train import TrainConfig, train

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rm_client.backbones import resolve_backbone
+from rm_contract.backbones import resolve_backbone
 from rm_training.batching import pad
 from rm_training.model import RewardModel, load_backbone_model, pooling_of
 

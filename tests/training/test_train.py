@@ -101,7 +101,7 @@ def test_bad_data_exits_with_code_2_naming_file_line_and_field(tmp_path):
     ):
         result = run(*command)
         assert result.returncode == 2
-        assert f"{bad}:line 1: missing field 'rejected'" in result.stderr
+        assert f"{bad}:1: missing field 'rejected'" in result.stderr
 
 
 def test_ddp_on_two_processes_matches_single_process_training(toy_data, tiny_encoder_checkpoint, tmp_path):

@@ -22,7 +22,8 @@ from tqdm import tqdm
 from rm_client.channel import Security
 from rm_client.client import RewardClient
 from rm_client.errors import RewardServiceError
-from rm_client.records import RecordError, read_records
+from rm_client.samples import sample_to_pb
+from rm_contract.records import DataError, parse_record, read_records
 
 BLOCK = 1024
 """Samples per progress step (the client splits each block further into concurrent requests)."""
@@ -70,10 +71,16 @@ def security_from(args: argparse.Namespace) -> Security:
     )
 
 
+REWARD_FIELDS = {"pair": ("reward_chosen", "reward_rejected"), "response": ("reward",)}
+"""Where the rewards of a record go; a ranking's go to `rewards`, one per response."""
+
+
 def score_file(client: RewardClient, source: Path, destination: Path, normalize: bool) -> dict:
     """Score every record of `source` and write it, with its rewards, to `destination` (same order)."""
-    records = read_records(source)
-    samples = [s for r in records for s in r.samples]
+    records = [(record, parse_record(record, where)) for where, record in read_records(source)]
+    if not records:
+        raise DataError(f"{source}: no records")
+    samples = [sample_to_pb(s) for _, group in records for s in group.samples]
     rewards: list[float] = []
     with tqdm(total=len(samples), unit="sample", desc="scoring", file=sys.stderr) as bar:
         for start in range(0, len(samples), BLOCK):
@@ -84,14 +91,17 @@ def score_file(client: RewardClient, source: Path, destination: Path, normalize:
     destination.parent.mkdir(parents=True, exist_ok=True)
     with open(destination, "w", encoding="utf-8") as out:
         position = 0
-        for r in records:
-            mine = rewards[position : position + len(r.samples)]
-            position += len(r.samples)
-            r.attach(r.record, mine)
-            if r.is_pair:
+        for record, group in records:
+            mine = rewards[position : position + len(group.samples)]
+            position += len(group.samples)
+            if group.kind == "ranking":
+                record["rewards"] = mine
+            else:
+                record.update(zip(REWARD_FIELDS[group.kind], mine))
+            if group.kind == "pair":
                 pairs += 1
                 correct += mine[0] > mine[1]
-            out.write(json.dumps(r.record, ensure_ascii=False) + "\n")
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
     summary = {"records": len(records), "samples": len(samples)}
     if pairs:
         summary |= {"pairs": pairs, "pairwise_accuracy": correct / pairs}
@@ -131,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         sys.exit(run(args))
-    except (RecordError, ValueError, OSError) as e:
+    except (ValueError, OSError) as e:  # DataError is a ValueError
         print(f"rm-client: error: {e}", file=sys.stderr)
         sys.exit(2)
     except RewardServiceError as e:

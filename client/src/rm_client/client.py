@@ -23,8 +23,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rm_client.channel import Security, open_aio_channel
 from rm_client.errors import RewardServiceError
-from rm_client.pb import reward_pb2 as pb
-from rm_client.pb import reward_pb2_grpc
 from rm_client.retry import RetryPolicy, call_with_retries
 from rm_client.samples import (
     Conversation,
@@ -33,6 +31,8 @@ from rm_client.samples import (
     text_samples,
     token_samples,
 )
+from rm_contract.pb import reward_pb2 as pb
+from rm_contract.pb import reward_pb2_grpc
 
 T = TypeVar("T")
 TRUNCATION = {"truncate": pb.TRUNCATION_POLICY_TRUNCATE, "strict": pb.TRUNCATION_POLICY_STRICT}

@@ -1,10 +1,11 @@
-"""Python values -> reward.v1 Samples: text pairs, chat conversations, token ids."""
+"""Python values -> reward.v1 Samples: text pairs, chat conversations, token ids, parsed data records."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from rm_client.pb import reward_pb2 as pb
+from rm_contract.pb import reward_pb2 as pb
+from rm_contract.recipe import Sample
 
 Conversation = Sequence[Mapping[str, str]]
 """Chat messages `{"role", "content"}` ending with the assistant message(s) to score."""
@@ -46,3 +47,14 @@ def prompt_completion_samples(prompts: Sequence, completions: Sequence) -> list[
 
 def token_samples(sequences: Sequence[Sequence[int]]) -> list[pb.Sample]:
     return [pb.Sample(tokens=pb.TokenIds(ids=[int(t) for t in ids])) for ids in sequences]
+
+
+def sample_to_pb(sample: Sample) -> pb.Sample:
+    """A parsed sample on the wire: a text pair where it is one, else its conversation, which the server
+    splits by the same rule the parser used (Sample.from_messages), so it encodes the very same sample."""
+    if len(sample.prompt) == 1 and len(sample.response) == 1:
+        prompt, response = sample.prompt[0].content, sample.response[0].content
+        if sample == Sample.from_text(prompt, response):
+            return pb.Sample(text=pb.TextPair(prompt=prompt, response=response))
+    messages = [pb.Message(role=m.role, content=m.content) for m in (*sample.prompt, *sample.response)]
+    return pb.Sample(conversation=pb.Conversation(messages=messages))

@@ -8,9 +8,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from rm_server.engine import pad_batch
-from rm_server.recipe import SampleEncoder
-from rm_training.data import PreferenceGroup, PreferencePair
+from rm_contract.padding import pad_batch
+from rm_contract.recipe import SampleEncoder
+from rm_contract.records import PreferenceGroup, PreferencePair
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ def tokenize_groups(
 ) -> list[TokenizedGroup]:
     tokenized = []
     for group in tqdm(groups, desc=desc, leave=False):
-        encoded = [encoder.encode(sample) for sample in group.samples()]
+        encoded = [encoder.encode(sample) for sample in group.samples]
         tokenized.append(
             TokenizedGroup(
                 ids=tuple(tuple(e.ids) for e in encoded),

@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rm_client.backbones import resolve_backbone
+from rm_contract.backbones import resolve_backbone
 from rm_training.gold import gold_score
 
 PLACES = [

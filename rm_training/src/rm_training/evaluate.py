@@ -11,8 +11,8 @@ import sys
 
 import torch
 
+from rm_contract.records import DataError, load_groups
 from rm_training.batching import TokenizedGroup, pair_rows, score_sequences, tokenize_groups
-from rm_training.data import DataError, load_groups
 from rm_training.losses import bradley_terry_loss, pairwise_accuracy
 from rm_training.model import CheckpointError, RewardModel, load_reward_model, sample_encoder
 

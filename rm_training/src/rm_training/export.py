@@ -27,11 +27,11 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from rm_server.bundle import FORMAT_VERSION, MANIFEST, VARIANTS, BundleError, hash_files, load_bundle
+from rm_contract.bundle import FORMAT_VERSION, MANIFEST, VARIANTS, BundleError, hash_files, load_bundle
+from rm_contract.recipe import RecipeError, SampleEncoder
+from rm_contract.records import DataError, load_groups
 from rm_server.engine import OnnxEngine
-from rm_server.recipe import RecipeError, SampleEncoder
 from rm_training.batching import TokenizedGroup, tokenize_groups
-from rm_training.data import DataError, load_groups
 from rm_training.model import CheckpointError, RewardModel, load_reward_model, sample_encoder
 from rm_training.onnx_export import VARIANT_FILES, export_graph, make_fp16, make_int8, optimize
 from rm_training.parity import (
@@ -66,7 +66,7 @@ class Checked:
 def prepare_checks(model: RewardModel, tokenizer, recipe, eval_data: str | None) -> Checked:
     encoder = sample_encoder(tokenizer, recipe)
     eval_groups = load_groups(eval_data) if eval_data else []
-    samples = [s for g in eval_groups for s in g.samples()]
+    samples = [s for g in eval_groups for s in g.samples]
     ids = verification_samples(samples, encoder)
     vset = VerificationSet(ids, reference_rewards(model, ids))
     tokenized = tokenize_groups(eval_groups, encoder, desc="tokenize eval") if eval_groups else []
@@ -243,7 +243,7 @@ def calibration_sequences(args: argparse.Namespace, encoder: SampleEncoder, limi
     """Responses for int8 calibration: --calibration-data, else the training data, else the eval data."""
     source = args.calibration_data or trained_data(Path(args.model), "data") or args.eval_data
     groups = load_groups(source)
-    samples = [s for g in groups for s in g.samples()]
+    samples = [s for g in groups for s in g.samples]
     random.Random(0).shuffle(samples)
     return [encoder.encode(s).ids for s in samples[:limit]]
 

@@ -18,8 +18,9 @@ import torch
 from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from rm_client.backbones import Backbone, load_pretrained, resolve_backbone
-from rm_server.recipe import InputRecipe, SampleEncoder
+from rm_contract.backbones import Backbone, load_pretrained, resolve_backbone
+from rm_contract.padding import position_ids
+from rm_contract.recipe import InputRecipe, SampleEncoder
 
 Pooling = Literal["cls", "last_attended", "last_non_pad"]
 METADATA_FILE = "reward_model.json"
@@ -77,9 +78,11 @@ class RewardModel(nn.Module):
         # input_ids, attention_mask: (B, T) -> rewards (B,)
         if self.pooling == "cls":
             return self.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         hidden = self.model.base_model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids(attention_mask.long()),
+            use_cache=False,
         ).last_hidden_state  # (B, T, H)
         keep = attention_mask.long()
         if self.pooling == "last_non_pad":  # transformers' rule: a trailing pad (== eos) token is skipped

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from rm_server.engine import OnnxEngine, pad_batch
-from rm_server.recipe import Sample, SampleEncoder
+from rm_contract.padding import pad_batch
+from rm_contract.recipe import Sample, SampleEncoder
+from rm_server.engine import OnnxEngine
 from rm_training.batching import TokenizedGroup, pad, pair_rows, score_by_length
 from rm_training.model import RewardModel
 

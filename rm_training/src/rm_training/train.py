@@ -26,11 +26,11 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 from transformers import get_scheduler
 
-from rm_client.backbones import BackboneError
-from rm_client.config_cli import ConfigError, parse_config
-from rm_server.recipe import RecipeError
+from rm_contract.backbones import BackboneError
+from rm_contract.config_cli import ConfigError, option, parse_config
+from rm_contract.recipe import RecipeError
+from rm_contract.records import DataError, load_groups
 from rm_training.batching import TokenizedGroup, collate, score_sequences, tokenize_groups
-from rm_training.data import DataError, load_groups
 from rm_training.evaluate import evaluate_groups
 from rm_training.losses import reward_model_loss
 from rm_training.model import RewardNormalization, new_reward_model, sample_encoder, save_reward_model
@@ -39,43 +39,44 @@ from rm_training.plots import plot_training_curves
 
 @dataclass
 class TrainConfig:
-    data: str
-    """Training preference data: JSONL or a saved `datasets` directory, any supported format."""
-    eval_data: str
-    """Held-out preference data, evaluated periodically and at the end."""
-    output: str
-    """Directory for the checkpoint, report.json and curves.png."""
-    model: str = "minilm"
-    """Backbone: a local Hugging Face checkpoint directory, or a bundled name (minilm, smollm2)."""
-    epochs: float = 2.0
-    """Passes over the training data (fractions allowed)."""
-    lr: float = 5e-5
-    """Peak learning rate of AdamW."""
-    max_length: int = 256
-    """Longest sequence in tokens; longer samples are truncated (prompt from the left, final token kept)."""
-    batch_size: int = 16
-    """Preference groups (pairs, or K-way rankings) per process per micro-batch."""
-    grad_accum: int = 1
-    """Micro-batches per optimizer step."""
+    data: str = option(help="Training preference data: JSONL or a saved `datasets` directory, any supported format.")
+    eval_data: str = option(help="Held-out preference data, evaluated periodically and at the end.")
+    output: str = option(help="Directory for the checkpoint, report.json and curves.png.")
+    model: str = option(
+        "minilm",
+        "Backbone: a local Hugging Face checkpoint directory, or a bundled name (minilm, smollm2).",
+    )
+    epochs: float = option(2.0, "Passes over the training data (fractions allowed).")
+    lr: float = option(5e-5, "Peak learning rate of AdamW.")
+    max_length: int = option(
+        256,
+        "Longest sequence in tokens; longer samples are truncated (prompt from the left, final token kept).",
+    )
+    batch_size: int = option(16, "Preference groups (pairs, or K-way rankings) per process per micro-batch.")
+    grad_accum: int = option(1, "Micro-batches per optimizer step.")
     weight_decay: float = 0.0
-    warmup_ratio: float = 0.1
-    """Fraction of optimizer steps with a linear warmup."""
-    lr_scheduler: str = "linear"
-    """Decay after warmup: any transformers scheduler name (linear, cosine, constant_with_warmup)."""
-    center_rewards_coefficient: float = 0.0
-    """Weight of the reward-centering term mean((r_chosen + r_rejected)^2); 0 turns it off."""
+    warmup_ratio: float = option(0.1, "Fraction of optimizer steps with a linear warmup.")
+    lr_scheduler: str = option(
+        "linear",
+        "Decay after warmup: any transformers scheduler name (linear, cosine, constant_with_warmup).",
+    )
+    center_rewards_coefficient: float = option(
+        0.0,
+        "Weight of the reward-centering term mean((r_chosen + r_rejected)^2); 0 turns it off.",
+    )
     max_grad_norm: float = 1.0
-    bf16: str = "auto"
-    """bf16 autocast: auto (on CUDA with bf16 support), on, or off."""
-    gradient_checkpointing: bool = False
-    """Trade compute for memory on large backbones."""
-    keep_dropout: bool = False
-    """Keep the backbone's dropout; by default it is disabled, as in TRL (pairwise rewards are noisier with it)."""
-    eval_every: int = 0
-    """Optimizer steps between evaluations; 0 means five evaluations over the run."""
+    bf16: str = option("auto", "bf16 autocast: auto (on CUDA with bf16 support), on, or off.")
+    gradient_checkpointing: bool = option(False, "Trade compute for memory on large backbones.")
+    keep_dropout: bool = option(
+        False,
+        "Keep the backbone's dropout; by default it is disabled, as in TRL (pairwise rewards are noisier with it).",
+    )
+    eval_every: int = option(0, "Optimizer steps between evaluations; 0 means five evaluations over the run.")
     eval_batch_size: int = 64
-    norm_samples: int = 2000
-    """Training responses used to compute the reward mean and std saved for normalized serving."""
+    norm_samples: int = option(
+        2000,
+        "Training responses used to compute the reward mean and std saved for normalized serving.",
+    )
     seed: int = 0
 
     def validate(self) -> None:

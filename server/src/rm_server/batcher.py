@@ -20,7 +20,8 @@ from typing import Protocol
 
 import numpy as np
 
-from rm_server.engine import pad_batch
+from rm_contract.config_cli import option
+from rm_contract.padding import pad_batch
 from rm_server.errors import InferenceFailed, QueueFull
 
 log = logging.getLogger(__name__)
@@ -31,18 +32,45 @@ class Engine(Protocol):
 
 
 @dataclass(frozen=True)
-class BatcherConfig:
-    max_batch_tokens: int = 16384
-    """Padded tokens (rows x longest row) per batch."""
-    max_batch_size: int = 64
-    """Rows per batch."""
-    max_delay_ms: float = 0.0
-    """Longest wait for more work before running a batch that is not full."""
-    max_queue: int = 4096
-    """Samples waiting at most; beyond it requests are refused at once (RESOURCE_EXHAUSTED)."""
+class BatchingOptions:
+    """The batching knobs, declared once: rm-serve's flags and every model's batcher read these fields."""
+
+    max_batch_tokens: int = option(
+        0,
+        "Padded tokens per batch (rows x longest row); 0: 1024 on CPU (bigger batches run slower per sample "
+        "there, docs/benchmarks.md), 16384 on GPU; never below the model's max length.",
+    )
+    max_batch_size: int = option(64, "Rows per batch.")
+    max_delay_ms: float = option(
+        0.0,
+        "Longest wait for more work before running a batch that is not full (0: batches form while the engine "
+        "is busy, and an idle engine starts at once).",
+    )
+    max_queue: int = option(8192, "Samples waiting at most; further requests get RESOURCE_EXHAUSTED at once.")
+
+    def token_budget(self, max_length: int, on_gpu: bool) -> int:
+        """`max_batch_tokens` with 0 resolved for the device; ValueError when a longest sample could not fit."""
+        if not self.max_batch_tokens:
+            return max(16384 if on_gpu else 1024, max_length)
+        if self.max_batch_tokens < max_length:
+            raise ValueError(
+                f"--max-batch-tokens {self.max_batch_tokens} is below the model's max length {max_length}: "
+                "a long sample could never be batched"
+            )
+        return self.max_batch_tokens
+
+
+@dataclass(frozen=True)
+class BatcherConfig(BatchingOptions):
+    """One batcher's settings: the options with the token budget resolved (see `token_budget`)."""
+
     lookahead: int = 4
     """Batches' worth of the oldest waiting samples among which a batch picks similar lengths."""
     pad_id: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_batch_tokens < 1:
+            raise ValueError("BatcherConfig needs a resolved max_batch_tokens (BatchingOptions.token_budget)")
 
 
 @dataclass

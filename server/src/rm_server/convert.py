@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from rm_client.pb import reward_pb2 as pb
+from rm_contract.pb import reward_pb2 as pb
+from rm_contract.recipe import Message, RecipeError, Sample
 from rm_server.errors import InvalidRequest
 from rm_server.models import EnsembleScores
-from rm_server.recipe import ROLES, Message, Sample
 from rm_server.scoring import SampleInput, ScoreOutcome, TokenInput
 
 
@@ -23,20 +23,10 @@ def sample_from_pb(index: int, sample: pb.Sample) -> SampleInput:
 
 
 def _conversation(index: int, messages) -> Sample:
-    if not messages:
-        raise InvalidRequest(f"sample {index}: empty conversation")
-    for j, m in enumerate(messages):
-        if m.role not in ROLES:
-            raise InvalidRequest(
-                f"sample {index}: message {j} has unknown role {m.role!r}; expected one of {', '.join(ROLES)}"
-            )
-    split = len(messages)
-    while split > 0 and messages[split - 1].role == "assistant":
-        split -= 1
-    if split == len(messages):
-        raise InvalidRequest(f"sample {index}: a conversation must end with the assistant message(s) to score")
-    response = tuple(Message(m.role, m.content) for m in messages[split:])
-    return Sample(tuple(Message(m.role, m.content) for m in messages[:split]), response)
+    try:
+        return Sample.from_messages([Message(m.role, m.content) for m in messages])
+    except RecipeError as e:
+        raise InvalidRequest(f"sample {index}: {e}") from None
 
 
 def samples_from_request(request: pb.ScoreRequest) -> list[SampleInput]:

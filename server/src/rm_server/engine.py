@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -49,17 +48,3 @@ class OnnxEngine:
         """(B, T) int64 ids and mask -> (B,) float32 rewards."""
         (rewards,) = self.session.run(None, {"input_ids": input_ids, "attention_mask": attention_mask})
         return rewards.astype(np.float32, copy=False)
-
-
-def pad_batch(
-    sequences: Sequence[Sequence[int]], pad_id: int, padding_side: str = "right"
-) -> tuple[np.ndarray, np.ndarray]:
-    """Pad id sequences to the longest: (input_ids, attention_mask), both (B, T) int64."""
-    T = max(len(s) for s in sequences)
-    input_ids = np.full((len(sequences), T), pad_id, dtype=np.int64)
-    attention_mask = np.zeros((len(sequences), T), dtype=np.int64)
-    for row, seq in enumerate(sequences):
-        span = slice(T - len(seq), T) if padding_side == "left" else slice(0, len(seq))
-        input_ids[row, span] = seq
-        attention_mask[row, span] = 1
-    return input_ids, attention_mask

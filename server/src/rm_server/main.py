@@ -10,6 +10,7 @@ SIGINT): health goes NOT_SERVING, new calls are refused, calls in flight finish 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import signal
@@ -22,14 +23,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from rm_client.config_cli import ConfigError, parse_config
-from rm_client.pb import reward_pb2, reward_pb2_grpc
-from rm_server.bundle import BundleError, load_bundle
+from rm_contract.bundle import BundleError, load_bundle
+from rm_contract.config_cli import ConfigError, option, parse_config
+from rm_contract.pb import reward_pb2, reward_pb2_grpc
 from rm_server.malformed import MalformedRequestInterceptor
 from rm_server.metrics import ServiceMetrics
 from rm_server.models import ModelRegistry, ModelSettings
 from rm_server.openrlhf_http import OpenRLHFEndpoint
-from rm_server.scoring import Limits
 from rm_server.security import HEALTH_METHODS, BearerTokenInterceptor, read_token, server_credentials
 from rm_server.service import RewardService
 
@@ -37,89 +37,66 @@ log = logging.getLogger("rm_server")
 SERVICE_NAME = reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name
 
 
-@dataclass
-class ServerConfig:
-    bundle: str | None = None
-    """Model bundle directory written by rm-export (or --model-repo)."""
-    model_repo: str | None = None
-    """Model repository: NAME/VERSION/ bundles and NAME/ensemble.json ensembles, hot-reloaded (docs/operations.md)."""
-    default_model: str | None = None
-    """Model answering requests that name none (default: the first by name)."""
-    pin: str = ""
-    """Pinned versions, NAME=VERSION[,NAME=VERSION]; other models serve their latest loadable version."""
-    poll_s: float = 0.0
-    """Seconds between model-repository scans (0: scan at start and on the ReloadModels admin call only)."""
-    host: str = "127.0.0.1"
-    """Address the gRPC server binds to (0.0.0.0 to listen on every interface, as in containers)."""
-    port: int = 50051
-    """gRPC port (0: pick a free one and log it)."""
-    metrics_host: str = "127.0.0.1"
-    """Address of the Prometheus endpoint."""
-    metrics_port: int = 9090
-    """Prometheus /metrics port (-1: no metrics endpoint)."""
-    http_port: int = -1
-    """OpenRLHF-compatible HTTP reward endpoint (POST /get_reward) on `host`: -1 off, 0 a free port."""
-    tls_cert: str | None = None
-    """PEM certificate chain of the server: serve gRPC over TLS (with --tls-key)."""
-    tls_key: str | None = None
-    """PEM private key of --tls-cert."""
-    tls_client_ca: str | None = None
-    """PEM CA bundle: require clients to present a certificate it signed (mutual TLS)."""
-    auth_token_file: str | None = None
-    """File holding the bearer token every call must carry (default: the RM_AUTH_TOKEN variable; none: no auth)."""
-    health_requires_auth: bool = False
-    """Also require the token for grpc.health.v1 (probes usually carry none)."""
-    variant: str = "fp32"
-    """Bundle variant to serve: fp32, int8 or fp16."""
-    providers: str = "cpu"
-    """Execution providers in order of preference, comma-separated: tensorrt, cuda, cpu."""
-    threads: int = 0
-    """ONNX Runtime intra-op threads (0: one per core)."""
-    tokenizer_threads: int = 2
-    """Threads tokenizing requests off the event loop."""
-    max_batch_tokens: int = 0
-    """Padded tokens per batch (rows x longest row); 0: 1024 on CPU (bigger batches run slower per sample
-    there, docs/benchmarks.md), 16384 on GPU; never below the model's max length."""
-    max_batch_size: int = 64
-    """Rows per batch."""
-    max_delay_ms: float = 0.0
-    """Longest wait for more work before running a batch that is not full (0: batches form while the
-    engine is busy, and an idle engine starts at once)."""
-    max_queue: int = 8192
-    """Samples waiting at most; further requests get RESOURCE_EXHAUSTED at once."""
-    max_samples_per_request: int = 4096
-    """Samples accepted in one request; larger requests get INVALID_ARGUMENT (the client splits them)."""
-    max_message_mb: int = 64
-    """Largest gRPC message received or sent, in MiB."""
-    grace_s: float = 30.0
-    """On SIGTERM, how long calls in flight may take to finish."""
-    verify: bool = True
-    """Check every bundle file's sha256 before loading."""
+@dataclass(frozen=True)
+class ServerConfig(ModelSettings):
+    """rm-serve's flags: these, and the serving knobs inherited from ModelSettings (declared once there)."""
+
+    bundle: str | None = option(None, "Model bundle directory written by rm-export (or --model-repo).")
+    model_repo: str | None = option(
+        None,
+        "Model repository: NAME/VERSION/ bundles and NAME/ensemble.json ensembles, hot-reloaded (docs/operations.md).",
+    )
+    default_model: str | None = option(None, "Model answering requests that name none (default: the first by name).")
+    pin: str = option(
+        "",
+        "Pinned versions, NAME=VERSION[,NAME=VERSION]; other models serve their latest loadable version.",
+    )
+    poll_s: float = option(
+        0.0,
+        "Seconds between model-repository scans (0: scan at start and on the ReloadModels admin call only).",
+    )
+    host: str = option(
+        "127.0.0.1",
+        "Address the gRPC server binds to (0.0.0.0 to listen on every interface, as in containers).",
+    )
+    port: int = option(50051, "gRPC port (0: pick a free one and log it).")
+    metrics_host: str = option("127.0.0.1", "Address of the Prometheus endpoint.")
+    metrics_port: int = option(9090, "Prometheus /metrics port (-1: no metrics endpoint).")
+    http_port: int = option(
+        -1,
+        "OpenRLHF-compatible HTTP reward endpoint (POST /get_reward) on `host`: -1 off, 0 a free port.",
+    )
+    tls_cert: str | None = option(None, "PEM certificate chain of the server: serve gRPC over TLS (with --tls-key).")
+    tls_key: str | None = option(None, "PEM private key of --tls-cert.")
+    tls_client_ca: str | None = option(
+        None,
+        "PEM CA bundle: require clients to present a certificate it signed (mutual TLS).",
+    )
+    auth_token_file: str | None = option(
+        None,
+        "File holding the bearer token every call must carry (default: the RM_AUTH_TOKEN variable; none: no auth).",
+    )
+    health_requires_auth: bool = option(False, "Also require the token for grpc.health.v1 (probes usually carry none).")
+    max_message_mb: int = option(64, "Largest gRPC message received or sent, in MiB.")
+    grace_s: float = option(30.0, "On SIGTERM, how long calls in flight may take to finish.")
     log_level: str = "INFO"
-    log_format: str = "text"
-    """text, or json (one object per line, for log pipelines)."""
+    log_format: str = option("text", "text, or json (one object per line, for log pipelines).")
 
     def validate(self) -> None:
+        super().validate()
         if bool(self.bundle) == bool(self.model_repo):
             raise ConfigError("give exactly one of --bundle and --model-repo")
         if self.poll_s < 0:
             raise ConfigError("--poll-s must not be negative")
         self.pins()
-        if self.variant not in ("fp32", "int8", "fp16"):
-            raise ConfigError(f"--variant must be fp32, int8 or fp16, not {self.variant!r}")
-        if self.max_batch_tokens < 0:
-            raise ConfigError("--max-batch-tokens must not be negative")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("--tls-cert and --tls-key go together")
         if self.tls_client_ca and not self.tls_cert:
             raise ConfigError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
         if self.http_port < -1:
             raise ConfigError("--http-port must be -1 (off), 0 (any free port) or a port number")
-        for name in ("max_batch_size", "max_queue", "max_samples_per_request", "max_message_mb"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
-        if self.max_delay_ms < 0:
-            raise ConfigError("--max-delay-ms must not be negative")
+        if self.max_message_mb < 1:
+            raise ConfigError("--max-message-mb must be at least 1")
 
     def pins(self) -> dict[str, str]:
         pairs = [p.strip() for p in self.pin.split(",") if p.strip()]
@@ -128,18 +105,7 @@ class ServerConfig:
         return dict(p.split("=") for p in pairs)
 
     def model_settings(self) -> ModelSettings:
-        return ModelSettings(
-            variant=self.variant,
-            providers=tuple(self.providers.split(",")),
-            threads=self.threads,
-            tokenizer_threads=self.tokenizer_threads,
-            max_batch_tokens=self.max_batch_tokens,
-            max_batch_size=self.max_batch_size,
-            max_delay_ms=self.max_delay_ms,
-            max_queue=self.max_queue,
-            limits=Limits(max_samples_per_request=self.max_samples_per_request),
-            verify=self.verify,
-        )
+        return ModelSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ModelSettings)})
 
 
 class RewardServer:

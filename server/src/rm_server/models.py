@@ -16,14 +16,16 @@ import json
 import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from rm_server.batcher import Batcher, BatcherConfig
-from rm_server.bundle import Bundle, BundleError, load_bundle
-from rm_server.engine import OnnxEngine, pad_batch
+from rm_contract.bundle import VARIANTS, Bundle, BundleError, load_bundle
+from rm_contract.config_cli import ConfigError, option
+from rm_contract.padding import pad_batch
+from rm_server.batcher import Batcher, BatcherConfig, BatchingOptions
+from rm_server.engine import OnnxEngine
 from rm_server.errors import InvalidRequest, ModelNotFound
 from rm_server.metrics import ServiceMetrics
 from rm_server.scoring import Limits, SampleInput, Scorer
@@ -33,31 +35,50 @@ ENSEMBLE_FILE = "ensemble.json"
 
 
 @dataclass(frozen=True)
-class ModelSettings:
-    """How every bundle version is served (from the server's flags)."""
+class ModelSettings(BatchingOptions):
+    """How every bundle version is served; these fields are rm-serve's flags too (ServerConfig inherits them)."""
 
-    variant: str = "fp32"
-    providers: tuple[str, ...] = ("cpu",)
-    threads: int = 0
-    tokenizer_threads: int = 2
-    max_batch_tokens: int = 0
-    max_batch_size: int = 64
-    max_delay_ms: float = 0.0
-    max_queue: int = 8192
-    limits: Limits = field(default_factory=Limits)
-    verify: bool = True
+    variant: str = option("fp32", "Bundle variant to serve: fp32, int8 or fp16.")
+    providers: str = option("cpu", "Execution providers in order of preference, comma-separated: tensorrt, cuda, cpu.")
+    threads: int = option(0, "ONNX Runtime intra-op threads (0: one per core).")
+    tokenizer_threads: int = option(2, "Threads tokenizing requests off the event loop.")
+    max_samples_per_request: int = option(
+        4096,
+        "Samples accepted in one request; larger requests get INVALID_ARGUMENT (the client splits them).",
+    )
+    verify: bool = option(True, "Check every bundle file's sha256 before loading.")
 
-    def batch_tokens(self, max_length: int) -> int:
-        """0 means: 1024 on CPU (bigger batches run slower per sample there), 16384 on GPU."""
-        if not self.max_batch_tokens:
-            on_gpu = self.providers[0] in ("cuda", "tensorrt")
-            return max(16384 if on_gpu else 1024, max_length)
-        if self.max_batch_tokens < max_length:
-            raise BundleError(
-                f"--max-batch-tokens {self.max_batch_tokens} is below the model's max length {max_length}: "
-                "a long sample could never be batched"
-            )
-        return self.max_batch_tokens
+    def validate(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ConfigError(f"--variant must be one of {', '.join(VARIANTS)}, not {self.variant!r}")
+        if self.max_batch_tokens < 0:
+            raise ConfigError("--max-batch-tokens must not be negative")
+        for name in ("max_batch_size", "max_queue", "max_samples_per_request", "tokenizer_threads"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.max_delay_ms < 0:
+            raise ConfigError("--max-delay-ms must not be negative")
+
+    @property
+    def provider_list(self) -> tuple[str, ...]:
+        return tuple(p.strip() for p in self.providers.split(",") if p.strip())
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(max_samples_per_request=self.max_samples_per_request)
+
+    def batcher_config(self, max_length: int, pad_id: int) -> BatcherConfig:
+        try:
+            budget = self.token_budget(max_length, on_gpu=self.provider_list[0] in ("cuda", "tensorrt"))
+        except ValueError as e:
+            raise BundleError(str(e)) from None
+        return BatcherConfig(
+            max_batch_tokens=budget,
+            max_batch_size=self.max_batch_size,
+            max_delay_ms=self.max_delay_ms,
+            max_queue=self.max_queue,
+            pad_id=pad_id,
+        )
 
 
 class LoadedModel:
@@ -65,7 +86,7 @@ class LoadedModel:
 
     def __init__(self, name: str, version: str, bundle: Bundle, settings: ModelSettings, metrics: ServiceMetrics):
         self.name, self.version, self.bundle, self.settings = name, version, bundle, settings
-        self.engine = OnnxEngine(bundle.model_path(settings.variant), settings.providers, settings.threads)
+        self.engine = OnnxEngine(bundle.model_path(settings.variant), settings.provider_list, settings.threads)
         self.inflight = 0
         self._metrics = metrics
 
@@ -82,13 +103,7 @@ class LoadedModel:
 
     async def start(self) -> None:
         recipe, manifest = self.bundle.recipe, self.bundle.manifest
-        config = BatcherConfig(
-            max_batch_tokens=self.settings.batch_tokens(recipe.max_length),
-            max_batch_size=self.settings.max_batch_size,
-            max_delay_ms=self.settings.max_delay_ms,
-            max_queue=self.settings.max_queue,
-            pad_id=manifest.get("pad_token_id") or 0,
-        )
+        config = self.settings.batcher_config(recipe.max_length, pad_id=manifest.get("pad_token_id") or 0)
         self.batcher = Batcher(self.engine, config, on_batch=self._metrics.record_batch)
         settings = self.settings
         self.scorer = Scorer(self.bundle, settings.variant, self.batcher, settings.limits, settings.tokenizer_threads)

@@ -15,8 +15,8 @@ from __future__ import annotations
 import grpc
 from aiohttp import web
 
+from rm_contract.recipe import Sample
 from rm_server.errors import InvalidRequest
-from rm_server.recipe import Sample
 from rm_server.security import token_matches
 from rm_server.service import RewardService, new_request_id
 

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from rm_contract.bundle import Bundle
+from rm_contract.recipe import EncodedSample, RecipeError, Sample
 from rm_server.batcher import Batcher
-from rm_server.bundle import Bundle
 from rm_server.errors import InvalidRequest
-from rm_server.recipe import EncodedSample, RecipeError, Sample
 
 
 @dataclass(frozen=True)

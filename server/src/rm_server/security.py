@@ -14,7 +14,7 @@ from pathlib import Path
 
 import grpc
 
-from rm_client.config_cli import ConfigError
+from rm_contract.config_cli import ConfigError
 
 HEALTH_METHODS = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"})
 TOKEN_ENV = "RM_AUTH_TOKEN"

@@ -14,13 +14,13 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
-from rm_client.pb import reward_pb2 as pb
-from rm_client.pb import reward_pb2_grpc
+from rm_contract.pb import reward_pb2 as pb
+from rm_contract.pb import reward_pb2_grpc
+from rm_contract.recipe import Sample
 from rm_server.convert import ensemble_response, samples_from_request, score_response
 from rm_server.errors import AdminDisabled, InvalidRequest, NotReady, RewardServiceError, status_of
 from rm_server.metrics import ServiceMetrics
 from rm_server.models import Ensemble, ModelRegistry
-from rm_server.recipe import Sample
 from rm_server.scoring import preference_probability
 
 log = logging.getLogger("rm_server")

@@ -1,46 +1,34 @@
-"""rm-ppo's options: one dataclass, one flag per field, the help text from the field docstrings."""
+"""rm-ppo's options: one dataclass, one flag per field, each documented once in its `option`."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rm_client.config_cli import ConfigError
+from rm_contract.config_cli import ConfigError, option
 
 
 @dataclass
 class PPOConfig:
-    policy: str
-    """Causal LM to train: a local Hugging Face checkpoint directory, or `smollm2` (bundled SmolLM2-135M-Instruct)."""
-    reward_target: str
-    """Reward service: host:port, comma-separated replicas, or dns:///name:port."""
-    prompts: str
-    """JSONL of prompts: `prompt` (text or chat messages) or `messages` per line."""
-    output: str
-    """Directory for metrics.jsonl, curves.png, checkpoint/ and the trained policy (policy/)."""
-    steps: int = 20
-    """PPO steps (one rollout batch each)."""
-    batch_size: int = 16
-    """Responses sampled per step."""
-    minibatch_size: int = 4
-    """Responses per gradient step."""
-    ppo_epochs: int = 2
-    """Passes over each rollout batch."""
-    lr: float = 3e-6
-    """Policy learning rate (AdamW)."""
-    value_lr: float = 1e-5
-    """Value-model learning rate (AdamW)."""
+    policy: str = option(
+        help="Causal LM to train: a local Hugging Face checkpoint directory, or `smollm2` (bundled "
+        "SmolLM2-135M-Instruct).",
+    )
+    reward_target: str = option(help="Reward service: host:port, comma-separated replicas, or dns:///name:port.")
+    prompts: str = option(help="JSONL of prompts: `prompt` (text or chat messages) or `messages` per line.")
+    output: str = option(help="Directory for metrics.jsonl, curves.png, checkpoint/ and the trained policy (policy/).")
+    steps: int = option(20, "PPO steps (one rollout batch each).")
+    batch_size: int = option(16, "Responses sampled per step.")
+    minibatch_size: int = option(4, "Responses per gradient step.")
+    ppo_epochs: int = option(2, "Passes over each rollout batch.")
+    lr: float = option(3e-6, "Policy learning rate (AdamW).")
+    value_lr: float = option(1e-5, "Value-model learning rate (AdamW).")
     max_new_tokens: int = 48
-    temperature: float = 0.7
-    """Sampling temperature; log-probabilities use logits / temperature to match."""
+    temperature: float = option(0.7, "Sampling temperature; log-probabilities use logits / temperature to match.")
     top_p: float = 1.0
-    beta: float = 0.05
-    """KL coefficient (initial value when adaptive)."""
-    target_kl: float = 0.0
-    """Adaptive KL controller target (Ziegler et al.); 0 keeps beta fixed."""
-    kl_horizon: float = 10000.0
-    """Adaptive controller horizon, in samples."""
-    kl_estimator: str = "k1"
-    """k1 (logp - logp_ref) or k3 (exp(logp_ref - logp) - 1 - (logp_ref - logp))."""
+    beta: float = option(0.05, "KL coefficient (initial value when adaptive).")
+    target_kl: float = option(0.0, "Adaptive KL controller target (Ziegler et al.); 0 keeps beta fixed.")
+    kl_horizon: float = option(10000.0, "Adaptive controller horizon, in samples.")
+    kl_estimator: str = option("k1", "k1 (logp - logp_ref) or k3 (exp(logp_ref - logp) - 1 - (logp_ref - logp)).")
     gamma: float = 1.0
     lam: float = 0.95
     clip_range: float = 0.2
@@ -48,22 +36,23 @@ class PPOConfig:
     vf_coef: float = 0.1
     entropy_coef: float = 0.0
     max_grad_norm: float = 1.0
-    missing_eos_penalty: float | None = None
-    """Subtracted from the score of a response that hit max_new_tokens without EOS."""
-    reward_normalization: str = "none"
-    """none, server (the bundle's statistics, applied by the service) or running (whitened with running moments)."""
-    reward_model: str = ""
-    """Model on the reward service (default: the server's default model)."""
-    ensemble_reduce: str = "mean"
-    """For an ensemble reward model: mean, mean_minus_k_std (conservative) or min."""
-    ensemble_k: float = 1.0
-    """k of mean_minus_k_std."""
-    reward_timeout_s: float = 120.0
-    """Deadline of one reward call, retries included; the run stops (never trains on missing rewards) after it."""
-    save_every: int = 10
-    """Steps between checkpoints (0: only at the end)."""
-    resume: bool = False
-    """Continue from OUTPUT/checkpoint when it exists."""
+    missing_eos_penalty: float | None = option(
+        None,
+        "Subtracted from the score of a response that hit max_new_tokens without EOS.",
+    )
+    reward_normalization: str = option(
+        "none",
+        "none, server (the bundle's statistics, applied by the service) or running (whitened with running moments).",
+    )
+    reward_model: str = option("", "Model on the reward service (default: the server's default model).")
+    ensemble_reduce: str = option("mean", "For an ensemble reward model: mean, mean_minus_k_std (conservative) or min.")
+    ensemble_k: float = option(1.0, "k of mean_minus_k_std.")
+    reward_timeout_s: float = option(
+        120.0,
+        "Deadline of one reward call, retries included; the run stops (never trains on missing rewards) after it.",
+    )
+    save_every: int = option(10, "Steps between checkpoints (0: only at the end).")
+    resume: bool = option(False, "Continue from OUTPUT/checkpoint when it exists.")
     seed: int = 0
 
     def validate(self) -> None:

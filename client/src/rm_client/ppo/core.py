@@ -97,12 +97,6 @@ def value_loss(
     return loss, masked_mean((clipped > unclipped).float(), mask)
 
 
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Per-token entropy of the categorical distribution given by `logits` (..., vocab)."""
-    logp = torch.log_softmax(logits, dim=-1)
-    return -(logp.exp() * logp).sum(-1)
-
-
 @dataclass
 class AdaptiveKLController:
     """Ziegler et al. (2019): beta <- beta * (1 + K_beta * e), e = clip(KL / target - 1, -0.2, 0.2),

@@ -17,14 +17,14 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rm_client.backbones import BackboneError, load_pretrained, resolve_backbone
 from rm_client.client import RewardClient
-from rm_client.config_cli import ConfigError, parse_config
 from rm_client.errors import RewardServiceError
 from rm_client.ppo.config import PPOConfig
 from rm_client.ppo.plots import plot_curves
 from rm_client.ppo.rollout import PromptError, read_prompts
 from rm_client.ppo.trainer import train
+from rm_contract.backbones import BackboneError, load_pretrained, resolve_backbone
+from rm_contract.config_cli import ConfigError, parse_config
 
 log = logging.getLogger("rm_ppo")
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from rm_client.records import jsonl
+from rm_contract.padding import pad_batch, position_ids
+from rm_contract.records import DataError, read_records
 
 
 class PromptError(ValueError):
@@ -29,7 +30,11 @@ class Prompt:
 def read_prompts(path: str | Path) -> list[Prompt]:
     """JSONL with `prompt` (a string, or a list of messages) or `messages` per line."""
     prompts = []
-    for where, record in jsonl(path, PromptError):
+    try:
+        records = list(read_records(path))
+    except DataError as e:
+        raise PromptError(str(e)) from None
+    for where, record in records:
         value = record.get("prompt", record.get("messages")) if isinstance(record, dict) else None
         if isinstance(value, str) and value:
             prompts.append(Prompt(text=value))
@@ -76,16 +81,6 @@ class Rollout:
         return torch.cat([self.query_mask, self.response_mask], dim=1)
 
 
-def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, s in enumerate(sequences):
-        ids[row, width - len(s) :] = torch.tensor(s)
-        mask[row, width - len(s) :] = 1
-    return ids, mask
-
-
 def response_mask_until_eos(response_ids: torch.Tensor, eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """1 on every token up to and including the first EOS (all tokens when there is none); (mask, has_eos)."""
     is_eos = response_ids == eos_id
@@ -109,8 +104,8 @@ def token_logprobs(
     """Log-probabilities of the last `n_response` tokens under `model`, logits divided by the sampling
     temperature (so they match the distribution the tokens were drawn from). Position ids come from the
     mask, so left padding does not shift them."""
-    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+    positions = position_ids(attention_mask)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).logits
     logits = logits[:, -n_response - 1 : -1].float() / temperature
     logp = F.log_softmax(logits, dim=-1)
     taken = logp.gather(-1, input_ids[:, -n_response:].unsqueeze(-1)).squeeze(-1)
@@ -129,7 +124,9 @@ def sample(
     eos_id: int,
     pad_id: int,
 ) -> Rollout:
-    query_ids, query_mask = left_pad([prompt_ids(tokenizer, p) for p in prompts], pad_id)
+    query_ids, query_mask = map(
+        torch.from_numpy, pad_batch([prompt_ids(tokenizer, p) for p in prompts], pad_id, "left")
+    )
     output = policy.generate(
         input_ids=query_ids,
         attention_mask=query_mask,

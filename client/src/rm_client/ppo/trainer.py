@@ -32,6 +32,7 @@ from rm_client.client import RewardClient
 from rm_client.ppo import core
 from rm_client.ppo.config import PPOConfig
 from rm_client.ppo.rollout import Prompt, Rollout, response_texts, sample, token_logprobs
+from rm_contract.padding import position_ids
 
 log = logging.getLogger("rm_ppo")
 
@@ -49,8 +50,8 @@ class ValueModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n_response: int) -> torch.Tensor:
         """(B, n_response): the value of the state from which response token t was generated (the hidden
         state one position before it)."""
-        position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+        positions = position_ids(attention_mask)
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions)
         values = self.head(hidden.last_hidden_state.float()).squeeze(-1)
         return values[:, -n_response - 1 : -1]
 

@@ -1,6 +1,6 @@
 """The serving step of `make demo`: start rm-serve on a bundle, score held-out pairs through gRPC, stop it.
 
-python -m rm_client.demo --bundle runs/demo/bundle --data rm_training/data/demo/test.jsonl
+.venv/bin/python bench/serve_demo.py --bundle runs/demo/bundle --data rm_training/data/demo/test.jsonl
 """
 
 from __future__ import annotations
@@ -8,42 +8,15 @@ from __future__ import annotations
 import argparse
 import json
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from servers import free_port, wait_until_serving
 
-from rm_client.pb import reward_pb2 as pb
-from rm_client.pb import reward_pb2_grpc
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until_serving(channel: grpc.Channel, process: subprocess.Popen, timeout_s: float = 120) -> None:
-    """Poll grpc.health.v1 until the server reports SERVING; RuntimeError if it exits or takes too long."""
-    health = health_pb2_grpc.HealthStub(channel)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"rm-serve exited with code {process.returncode}")
-        try:
-            if (
-                health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
-                == health_pb2.HealthCheckResponse.SERVING
-            ):
-                return
-        except grpc.RpcError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"rm-serve did not report SERVING within {timeout_s:.0f} s")
+from rm_contract.pb import reward_pb2 as pb
+from rm_contract.pb import reward_pb2_grpc
 
 
 def main() -> None:

@@ -1,10 +1,15 @@
-"""The input recipe: truncation policy by hand, pair and chat templates against transformers."""
+"""The input recipe (truncation policy by hand, pair and chat templates against transformers) and the bundle
+manifest's fields."""
 
 from __future__ import annotations
 
+import json
+import re
+
 import pytest
 
-from rm_server.recipe import InputRecipe, RecipeError, Sample, SampleEncoder, truncate_prompt_left
+from rm_contract.bundle import FORMAT_VERSION, MANIFEST, BundleError, load_bundle
+from rm_contract.recipe import InputRecipe, RecipeError, Sample, SampleEncoder, truncate_prompt_left
 
 
 def test_short_samples_are_not_truncated():
@@ -62,3 +67,34 @@ def test_chat_truncation_keeps_the_whole_response(smollm2_tokenizer):
 def test_max_length_without_room_for_a_response_is_an_error(minilm_tokenizer):
     with pytest.raises(RecipeError, match="leaves no room"):
         SampleEncoder(minilm_tokenizer.backend_tokenizer, InputRecipe(template="pair", max_length=3))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"recipe": None}, "'recipe' must be a JSON dict"),
+        ({"name": None}, "'name' must be a JSON str"),
+        ({"recipe": {"template": "pair", "max_length": 8, "colour": "red"}}, "'recipe' is not an input recipe"),
+        ({"variants": {"fp64": {"file": "m.onnx"}}}, "unknown variants ['fp64']"),
+    ],
+)
+def test_a_malformed_manifest_is_refused_naming_the_field(tmp_path, change, message):
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "name": "m",
+        "version": 1,
+        "pooling": "cls",
+        "max_length": 8,
+        "recipe": {"template": "pair", "max_length": 8},
+        "variants": {"fp32": {"file": "model.onnx"}},
+        "files": {},
+    }
+    (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+    assert load_bundle(tmp_path).recipe.max_length == 8
+    (tmp_path / MANIFEST).write_text(json.dumps({**manifest, **change}))
+    with pytest.raises(BundleError, match=re.escape(message)):
+        load_bundle(tmp_path)
+    missing = {k: v for k, v in manifest.items() if k != "files"}
+    (tmp_path / MANIFEST).write_text(json.dumps(missing))
+    with pytest.raises(BundleError, match="'files' is missing"):
+        load_bundle(tmp_path)

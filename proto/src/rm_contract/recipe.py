@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Literal
@@ -40,6 +41,25 @@ class Sample:
     @classmethod
     def from_text(cls, prompt: str, response: str) -> Sample:
         return cls((Message("user", prompt),), (Message("assistant", response),))
+
+    @classmethod
+    def from_messages(cls, messages: Sequence[Message]) -> Sample:
+        """A conversation as one sample: its trailing assistant messages are the response, the rest the prompt.
+
+        The one split rule of the wire's Conversation and of message data in training files, so both encode a
+        conversation the same way.
+        """
+        if not messages:
+            raise RecipeError("empty conversation")
+        for j, m in enumerate(messages):
+            if m.role not in ROLES:
+                raise RecipeError(f"message {j} has unknown role {m.role!r}; expected one of {', '.join(ROLES)}")
+        split = len(messages)
+        while split > 0 and messages[split - 1].role == "assistant":
+            split -= 1
+        if split == len(messages):
+            raise RecipeError("a conversation must end with the assistant message(s) to score")
+        return cls(tuple(messages[:split]), tuple(messages[split:]))
 
 
 @dataclass(frozen=True)

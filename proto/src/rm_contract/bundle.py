@@ -14,15 +14,47 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from rm_server.recipe import InputRecipe, SampleEncoder
+from rm_contract.recipe import InputRecipe, SampleEncoder
 
 FORMAT_VERSION = 1
 MANIFEST = "bundle.json"
 VARIANTS = ("fp32", "fp16", "int8")
 
 
+MANIFEST_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "name": str,
+    "version": (str, int),
+    "pooling": str,
+    "max_length": int,
+    "recipe": dict,
+    "variants": dict,
+    "files": dict,
+}
+"""The fields every reader relies on, with their JSON types (docs/bundle.md lists the rest)."""
+
+
 class BundleError(ValueError):
     """The bundle is missing, incomplete, corrupted or of an unknown format."""
+
+
+def manifest_problems(manifest: dict) -> list[str]:
+    """What is wrong with a manifest's fields (missing, mistyped, unreadable recipe, unknown variant)."""
+    problems = []
+    for key, kind in MANIFEST_FIELDS.items():
+        if key not in manifest:
+            problems.append(f"'{key}' is missing")
+        elif not isinstance(manifest[key], kind) or isinstance(manifest[key], bool):
+            names = kind if isinstance(kind, tuple) else (kind,)
+            problems.append(f"'{key}' must be a JSON {' or '.join(t.__name__ for t in names)}")
+    if not problems:
+        try:
+            InputRecipe.from_dict(manifest["recipe"])
+        except TypeError as e:
+            problems.append(f"'recipe' is not an input recipe ({e})")
+        unknown = sorted(set(manifest["variants"]) - set(VARIANTS))
+        if unknown:
+            problems.append(f"unknown variants {unknown} (expected {', '.join(VARIANTS)})")
+    return problems
 
 
 def sha256_of(path: Path) -> str:
@@ -89,12 +121,17 @@ def load_bundle(directory: str | Path, verify: bool = True) -> Bundle:
         manifest = json.loads(manifest_path.read_text())
     except json.JSONDecodeError as e:
         raise BundleError(f"{manifest_path}: invalid JSON ({e.msg})") from None
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{manifest_path}: not a JSON object")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise BundleError(
             f"{manifest_path}: format_version {manifest.get('format_version')!r}; expected {FORMAT_VERSION}"
         )
+    problems = manifest_problems(manifest)
+    if problems:
+        raise BundleError(f"{manifest_path}: " + "; ".join(problems))
     if verify:
-        problems = verify_files(directory, manifest.get("files", {}))
+        problems = verify_files(directory, manifest["files"])
         if problems:
             raise BundleError(f"bundle {directory} failed verification: " + "; ".join(problems))
     return Bundle(directory, manifest)

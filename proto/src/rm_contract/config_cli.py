@@ -1,20 +1,19 @@
-"""Command lines built from config dataclasses: one flag per field, its help the field's docstring.
+"""Command lines built from config dataclasses: one flag per field, its help the field's `option` text.
 
-With an environment prefix (containers), every flag also reads `PREFIX_FIELD_NAME` as its default.
+The help lives in each field's metadata (as in transformers' and TRL's argument dataclasses), not in
+source comments, so `--help` works on installs that ship only bytecode. With an environment prefix
+(containers), every flag also reads `PREFIX_FIELD_NAME` as its default.
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
-import inspect
 import os
-import textwrap
 import types
 import typing
 from collections.abc import Mapping
-from typing import TypeVar
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -23,21 +22,9 @@ class ConfigError(ValueError):
     """An option value that parses but makes no sense (reported with exit code 2)."""
 
 
-def field_docs(cls: type) -> dict[str, str]:
-    """The docstring under each field of a dataclass (read from its source, as tyro does)."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body
-    docs = {}
-    for node, following in zip(body, body[1:]):
-        if (
-            isinstance(node, ast.AnnAssign)
-            and isinstance(node.target, ast.Name)
-            and isinstance(following, ast.Expr)
-            and isinstance(following.value, ast.Constant)
-            and isinstance(following.value.value, str)
-        ):
-            docs[node.target.id] = " ".join(following.value.value.split())
-    return docs
+def option(default: Any = dataclasses.MISSING, help: str = "") -> Any:
+    """A config field with its command-line help (no default: the flag is required)."""
+    return dataclasses.field(default=default, metadata={"help": " ".join(help.split())})
 
 
 def parse_config(
@@ -52,13 +39,12 @@ def parse_config(
     parser = argparse.ArgumentParser(
         prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    docs = field_docs(cls)
     hints = typing.get_type_hints(cls)
     environ = os.environ if environ is None else environ
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         kind = _without_none(hints[f.name])
-        help_text = docs.get(f.name, "")
+        help_text = f.metadata.get("help", "")
         default = f.default
         env_name = f"{env_prefix}_{f.name.upper()}" if env_prefix else None
         if env_name:
