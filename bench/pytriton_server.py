@@ -26,9 +26,8 @@ from pytriton.triton import Triton, TritonConfig
 from tokenizers import Tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "proto" / "src"))  # the contract only
+from rm_contract.bundle import VARIANTS  # noqa: E402
 from rm_contract.recipe import InputRecipe, Sample, SampleEncoder  # noqa: E402
-
-MODEL_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx", "fp16": "model.fp16.onnx"}
 
 
 def build_infer(bundle: Path, variant: str):
@@ -37,7 +36,8 @@ def build_infer(bundle: Path, variant: str):
         Tokenizer.from_file(str(bundle / "tokenizer.json")), InputRecipe.from_dict(manifest["recipe"])
     )
     pad_id = manifest.get("pad_token_id") or 0
-    session = ort.InferenceSession(str(bundle / MODEL_FILES[variant]), providers=["CPUExecutionProvider"])
+    model_file = bundle / manifest["variants"][variant]["file"]
+    session = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
 
     @batch
     def infer(prompt: np.ndarray, response: np.ndarray) -> dict[str, np.ndarray]:
@@ -57,7 +57,7 @@ def build_infer(bundle: Path, variant: str):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", type=Path, required=True)
-    parser.add_argument("--variant", default="fp32", choices=sorted(MODEL_FILES))
+    parser.add_argument("--variant", default="fp32", choices=VARIANTS)
     parser.add_argument("--port", type=int, required=True, help="HTTP port; gRPC and metrics take the next two")
     parser.add_argument("--max-batch-size", type=int, default=64)
     parser.add_argument("--max-queue-delay-us", type=int, default=2000)

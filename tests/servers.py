@@ -117,6 +117,12 @@ def wait_for_log_line(server: RunningServer, text: str, timeout_s: float = 120) 
         time.sleep(0.2)
 
 
+def probe(target: str, **env: str) -> subprocess.CompletedProcess:
+    """Run `rm-serve-probe` (the image's HEALTHCHECK) against `target`, with extra environment variables."""
+    command = [str(BIN / "rm-serve-probe"), "--target", target, "--timeout", "3"]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60, env={**os.environ, **env})
+
+
 def stop_server(server: RunningServer) -> int:
     if server.process.poll() is None:
         server.process.send_signal(signal.SIGTERM)

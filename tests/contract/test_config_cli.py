@@ -64,6 +64,8 @@ def test_serving_knobs_are_declared_once_and_every_flag_is_documented():
 def test_knob_limits_are_refused_with_the_flag_named():
     with pytest.raises(ConfigError, match="--max-queue must be at least 1"):
         ServerConfig(bundle="b", max_queue=0).validate()
+    with pytest.raises(ConfigError, match="--providers must name at least one execution provider"):
+        ServerConfig(bundle="b", providers=" , ").validate()
     with pytest.raises(ConfigError, match="--max-batch-tokens must not be negative"):
         ServerConfig(bundle="b", max_batch_tokens=-1).validate()
     with pytest.raises(ValueError, match="below the model's max length 512"):

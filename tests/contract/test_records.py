@@ -81,7 +81,12 @@ def test_k_way_ranking_expands_to_all_pairs_best_first():
         ({"prompt": ["x"], "chosen": "a", "rejected": "b"}, ":3: field 'chosen' is text, so field 'prompt' must be"),
         ({"prompt": "Q"}, ":3: no field to score"),
         ({"prompt": "Q", "responses": ["a", "b"], "ranking": [0, 0]}, "field 'ranking' must list every index"),
-        ({"prompt": "Q", "responses": ["a"], "ranking": [0]}, "at least 2 responses"),
+        ({"prompt": "Q", "responses": ["a"], "ranking": [0]}, "a 'ranking' needs at least 2 responses"),
+        ({"prompt": "Q", "responses": []}, ":3: field 'responses' must be a non-empty list"),
+        (
+            {"prompt": "Q", "chosen": "a", "rejected": "b", "responses": ["a", "b"], "ranking": [0, 1]},
+            ":3: both 'chosen'/'rejected' and 'responses'/'ranking'",
+        ),
         ([1, 2], ":3: expected a JSON object"),
     ],
 )
@@ -137,12 +142,14 @@ def test_records_to_score_only_are_read_when_no_preference_is_needed(tmp_path):
         {"prompt": "Q", "response": "a"},
         {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]},
         {"prompt": "Q", "responses": ["a", "b", "c"]},
+        {"prompt": "Q", "responses": ["only one"]},
     ]
     groups = load_groups(write_jsonl(tmp_path / "score.jsonl", rows), preferences=False)
     assert [(g.kind, len(g.samples), g.pairs) for g in groups] == [
         ("response", 1, ()),
         ("response", 1, ()),
         ("ranking", 3, ()),
+        ("ranking", 1, ()),
     ]
     assert groups[1].samples[0] == Sample.from_text("Hi", "Hello!")
 

@@ -19,7 +19,7 @@ from cryptography.x509.oid import NameOID
 
 from rm_client import AsyncRewardClient, RetryPolicy, RewardClient, RewardServiceError, Security
 from rm_client.samples import text_samples
-from tests.servers import BIN, free_port, start_server, stop_server
+from tests.servers import BIN, free_port, probe, start_server, stop_server
 
 NO_RETRY = RetryPolicy(max_attempts=1)
 SAMPLE = text_samples(["How was the food?"], ["Lovely."])
@@ -163,6 +163,10 @@ def test_health_can_require_the_token_too(encoder_bundle, tmp_path):
         assert error.value.code == grpc.StatusCode.UNAUTHENTICATED
         with RewardClient(server.target, security=Security(token="abc")) as client:
             assert client.health() == "SERVING"
+        # the image's HEALTHCHECK carries the server's own token (RM_AUTH_TOKEN, as the container has it)
+        assert probe(server.target, RM_AUTH_TOKEN="").stdout.strip() == "UNAUTHENTICATED"
+        with_token = probe(server.target, RM_AUTH_TOKEN="abc")
+        assert (with_token.returncode, with_token.stdout.strip()) == (0, "SERVING")
     finally:
         stop_server(server)
 

@@ -19,6 +19,8 @@ from rm_contract.recipe import InputRecipe, SampleEncoder
 FORMAT_VERSION = 1
 MANIFEST = "bundle.json"
 VARIANTS = ("fp32", "fp16", "int8")
+VARIANT_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
+"""The ONNX file rm-export writes for each variant (readers follow `variants[NAME].file` in the manifest)."""
 
 
 MANIFEST_FIELDS: dict[str, type | tuple[type, ...]] = {

@@ -113,9 +113,13 @@ def parse_record(record: object, where: str) -> PreferenceGroup:
     """One record of any supported format; `where` (file and line) starts every error message."""
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-    if _present(record, "chosen") or _present(record, "rejected"):
+    pair = _present(record, "chosen") or _present(record, "rejected")
+    ranking = _present(record, "responses") or _present(record, "ranking")
+    if pair and ranking:
+        raise DataError(f"{where}: both 'chosen'/'rejected' and 'responses'/'ranking'; a record is one or the other")
+    if pair:
         return _pair(record, where)
-    if _present(record, "responses") or _present(record, "ranking"):
+    if ranking:
         return _ranking(record, where)
     if _present(record, "response"):
         return PreferenceGroup("response", (_sample(record, record["response"], where, "response"),))
@@ -138,13 +142,14 @@ def _pair(record: dict, where: str) -> PreferenceGroup:
 
 
 def _ranking(record: dict, where: str) -> PreferenceGroup:
-    responses = record.get("responses")
-    if not isinstance(responses, list) or len(responses) < 2:
-        raise DataError(f"{where}: field 'responses' must be a list of at least 2 responses")
+    responses, ranking = record.get("responses"), record.get("ranking")
+    if not isinstance(responses, list) or not responses:
+        raise DataError(f"{where}: field 'responses' must be a non-empty list of responses")
     samples = tuple(_sample(record, r, where, f"responses[{i}]") for i, r in enumerate(responses))
-    ranking = record.get("ranking")
-    if ranking is None:
+    if ranking is None:  # responses to score, no preference among them
         return PreferenceGroup("ranking", samples)
+    if len(responses) < 2:
+        raise DataError(f"{where}: a 'ranking' needs at least 2 responses in 'responses'")
     valid = isinstance(ranking, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in ranking)
     if not valid or sorted(ranking) != list(range(len(responses))):
         raise DataError(

@@ -11,6 +11,7 @@ import sys
 
 import torch
 
+from rm_contract.recipe import RecipeError
 from rm_contract.records import DataError, load_groups
 from rm_training.batching import TokenizedGroup, pair_rows, score_sequences, tokenize_groups
 from rm_training.losses import bradley_terry_loss, pairwise_accuracy
@@ -51,10 +52,10 @@ def main(argv: list[str] | None = None) -> None:
     try:
         groups = load_groups(args.data)
         model, tokenizer, metadata = load_reward_model(args.model)
-    except (DataError, CheckpointError) as e:
+        tokenized = tokenize_groups(groups, sample_encoder(tokenizer, metadata.recipe))
+    except (DataError, CheckpointError, RecipeError) as e:
         print(f"rm-eval: error: {e}", file=sys.stderr)
         sys.exit(2)
-    tokenized = tokenize_groups(groups, sample_encoder(tokenizer, metadata.recipe))
     metrics = evaluate_groups(model, tokenized, tokenizer.pad_token_id, args.batch_size)
     print(json.dumps(metrics))
 

@@ -27,13 +27,21 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from rm_contract.bundle import FORMAT_VERSION, MANIFEST, VARIANTS, BundleError, hash_files, load_bundle
+from rm_contract.bundle import (
+    FORMAT_VERSION,
+    MANIFEST,
+    VARIANT_FILES,
+    VARIANTS,
+    BundleError,
+    hash_files,
+    load_bundle,
+)
 from rm_contract.recipe import RecipeError, SampleEncoder
 from rm_contract.records import DataError, load_groups
 from rm_server.engine import OnnxEngine
 from rm_training.batching import TokenizedGroup, tokenize_groups
 from rm_training.model import CheckpointError, RewardModel, load_reward_model, sample_encoder
-from rm_training.onnx_export import VARIANT_FILES, export_graph, make_fp16, make_int8, optimize
+from rm_training.onnx_export import export_graph, make_fp16, make_int8, optimize
 from rm_training.parity import (
     MAX_INT8_ACCURACY_DROP,
     TOLERANCE,

@@ -21,7 +21,6 @@ from onnxruntime.transformers.float16 import convert_float_to_float16
 from rm_contract.padding import pad_batch
 from rm_training.model import RewardModel
 
-VARIANT_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
 TWO_GB = 2 * 1024**3
 
 

@@ -58,6 +58,8 @@ class ModelSettings(BatchingOptions):
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
         if self.max_delay_ms < 0:
             raise ConfigError("--max-delay-ms must not be negative")
+        if not self.provider_list:
+            raise ConfigError("--providers must name at least one execution provider: tensorrt, cuda or cpu")
 
     @property
     def provider_list(self) -> tuple[str, ...]:

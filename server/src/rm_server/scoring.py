@@ -50,7 +50,8 @@ class ScoreOutcome:
 
 @dataclass(frozen=True)
 class Limits:
-    max_samples_per_request: int = 4096
+    max_samples_per_request: int
+    """From ModelSettings (the --max-samples-per-request flag)."""
     max_chars_per_sample: int = 1_000_000
     """Text longer than this is refused before tokenization (tokenizing it would stall a worker)."""
 
