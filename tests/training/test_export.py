@@ -11,14 +11,18 @@ import torch
 from datasets import Dataset
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from rm_client.samples import text_samples
 from rm_contract.bundle import BundleError, load_bundle
 from rm_contract.padding import pad_batch
+from rm_contract.pb import reward_pb2 as pb
 from rm_contract.recipe import Message, Sample
 from rm_server.engine import OnnxEngine
 from rm_training.export import Checked, VerificationError, prepare_checks, run_checks
 from rm_training.model import load_reward_model, sample_encoder
+from rm_training.onnx_export import external_data_files
 from rm_training.train import TrainConfig, train
 from tests.conftest import rm_export, sentiment_pairs, write_jsonl
+from tests.servers import start_server, stop_server
 
 
 def test_encoder_bundle_holds_verified_variants_and_every_field(encoder_bundle):
@@ -182,3 +186,49 @@ def test_unsupported_checkpoints_get_a_clear_error(tmp_path, smollm2_tokenizer):
     result = rm_export("--model", str(tmp_path), "--output", str(tmp_path / "out"))
     assert result.returncode == 2 and "config.json is missing" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_bf16_checkpoint_exports_served_with_one_weights_file_per_variant(tiny_decoder_checkpoint, tmp_path):
+    """How real reward models ship (bf16 safetensors), through the path large models take (weights outside the
+    graph, forced here on a tiny model): exported, hashed, served, and equal to transformers' own forward."""
+    bf16 = tmp_path / "bf16"
+    AutoModelForSequenceClassification.from_pretrained(tiny_decoder_checkpoint).to(torch.bfloat16).save_pretrained(bf16)
+    AutoTokenizer.from_pretrained(tiny_decoder_checkpoint).save_pretrained(bf16)
+    out = tmp_path / "bundle"
+    args = ("--dtype", "fp32,fp16", "--max-length", "64", "--external-data-over-mb", "0")
+    result = rm_export("--model", str(bf16), "--output", str(out), *args)
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((out / "bundle.json").read_text())
+    assert manifest["checkpoint_dtype"] == "bfloat16" and manifest["exporter"]["external_data"] is True
+    for variant, weights in (("fp32", "model.onnx.data"), ("fp16", "model.fp16.onnx.data")):
+        assert manifest["variants"][variant]["weights_file"] == weights
+        assert external_data_files(out / manifest["variants"][variant]["file"]) == {weights}
+        assert weights in manifest["files"]
+        assert (out / weights).stat().st_mode & 0o044 == 0o044  # readable by a server running as another user
+
+    # transformers' forward on the same ids, with the fp32 weights the bf16 checkpoint holds
+    reference = AutoModelForSequenceClassification.from_pretrained(bf16).float().eval()
+    encoder = load_bundle(out).sample_encoder()
+    texts = [("How was it?", "Great."), ("Tell me more about the trip.", "It rained all week, sadly."), ("Q", "ok")]
+    samples = text_samples(*zip(*texts))
+    ids = [encoder.encode(Sample.from_text(p, r)).ids for p, r in texts]
+    with torch.no_grad():
+        expected = [reference(input_ids=torch.tensor([i])).logits[0, 0].item() for i in ids]
+    server = start_server(out, tmp_path / "serve.log")
+    try:
+        served = server.stub().Score(pb.ScoreRequest(samples=samples), timeout=60)
+        alone = [server.stub().Score(pb.ScoreRequest(samples=[s]), timeout=60).results[0].reward for s in samples]
+    finally:
+        stop_server(server)
+    np.testing.assert_allclose([r.reward for r in served.results], expected, atol=1e-4)
+    np.testing.assert_allclose([r.reward for r in served.results], alone, atol=1e-5)
+
+    data = bytearray((out / "model.onnx.data").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (out / "model.onnx.data").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match=r"model.onnx.data: sha256 mismatch"):
+        load_bundle(out)
+    assert rm_export("--verify-only", str(out)).returncode == 1
+    (out / "model.fp16.onnx.data").unlink()
+    with pytest.raises(BundleError, match=r"model.fp16.onnx.data: missing"):
+        load_bundle(out)

@@ -8,6 +8,11 @@ fp32 is always exported (it is the reference the other variants derive from); `-
 (for the CUDA execution provider) and int8 (static quantization calibrated on real samples, for CPU
 serving). Every export scores a verification set with PyTorch and ONNX Runtime and fails when a variant
 is off (see rm_training.parity); the bundle is only written when every check passes.
+
+Checkpoints of any dtype (bf16, as most reward models ship; fp16; fp32) are exported from fp32 weights,
+the reference every variant is checked against. Models whose fp32 weights exceed
+`--external-data-over-mb` keep each variant's weights in one file beside its graph (`model.onnx.data`, ...),
+listed and hashed in bundle.json like every other file.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import resource
 import shutil
 import sys
 import tempfile
@@ -41,7 +47,14 @@ from rm_contract.records import DataError, load_groups
 from rm_server.engine import OnnxEngine
 from rm_training.batching import TokenizedGroup, tokenize_groups
 from rm_training.model import CheckpointError, RewardModel, load_reward_model, sample_encoder
-from rm_training.onnx_export import export_graph, make_fp16, make_int8, optimize
+from rm_training.onnx_export import (
+    export_graph,
+    external_data_files,
+    make_fp16,
+    make_int8,
+    optimize,
+    weights_file,
+)
 from rm_training.parity import (
     MAX_INT8_ACCURACY_DROP,
     TOLERANCE,
@@ -128,9 +141,13 @@ def run_checks(checked: Checked, variant_paths: dict[str, Path]) -> dict:
 
 
 def export(args: argparse.Namespace) -> Path:
+    started = time.perf_counter()
     dtypes = ["fp32"] + [d for d in parse_dtypes(args.dtype) if d != "fp32"]
     model, tokenizer, metadata = load_reward_model(args.model, args.template, args.max_length)
-    model.eval()
+    checkpoint_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    model = model.float().eval()  # bf16/fp16 checkpoints: fp32 is the reference graph and the parity baseline
+    fp32_mb = sum(p.numel() for p in model.parameters()) * 4 / 2**20
+    external = fp32_mb > args.external_data_over_mb
     eval_data = args.eval_data = args.eval_data or trained_data(Path(args.model), "eval_data")
     if "int8" in dtypes and not eval_data:
         raise DataError("--dtype int8 needs --eval-data: int8 is accepted only if it keeps pairwise accuracy")
@@ -146,25 +163,58 @@ def export(args: argparse.Namespace) -> Path:
         staging = Path(tmp) / "bundle"
         staging.mkdir()
         export_graph(model, Path(tmp) / "raw.onnx", args.opset)
-        optimization = optimize(Path(tmp) / "raw.onnx", staging / VARIANT_FILES["fp32"])
+        optimization = optimize(Path(tmp) / "raw.onnx", staging / VARIANT_FILES["fp32"], external)
         if "fp16" in dtypes:
-            make_fp16(staging / VARIANT_FILES["fp32"], staging / VARIANT_FILES["fp16"])
+            make_fp16(staging / VARIANT_FILES["fp32"], staging / VARIANT_FILES["fp16"], external)
         if "int8" in dtypes:
-            make_int8(
-                Path(tmp) / "raw.onnx", staging / VARIANT_FILES["int8"], calibration_sequences(args, checked.encoder)
-            )
+            calibration = calibration_sequences(args, checked.encoder)
+            make_int8(Path(tmp) / "raw.onnx", staging / VARIANT_FILES["int8"], calibration, external)
         paths = {d: staging / VARIANT_FILES[d] for d in dtypes}
+        weights = {d: check_weights_files(path, external) for d, path in paths.items()}
         report = run_checks(checked, paths)
         tokenizer.save_pretrained(staging)
+        for path in staging.iterdir():  # onnx writes weights files owner-only; the server may run as another user
+            path.chmod(0o644)
         manifest = build_manifest(args, model, metadata, report, optimization, eval_data)
+        for dtype, name in weights.items():
+            if name:
+                manifest["variants"][dtype]["weights_file"] = name
+        manifest["checkpoint_dtype"] = checkpoint_dtype
+        manifest["exporter"] |= {
+            "seconds": round(time.perf_counter() - started, 1),
+            "peak_rss_mb": peak_rss_mb(),
+            "external_data": external,
+        }
         manifest["files"] = hash_files(staging)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         if output.exists():
             shutil.rmtree(output)
         shutil.move(str(staging), str(output))
     print_table(manifest)
-    print(f"wrote bundle {output} ({', '.join(dtypes)})")
+    weights_note = "; weights in one .data file per variant" if external else ""
+    print(
+        f"wrote bundle {output} ({', '.join(dtypes)}{weights_note}) from a {checkpoint_dtype} checkpoint of "
+        f"{fp32_mb:,.0f} MiB in fp32, in {manifest['exporter']['seconds']:.0f} s, "
+        f"peak RSS {manifest['exporter']['peak_rss_mb']:,.0f} MiB"
+    )
     return output
+
+
+def check_weights_files(path: Path, external: bool) -> str | None:
+    """The variant's weights file when it has one; VerificationError when its graph reads weights from
+    anywhere but that one file beside it, or the file is not there (the bundle would not load)."""
+    files = external_data_files(path)
+    expected = {weights_file(path)} if external else set()
+    if files != expected and files:
+        raise VerificationError(f"{path.name} reads weights from {sorted(files)}; expected {sorted(expected)}")
+    if files and not (path.parent / weights_file(path)).is_file():
+        raise VerificationError(f"{path.name}: weights file {weights_file(path)} was not written")
+    return weights_file(path) if files else None
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MiB (Linux reports KiB)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def build_manifest(args, model: RewardModel, metadata, report: dict, optimization: str, eval_data) -> dict:
@@ -211,7 +261,7 @@ def verify_only(bundle_dir: str, eval_data: str | None) -> None:
         print(f"rm-export: sha256 of every file verified; source checkpoint {source} is gone, parity not re-run")
         return
     model, tokenizer, _ = load_reward_model(source)
-    model.eval()
+    model = model.float().eval()
     eval_data = eval_data or manifest.get("eval_data")
     checked = prepare_checks(
         model, tokenizer, bundle.recipe, eval_data if eval_data and Path(eval_data).exists() else None
@@ -282,6 +332,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--max-length", type=int, help="maximum length for checkpoints trained elsewhere")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset")
+    parser.add_argument(
+        "--external-data-over-mb",
+        type=float,
+        default=1024,
+        help="models whose fp32 weights exceed this keep each variant's weights in one .data file beside its"
+        " graph (protobuf holds at most 2 GB); 0 always does (default: 1024)",
+    )
     parser.add_argument("--verify-only", metavar="BUNDLE", help="re-run the checks on an existing bundle")
     args = parser.parse_args(argv)
     try:
@@ -290,6 +347,8 @@ def main(argv: list[str] | None = None) -> None:
             return
         if not args.model or not args.output:
             parser.error("--model and --output are required (or --verify-only BUNDLE)")
+        if args.external_data_over_mb < 0:
+            parser.error("--external-data-over-mb must not be negative")
         parse_dtypes(args.dtype)
         export(args)
     except (argparse.ArgumentTypeError, CheckpointError, DataError, RecipeError) as e:

@@ -1,6 +1,8 @@
 """Write a reward model's ONNX graph and its variants: fp32 (optimized), fp16 and int8.
 
-The pooling rule is part of the graph, so the server only pads ids and reads one reward per row.
+The pooling rule is part of the graph, so the server only pads ids and reads one reward per row. Large
+models keep their weights outside the graph (protobuf cannot hold more than 2 GB): each variant then has
+one weights file beside it, `<variant file>.data`, which the bundle lists and hashes like every file.
 """
 
 from __future__ import annotations
@@ -50,13 +52,49 @@ def export_graph(model: RewardModel, path: Path, opset: int = 17) -> None:
         )
 
 
-def save(model: onnx.ModelProto, path: Path) -> None:
-    """Save, moving weights to an external data file when the model is over protobuf's 2 GB limit."""
-    large = model.ByteSize() > TWO_GB
-    onnx.save_model(model, str(path), save_as_external_data=large, location=path.name + ".data" if large else None)
+def weights_file(path: Path) -> str:
+    """The one external weights file of the variant at `path` (next to it, named after it)."""
+    return path.name + ".data"
 
 
-def optimize(raw: Path, out: Path) -> str:
+def save(model: onnx.ModelProto, path: Path, external: bool) -> None:
+    """Save one variant; with `external` (or past protobuf's 2 GB), its weights go to `weights_file(path)`."""
+    external = external or model.ByteSize() > TWO_GB
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=external,
+        all_tensors_to_one_file=True,
+        location=weights_file(path) if external else None,
+    )
+
+
+def external_data_files(path: Path) -> set[str]:
+    """The files an ONNX model reads its weights from (relative to its directory); empty when self-contained."""
+    model = onnx.load(str(path), load_external_data=False)
+    tensors = [*model.graph.initializer, *_attribute_tensors(model.graph)]
+    return {
+        entry.value
+        for t in tensors
+        if t.data_location == onnx.TensorProto.EXTERNAL
+        for entry in t.external_data
+        if entry.key == "location"
+    }
+
+
+def _attribute_tensors(graph: onnx.GraphProto) -> list[onnx.TensorProto]:
+    """Tensors held in node attributes (Constant values), subgraphs included."""
+    tensors = []
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.HasField("t"):
+                tensors.append(attribute.t)
+            for subgraph in [*([attribute.g] if attribute.HasField("g") else []), *attribute.graphs]:
+                tensors += [*subgraph.initializer, *_attribute_tensors(subgraph)]
+    return tensors
+
+
+def optimize(raw: Path, out: Path, external: bool) -> str:
     """Apply onnxruntime's provider-independent (basic) rewrites once, at export, and save the graph.
 
     The server applies the hardware-specific levels at load. onnxruntime.transformers' BERT fusions were
@@ -65,15 +103,15 @@ def optimize(raw: Path, out: Path) -> str:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     options.optimized_model_filepath = str(out)
-    if raw.stat().st_size > TWO_GB:
-        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", out.name + ".data")
+    if external:
+        options.add_session_config_entry("session.optimized_model_external_initializers_file_name", weights_file(out))
     ort.InferenceSession(str(raw), options, providers=["CPUExecutionProvider"])
     return "onnxruntime basic level (saved); extended levels applied by the server at load"
 
 
-def make_fp16(fp32_path: Path, out: Path) -> None:
+def make_fp16(fp32_path: Path, out: Path, external: bool) -> None:
     """fp16 weights and activations (for the CUDA provider); inputs and the reward stay int64 / float32."""
-    save(convert_float_to_float16(onnx.load(str(fp32_path)), keep_io_types=True), out)
+    save(convert_float_to_float16(onnx.load(str(fp32_path)), keep_io_types=True), out, external)
 
 
 class _IdsReader(CalibrationDataReader):
@@ -90,7 +128,7 @@ class _IdsReader(CalibrationDataReader):
         return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
-def make_int8(raw_path: Path, out: Path, calibration: list[list[int]]) -> None:
+def make_int8(raw_path: Path, out: Path, calibration: list[list[int]], external: bool) -> None:
     """Static int8 quantization of the matrix products, calibrated on real samples (for CPU serving).
 
     Static, not dynamic: dynamic quantization picks activation scales per batch (padding included), so a
@@ -101,7 +139,14 @@ def make_int8(raw_path: Path, out: Path, calibration: list[list[int]]) -> None:
     """
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
-        quant_pre_process(str(raw_path), str(prepared), skip_symbolic_shape=True)
+        quant_pre_process(
+            str(raw_path),
+            str(prepared),
+            skip_symbolic_shape=True,
+            save_as_external_data=external,
+            all_tensors_to_one_file=True,
+            external_data_location=weights_file(prepared),
+        )
         graph = onnx.load(str(prepared), load_external_data=False).graph
         weights = {i.name for i in graph.initializer}
         weight_products = [
@@ -119,6 +164,7 @@ def make_int8(raw_path: Path, out: Path, calibration: list[list[int]]) -> None:
                 activation_type=QuantType.QUInt8,
                 weight_type=QuantType.QInt8,
                 calibrate_method=CalibrationMethod.MinMax,
+                use_external_data_format=external,
             )
 
 
