@@ -27,6 +27,7 @@ from rm_contract.bundle import load_bundle
 from rm_contract.pb import reward_pb2 as pb
 from rm_contract.recipe import Sample
 from rm_training import export
+from rm_training.model import SUPPORTED_MODEL_TYPES
 from tests.servers import start_server, stop_server
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "bundle.md"
@@ -142,6 +143,7 @@ def supported_table() -> str:
 
 
 def test_docs_list_exactly_the_architectures_of_this_matrix():
+    assert tuple(ARCHITECTURES) == SUPPORTED_MODEL_TYPES  # what rm-export names as supported is what is proven
     text = DOCS.read_text()
     block = re.compile(r"(<!-- architectures:begin -->\n).*?(<!-- architectures:end -->)", re.S)
     assert block.search(text), "docs/bundle.md lacks the architectures block"

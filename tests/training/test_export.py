@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    ViTConfig,
+    ViTModel,
+)
 
 from rm_client.samples import text_samples
 from rm_contract.bundle import BundleError, load_bundle
@@ -185,6 +192,14 @@ def test_unsupported_checkpoints_get_a_clear_error(tmp_path, smollm2_tokenizer):
     assert "output labels; a reward model has exactly one" in result.stderr
     result = rm_export("--model", str(tmp_path), "--output", str(tmp_path / "out"))
     assert result.returncode == 2 and "config.json is missing" in result.stderr
+    vision = tmp_path / "vision"
+    ViTModel(
+        ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    ).save_pretrained(vision)
+    result = rm_export("--model", str(vision), "--output", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert "model type 'vit' has no sequence-classification head" in result.stderr
+    assert "supported: llama, qwen2, qwen3" in result.stderr
     assert not (tmp_path / "out").exists()
 
 

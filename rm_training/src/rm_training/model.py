@@ -17,6 +17,7 @@ from typing import Literal
 import torch
 from torch import nn
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
 
 from rm_contract.backbones import Backbone, load_pretrained, resolve_backbone
 from rm_contract.padding import position_ids
@@ -24,6 +25,12 @@ from rm_contract.recipe import InputRecipe, SampleEncoder
 
 Pooling = Literal["cls", "last_attended", "last_non_pad"]
 METADATA_FILE = "reward_model.json"
+SUPPORTED_MODEL_TYPES = (
+    *("llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text", "phi3", "gpt_neox", "gpt2", "olmo2"),
+    *("bert", "roberta", "deberta-v2", "modernbert", "distilbert", "electra"),
+)
+"""Model types proven end to end by tests/training/test_architectures.py. Other types with a transformers
+sequence-classification head load too; rm-export's parity checks then decide."""
 
 
 @dataclass
@@ -157,6 +164,12 @@ def load_reward_model(
     if not (directory / "config.json").is_file():
         raise CheckpointError(f"{directory} is not a Hugging Face checkpoint: config.json is missing")
     metadata_path = directory / METADATA_FILE
+    model_type = json.loads((directory / "config.json").read_text()).get("model_type")
+    if model_type not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES:
+        raise CheckpointError(
+            f"{directory}: model type {model_type!r} has no sequence-classification head in transformers, so it "
+            f"cannot be a reward model here; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory)
         model = AutoModelForSequenceClassification.from_pretrained(directory, use_safetensors=True)
