@@ -76,12 +76,13 @@ class VerificationError(RuntimeError):
 class Checked:
     """Everything the checks need: the PyTorch reference, the verification set, eval pairs (if any)."""
 
-    model: RewardModel
     pad_id: int
     vset: VerificationSet
     eval_groups: list[TokenizedGroup]
     sides: tuple[str, ...]
     encoder: SampleEncoder
+    torch_eval_accuracy: float | None
+    """PyTorch's pairwise accuracy on the eval pairs, computed up front so the weights can go before ONNX work."""
 
 
 def prepare_checks(model: RewardModel, tokenizer, recipe, eval_data: str | None) -> Checked:
@@ -92,17 +93,17 @@ def prepare_checks(model: RewardModel, tokenizer, recipe, eval_data: str | None)
     vset = VerificationSet(ids, reference_rewards(model, ids))
     tokenized = tokenize_groups(eval_groups, encoder, desc="tokenize eval") if eval_groups else []
     sides = ("right",) if model.pooling == "cls" else ("right", "left")
-    return Checked(model, tokenizer.pad_token_id, vset, tokenized, sides, encoder)
+    pad_id = tokenizer.pad_token_id
+    accuracy = pairwise_accuracy(torch_scorer(model, pad_id), tokenized) if tokenized else None
+    return Checked(pad_id, vset, tokenized, sides, encoder, accuracy)
 
 
 def run_checks(checked: Checked, variant_paths: dict[str, Path]) -> dict:
     """Per variant: parity, batch invariance, accuracy; raises VerificationError listing every failure."""
     scale = max(1.0, float(np.std(checked.vset.reference)))
     report: dict = {"reward_scale": scale, "n_samples": len(checked.vset.ids), "padding_sides": list(checked.sides)}
-    if checked.eval_groups:
-        report["torch_eval_accuracy"] = pairwise_accuracy(
-            torch_scorer(checked.model, checked.pad_id), checked.eval_groups
-        )
+    if checked.torch_eval_accuracy is not None:
+        report["torch_eval_accuracy"] = checked.torch_eval_accuracy
     failures, variants = [], {}
     for dtype, path in variant_paths.items():
         # fp16 is meant for CUDA; without a GPU it is still checked, on the CPU provider (slowly).
@@ -117,6 +118,7 @@ def run_checks(checked: Checked, variant_paths: dict[str, Path]) -> dict:
         result["verified"] = True
         if checked.eval_groups:
             result["eval_accuracy"] = pairwise_accuracy(onnx_scorer(engine, checked.pad_id), checked.eval_groups)
+        del engine  # one ONNX Runtime session at a time: each holds a copy of the weights
         limit = TOLERANCE.get(dtype)
         if limit is not None:
             if result["parity_max_abs_diff"] > limit * scale:
@@ -163,6 +165,7 @@ def export(args: argparse.Namespace) -> Path:
         staging = Path(tmp) / "bundle"
         staging.mkdir()
         export_graph(model, Path(tmp) / "raw.onnx", args.opset)
+        model.to("meta")  # the PyTorch weights are done with (references and accuracy are computed): free them
         optimization = optimize(Path(tmp) / "raw.onnx", staging / VARIANT_FILES["fp32"], external)
         if "fp16" in dtypes:
             make_fp16(staging / VARIANT_FILES["fp32"], staging / VARIANT_FILES["fp16"], external)
