@@ -17,7 +17,7 @@ DEMO_DATA := rm_training/data/demo
 BENCH_DIR ?= runs/bench
 PYTRITON_VENV := .venv-pytriton
 
-.PHONY: install system-tools demo test lint proto proto-check demo-data bench bench-env image base-image clean
+.PHONY: install system-tools demo test lint proto proto-check demo-data bench bench-env verify-large image base-image clean
 
 install: $(STAMP)
 
@@ -80,6 +80,11 @@ bench: install bench-env $(BENCH_DIR)/smollm2-bundle/bundle.json
 	test -f $(DEMO_DIR)/bundle/bundle.json || $(MAKE) demo
 	$(PY) bench/serve_bench.py --bundle $(DEMO_DIR)/bundle --checkpoint $(DEMO_DIR)/rm \
 		--decoder-bundle $(BENCH_DIR)/smollm2-bundle
+
+## verify-large: a random Qwen3-0.6B-shaped reward model (bf16 checkpoint, fp32 over 2 GB) exported to fp32 + fp16
+## with external weights, verified, served and scored; time and peak memory to bench/results/verify_large.json.
+verify-large: install
+	$(PY) bench/verify_large.py --work runs/large --results bench/results
 
 ## bench-env: nvidia-pytriton in its own venv (it pins protobuf and numpy below what rewardserve needs).
 bench-env: $(PYTRITON_VENV)/.installed

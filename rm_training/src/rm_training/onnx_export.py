@@ -110,8 +110,21 @@ def optimize(raw: Path, out: Path, external: bool) -> str:
 
 
 def make_fp16(fp32_path: Path, out: Path, external: bool) -> None:
-    """fp16 weights and activations (for the CUDA provider); inputs and the reward stay int64 / float32."""
-    save(convert_float_to_float16(onnx.load(str(fp32_path)), keep_io_types=True), out, external)
+    """fp16 weights and activations (for the CUDA provider); inputs and the reward stay int64 / float32.
+
+    The converter's own shape inference serializes the whole model, which protobuf refuses past 2 GB; with
+    external weights, shapes are inferred from the file instead (onnx reads the weights from disk there).
+    """
+    if not external:
+        save(convert_float_to_float16(onnx.load(str(fp32_path)), keep_io_types=True), out, external)
+        return
+    inferred = fp32_path.with_name("shapes." + fp32_path.name)  # beside it, so its weights file resolves
+    try:
+        onnx.shape_inference.infer_shapes_path(str(fp32_path), str(inferred))
+        model = convert_float_to_float16(onnx.load(str(inferred)), keep_io_types=True, disable_shape_infer=True)
+    finally:
+        inferred.unlink(missing_ok=True)
+    save(model, out, external)
 
 
 class _IdsReader(CalibrationDataReader):
