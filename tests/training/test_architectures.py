@@ -1,6 +1,7 @@
 """The architecture matrix: a tiny random sequence-classification checkpoint of every supported model type is
 exported (rm-export's own parity and batch-invariance checks), served by one rm-serve, and scored through
-gRPC batched and alone (equal within 1e-5) and against transformers' own forward on the bundle's ids.
+gRPC batched and alone (equal within 1e-5) and against transformers' own forward on the bundle's ids (for
+encoders, with the segment ids of the tokenizer's own pair encoding, as such checkpoints are fine-tuned).
 
 Sliding windows are set below the sample lengths, so local-attention masks are exercised too. Some decoders
 have pad == eos (SmolLM2's tokenizer), others a distinct pad token (as Qwen ships). The table of supported
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import AutoConfig, AutoModelForSequenceClassification
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 from transformers.models.auto.modeling_auto import (
     MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES as SEQUENCE_CLASSIFICATION,
 )
@@ -119,11 +120,21 @@ def test_served_rewards_equal_alone_and_transformers_forward(matrix, model_type)
     encoder = load_bundle(repo / name / "1").sample_encoder()
     encoded = [encoder.encode(Sample.from_text(p, r)) for p, r in TEXTS]
     assert encoded[-1].truncated  # the long sample also exercises truncation and the sliding windows
-    ids = [e.ids for e in encoded]
     reference = AutoModelForSequenceClassification.from_pretrained(checkpoints[name]).eval()
-    with torch.no_grad():
-        expected = [reference(input_ids=torch.tensor([i])).logits[0, 0].item() for i in ids]
-    np.testing.assert_allclose(served, expected, atol=1e-4)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoints[name])
+    expected, compared = [], []
+    for (prompt, response), e, reward in zip(TEXTS, encoded, served):
+        inputs = {"input_ids": torch.tensor([e.ids])}
+        if model_type in ENCODERS:  # what the checkpoint was trained on: the tokenizer's own pair encoding
+            if e.truncated:
+                continue  # the tokenizer cannot cut the prompt from the left; covered by batched == alone
+            pair = tokenizer(prompt, response, return_tensors="pt")
+            assert pair["input_ids"][0].tolist() == e.ids
+            inputs = {k: v for k, v in pair.items() if k in ("input_ids", "token_type_ids")}
+        with torch.no_grad():
+            expected.append(reference(**inputs).logits[0, 0].item())
+        compared.append(reward)
+    np.testing.assert_allclose(compared, expected, atol=1e-4)
 
 
 def supported_table() -> str:

@@ -234,6 +234,7 @@ def build_manifest(args, model: RewardModel, metadata, report: dict, optimizatio
         "architecture": (config.architectures or [type(model.model).__name__])[0],
         "model_type": config.model_type,
         "pooling": metadata.pooling,
+        "segment_sep_id": metadata.segment_sep_id,
         "pad_token_id": model.pad_token_id,
         "padding_side": "right",
         "max_length": metadata.recipe.max_length,

@@ -51,6 +51,9 @@ class RewardModelMetadata:
     pooling: Pooling
     source: str
     normalization: RewardNormalization = field(default_factory=RewardNormalization)
+    segment_sep_id: int | None = None
+    """Encoders fine-tuned on `tokenizer(prompt, response)` segments: the separator after which segment 1
+    starts (the graph derives the segment ids from the ids). None: segment 0 everywhere, as rm-train trains."""
 
     def to_dict(self) -> dict:
         return {
@@ -58,6 +61,7 @@ class RewardModelMetadata:
             "pooling": self.pooling,
             "source": self.source,
             "normalization": vars(self.normalization),
+            "segment_sep_id": self.segment_sep_id,
         }
 
     @classmethod
@@ -67,16 +71,18 @@ class RewardModelMetadata:
             pooling=data["pooling"],
             source=data.get("source", ""),
             normalization=RewardNormalization(**data.get("normalization", {})),
+            segment_sep_id=data.get("segment_sep_id"),
         )
 
 
 class RewardModel(nn.Module):
     """Maps padded ids and their attention mask to one reward per row."""
 
-    def __init__(self, model: PreTrainedModel, pooling: Pooling):
+    def __init__(self, model: PreTrainedModel, pooling: Pooling, segment_sep_id: int | None = None):
         super().__init__()
         self.model = model
         self.pooling = pooling
+        self.segment_sep_id = segment_sep_id
         self.pad_token_id = model.config.pad_token_id
         if pooling == "last_non_pad" and self.pad_token_id is None:
             raise ValueError("last_non_pad pooling needs config.pad_token_id")
@@ -84,7 +90,10 @@ class RewardModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         # input_ids, attention_mask: (B, T) -> rewards (B,)
         if self.pooling == "cls":
-            return self.model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0]
+            segments = {}
+            if self.segment_sep_id is not None:
+                segments["token_type_ids"] = segment_ids(input_ids, attention_mask, self.segment_sep_id)
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, **segments).logits[:, 0]
         hidden = self.model.base_model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -98,6 +107,24 @@ class RewardModel(nn.Module):
         last = (keep * torch.arange(T, device=input_ids.device)).argmax(-1)  # (B,)
         pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
         return self.model.score(pooled.to(self.model.score.weight.dtype))[:, 0]
+
+
+def segment_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor, sep_id: int) -> torch.Tensor:
+    """BERT's pair convention from the ids alone: 0 up to and including the first separator, 1 after it."""
+    is_sep = (input_ids == sep_id).long()  # (B, T)
+    return ((is_sep.cumsum(-1) - is_sep) > 0).long() * attention_mask.long()
+
+
+def pair_segment_separator(
+    tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel, recipe: InputRecipe
+) -> int | None:
+    """The separator id when the checkpoint reads segment ids on the pair template (BERT, ELECTRA, ...):
+    the tokenizer gives the response segment 1 and the model has an embedding for it. None otherwise."""
+    if recipe.template != "pair" or (getattr(model.config, "type_vocab_size", 0) or 0) < 2:
+        return None
+    if 1 not in tokenizer("a", "b").get("token_type_ids", []):
+        return None
+    return tokenizer.sep_token_id
 
 
 def pooling_of(model: PreTrainedModel) -> Pooling:
@@ -184,7 +211,7 @@ def load_reward_model(
         if template or max_length:
             raise CheckpointError(f"{directory} was trained by rm-train: its input recipe is fixed by training")
         metadata = RewardModelMetadata.from_dict(json.loads(metadata_path.read_text()))
-        return RewardModel(model, metadata.pooling), tokenizer, metadata
+        return RewardModel(model, metadata.pooling, metadata.segment_sep_id), tokenizer, metadata
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if model.config.pad_token_id is None:
@@ -194,7 +221,9 @@ def load_reward_model(
         v for v in (tokenizer.model_max_length, getattr(model.config, "max_position_embeddings", None), 2048) if v
     )
     recipe = default_recipe(tokenizer, pooling, limit, template)
-    return RewardModel(model, pooling), tokenizer, RewardModelMetadata(recipe, pooling, source=str(directory))
+    separator = pair_segment_separator(tokenizer, model, recipe)
+    metadata = RewardModelMetadata(recipe, pooling, source=str(directory), segment_sep_id=separator)
+    return RewardModel(model, pooling, separator), tokenizer, metadata
 
 
 def save_reward_model(
