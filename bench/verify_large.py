@@ -132,7 +132,7 @@ def main() -> None:
     served = serve_and_score(work / "bundle", "fp32")
 
     report = {
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, no GPU",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, CPUExecutionProvider",
         "model": "Qwen3-0.6B-shaped, random init, bf16 checkpoint",
         "checkpoint_mb": round(checkpoint_mb, 1),
         "bundle_files_mb": {

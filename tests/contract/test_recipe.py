@@ -75,7 +75,11 @@ def test_max_length_without_room_for_a_response_is_an_error(minilm_tokenizer):
         ({"recipe": None}, "'recipe' must be a JSON dict"),
         ({"name": None}, "'name' must be a JSON str"),
         ({"recipe": {"template": "pair", "max_length": 8, "colour": "red"}}, "'recipe' is not an input recipe"),
-        ({"variants": {"fp64": {"file": "m.onnx"}}}, "unknown variants ['fp64']"),
+        ({"variants": {"fp64": {"file": "model.onnx"}}}, "unknown variants ['fp64']"),
+        (
+            {"variants": {"fp32": {"file": "model.onnx", "weights_file": "model.onnx.data"}}},
+            "variant 'fp32': weights_file 'model.onnx.data' is not listed in 'files'",
+        ),
     ],
 )
 def test_a_malformed_manifest_is_refused_naming_the_field(tmp_path, change, message):
@@ -87,13 +91,13 @@ def test_a_malformed_manifest_is_refused_naming_the_field(tmp_path, change, mess
         "max_length": 8,
         "recipe": {"template": "pair", "max_length": 8},
         "variants": {"fp32": {"file": "model.onnx"}},
-        "files": {},
+        "files": {"model.onnx": "0" * 64},
     }
     (tmp_path / MANIFEST).write_text(json.dumps(manifest))
-    assert load_bundle(tmp_path).recipe.max_length == 8
+    assert load_bundle(tmp_path, verify=False).recipe.max_length == 8
     (tmp_path / MANIFEST).write_text(json.dumps({**manifest, **change}))
     with pytest.raises(BundleError, match=re.escape(message)):
-        load_bundle(tmp_path)
+        load_bundle(tmp_path, verify=False)
     missing = {k: v for k, v in manifest.items() if k != "files"}
     (tmp_path / MANIFEST).write_text(json.dumps(missing))
     with pytest.raises(BundleError, match="'files' is missing"):

@@ -35,8 +35,13 @@ DOCS = Path(__file__).resolve().parents[2] / "docs" / "bundle.md"
 DECODER = dict(
     hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256
 )
-ENCODER = dict(
-    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=512
+ENCODER = dict(  # initializer_range well above the default 0.02, so that segment ids move the reward measurably
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=512,
+    initializer_range=0.2,
 )
 GQA = dict(num_key_value_heads=2)
 ARCHITECTURES = {  # model_type -> tiny config overrides
@@ -54,10 +59,13 @@ ARCHITECTURES = {  # model_type -> tiny config overrides
     "roberta": ENCODER,
     "deberta-v2": ENCODER,
     "modernbert": {**ENCODER, "local_attention": 16},
-    "distilbert": dict(dim=32, hidden_dim=64, n_layers=2, n_heads=4, max_position_embeddings=512),
+    "distilbert": dict(
+        dim=32, hidden_dim=64, n_layers=2, n_heads=4, max_position_embeddings=512, initializer_range=0.2
+    ),
     "electra": {**ENCODER, "embedding_size": 32},
 }
 ENCODERS = {"bert", "roberta", "deberta-v2", "modernbert", "distilbert", "electra"}
+SEGMENTED = {"bert", "roberta", "electra"}  # tokenizer pair segments and a segment-1 embedding (type_vocab_size 2)
 DISTINCT_PAD = {"qwen2", "qwen3", "gpt2"}  # pad = <|endoftext|>, eos = <|im_end|>, as Qwen ships
 TEXTS = [
     ("How was it?", "Great."),
@@ -122,6 +130,8 @@ def test_served_rewards_equal_alone_and_transformers_forward(matrix, model_type)
     assert encoded[-1].truncated  # the long sample also exercises truncation and the sliding windows
     reference = AutoModelForSequenceClassification.from_pretrained(checkpoints[name]).eval()
     tokenizer = AutoTokenizer.from_pretrained(checkpoints[name])
+    segments_used = load_bundle(repo / name / "1").manifest["segment_sep_id"] is not None
+    assert segments_used == (model_type in SEGMENTED)
     expected, compared = [], []
     for (prompt, response), e, reward in zip(TEXTS, encoded, served):
         inputs = {"input_ids": torch.tensor([e.ids])}
@@ -131,6 +141,11 @@ def test_served_rewards_equal_alone_and_transformers_forward(matrix, model_type)
             pair = tokenizer(prompt, response, return_tensors="pt")
             assert pair["input_ids"][0].tolist() == e.ids
             inputs = {k: v for k, v in pair.items() if k in ("input_ids", "token_type_ids")}
+            if segments_used:  # the segments must matter, or this comparison could not catch them wrong
+                with torch.no_grad():
+                    unsegmented = reference(input_ids=inputs["input_ids"]).logits[0, 0].item()
+                    segmented = reference(**inputs).logits[0, 0].item()
+                assert abs(segmented - unsegmented) > 1e-3
         with torch.no_grad():
             expected.append(reference(**inputs).logits[0, 0].item())
         compared.append(reward)

@@ -24,9 +24,9 @@ from rm_contract.padding import pad_batch
 from rm_contract.pb import reward_pb2 as pb
 from rm_contract.recipe import Message, Sample
 from rm_server.engine import OnnxEngine
-from rm_training.export import Checked, VerificationError, prepare_checks, run_checks
+from rm_training.export import Checked, VerificationError, check_weights_files, prepare_checks, run_checks
 from rm_training.model import load_reward_model, sample_encoder
-from rm_training.onnx_export import external_data_files
+from rm_training.onnx_export import export_graph, external_data_files, make_int8
 from rm_training.train import TrainConfig, train
 from tests.conftest import rm_export, sentiment_pairs, write_jsonl
 from tests.servers import start_server, stop_server
@@ -247,3 +247,20 @@ def test_bf16_checkpoint_exports_served_with_one_weights_file_per_variant(tiny_d
     (out / "model.fp16.onnx.data").unlink()
     with pytest.raises(BundleError, match=r"model.fp16.onnx.data: missing"):
         load_bundle(out)
+
+
+def test_int8_variant_keeps_its_weights_in_its_own_file(tiny_decoder_checkpoint, tmp_path):
+    """The external-weights path of static int8 (large models exported for CPU serving)."""
+    model, _, _ = load_reward_model(tiny_decoder_checkpoint, max_length=32)
+    export_graph(model.eval(), tmp_path / "raw.onnx")
+    out = tmp_path / "bundle"
+    out.mkdir()
+    make_int8(tmp_path / "raw.onnx", out / "model.int8.onnx", [[5, 6, 7, 8, 9], [10, 11, 12]] * 4, external=True)
+    assert check_weights_files(out / "model.int8.onnx", external=True) == "model.int8.onnx.data"
+    ids = [[5, 6, 7], [8, 9, 10, 11, 12]]
+    batched = OnnxEngine(out / "model.int8.onnx").score(*pad_batch(ids, 0))
+    alone = [OnnxEngine(out / "model.int8.onnx").score(*pad_batch([i], 0))[0] for i in ids]
+    np.testing.assert_allclose(batched, alone, atol=1e-5)
+    with pytest.raises(VerificationError, match="reads weights from itself; expected"):
+        make_int8(tmp_path / "raw.onnx", out / "inline.onnx", [[5, 6, 7]], external=False)
+        check_weights_files(out / "inline.onnx", external=True)

@@ -56,6 +56,10 @@ def manifest_problems(manifest: dict) -> list[str]:
         unknown = sorted(set(manifest["variants"]) - set(VARIANTS))
         if unknown:
             problems.append(f"unknown variants {unknown} (expected {', '.join(VARIANTS)})")
+        for name, variant in manifest["variants"].items():  # every file a variant loads must be hashed
+            for key in ("file", "weights_file"):
+                if isinstance(variant, dict) and key in variant and variant[key] not in manifest["files"]:
+                    problems.append(f"variant '{name}': {key} {variant[key]!r} is not listed in 'files'")
     return problems
 
 

@@ -67,6 +67,9 @@ from rm_training.parity import (
     verification_samples,
 )
 
+INLINE_LIMIT_MB = 1536
+"""Weights above this always go to external files: a graph holding them inline nears protobuf's 2 GB limit."""
+
 
 class VerificationError(RuntimeError):
     """A variant failed parity, batch invariance or accuracy; the message says which and by how much."""
@@ -108,6 +111,7 @@ def run_checks(checked: Checked, variant_paths: dict[str, Path]) -> dict:
     for dtype, path in variant_paths.items():
         # fp16 is meant for CUDA; without a GPU it is still checked, on the CPU provider (slowly).
         providers = ("cuda", "cpu") if dtype == "fp16" and torch.cuda.is_available() else ("cpu",)
+        engine = None  # a session from a failed check must not live on while the next one is built
         try:
             engine = OnnxEngine(path, providers)
             result = check_variant(engine, checked.vset, checked.pad_id, checked.sides)
@@ -149,7 +153,7 @@ def export(args: argparse.Namespace) -> Path:
     checkpoint_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     model = model.float().eval()  # bf16/fp16 checkpoints: fp32 is the reference graph and the parity baseline
     fp32_mb = sum(p.numel() for p in model.parameters()) * 4 / 2**20
-    external = fp32_mb > args.external_data_over_mb
+    external = fp32_mb > min(args.external_data_over_mb, INLINE_LIMIT_MB)
     eval_data = args.eval_data = args.eval_data or trained_data(Path(args.model), "eval_data")
     if "int8" in dtypes and not eval_data:
         raise DataError("--dtype int8 needs --eval-data: int8 is accepted only if it keeps pairwise accuracy")
@@ -176,8 +180,7 @@ def export(args: argparse.Namespace) -> Path:
         weights = {d: check_weights_files(path, external) for d, path in paths.items()}
         report = run_checks(checked, paths)
         tokenizer.save_pretrained(staging)
-        for path in staging.iterdir():  # onnx writes weights files owner-only; the server may run as another user
-            path.chmod(0o644)
+        make_readable(staging)
         manifest = build_manifest(args, model, metadata, report, optimization, eval_data)
         for dtype, name in weights.items():
             if name:
@@ -190,6 +193,7 @@ def export(args: argparse.Namespace) -> Path:
         }
         manifest["files"] = hash_files(staging)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        (staging / MANIFEST).chmod(0o644)
         if output.exists():
             shutil.rmtree(output)
         shutil.move(str(staging), str(output))
@@ -208,11 +212,20 @@ def check_weights_files(path: Path, external: bool) -> str | None:
     anywhere but that one file beside it, or the file is not there (the bundle would not load)."""
     files = external_data_files(path)
     expected = {weights_file(path)} if external else set()
-    if files != expected and files:
-        raise VerificationError(f"{path.name} reads weights from {sorted(files)}; expected {sorted(expected)}")
+    if files != expected:
+        found, wanted = sorted(files) or "itself", sorted(expected) or "itself"
+        raise VerificationError(f"{path.name} reads weights from {found}; expected {wanted}")
     if files and not (path.parent / weights_file(path)).is_file():
         raise VerificationError(f"{path.name}: weights file {weights_file(path)} was not written")
     return weights_file(path) if files else None
+
+
+def make_readable(directory: Path) -> None:
+    """Files 0644, folders 0755: onnx writes weights files owner-only, and the server may run as another user
+    (the image's user 10001) on a bundle written by someone else."""
+    directory.chmod(0o755)
+    for path in directory.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
 
 
 def peak_rss_mb() -> float:
@@ -341,7 +354,8 @@ def main(argv: list[str] | None = None) -> None:
         type=float,
         default=1024,
         help="models whose fp32 weights exceed this keep each variant's weights in one .data file beside its"
-        " graph (protobuf holds at most 2 GB); 0 always does (default: 1024)",
+        f" graph; 0 always does; over {INLINE_LIMIT_MB} they always do (protobuf holds at most 2 GB)"
+        " (default: 1024)",
     )
     parser.add_argument("--verify-only", metavar="BUNDLE", help="re-run the checks on an existing bundle")
     args = parser.parse_args(argv)

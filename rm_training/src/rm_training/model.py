@@ -191,7 +191,10 @@ def load_reward_model(
     if not (directory / "config.json").is_file():
         raise CheckpointError(f"{directory} is not a Hugging Face checkpoint: config.json is missing")
     metadata_path = directory / METADATA_FILE
-    model_type = json.loads((directory / "config.json").read_text()).get("model_type")
+    try:
+        model_type = json.loads((directory / "config.json").read_text()).get("model_type")
+    except (json.JSONDecodeError, AttributeError):
+        raise CheckpointError(f"{directory}/config.json is not a JSON object") from None
     if model_type not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES:
         raise CheckpointError(
             f"{directory}: model type {model_type!r} has no sequence-classification head in transformers, so it "
