@@ -200,6 +200,8 @@ def test_unsupported_checkpoints_get_a_clear_error(tmp_path, smollm2_tokenizer):
     assert result.returncode == 2
     assert "model type 'vit' has no sequence-classification head" in result.stderr
     assert "supported: llama, qwen2, qwen3" in result.stderr
+    result = rm_export("--model", str(causal), "--output", str(tmp_path / "out"), "--external-data-over-mb", "-1")
+    assert result.returncode == 2 and "--external-data-over-mb must not be negative" in result.stderr
     assert not (tmp_path / "out").exists()
 
 
