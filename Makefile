@@ -80,6 +80,7 @@ bench: install bench-env $(BENCH_DIR)/smollm2-bundle/bundle.json
 	test -f $(DEMO_DIR)/bundle/bundle.json || $(MAKE) demo
 	$(PY) bench/serve_bench.py --bundle $(DEMO_DIR)/bundle --checkpoint $(DEMO_DIR)/rm \
 		--decoder-bundle $(BENCH_DIR)/smollm2-bundle
+	$(PY) bench/rlhf_bench.py --bundle $(DEMO_DIR)/bundle --checkpoint $(DEMO_DIR)/rm
 
 ## verify-large: a random Qwen3-0.6B-shaped reward model (bf16 checkpoint, fp32 over 2 GB) exported to fp32 + fp16
 ## with external weights, verified, served and scored; time and peak memory to bench/results/verify_large.json.
