@@ -5,8 +5,9 @@ responses log-normal over 20-1000 tokens (capped at the model's max length by it
 
 Sent two ways, as trainers do: one request per sample at high concurrency (OpenRLHF's and veRL's remote
 reward calls) and one request per group (TRL's reward function). rm-serve against the OpenRLHF-style naive
-server (bench/naive_server.py) and the offline ONNX Runtime limit on the same samples, in one run; ratios
-are what count. Writes bench/results/rlhf.json.
+server (bench/naive_server.py), Triton's dynamic batcher through PyTriton (where `make bench-env` built its
+venv) and the offline ONNX Runtime limit on the same samples, in one run; ratios are what count. Writes
+bench/results/rlhf.json.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ GROUP_SIZE = 8
 PROMPT_TOKENS = (30, 300)
 RESPONSE_TOKENS = (20, 1000)
 RESPONSE_MEDIAN, RESPONSE_SIGMA = 150, 0.9  # log-normal: most responses short, a long tail
+SYSTEMS = ("server", "naive", "pytriton")
+MODES = ("per_sample", "per_group")
 
 
 def text_of(words: list[str], tokens: int, count, rng: random.Random) -> str:
@@ -105,15 +108,30 @@ def main() -> None:
         loadgen.load_http(base_url, loadgen.NAIVE, per_sample[:8], 2, tokens_of)  # warm up
         result["naive_per_sample"] = loadgen.load_http(base_url, loadgen.NAIVE, per_sample, args.concurrency, tokens_of)
         result["naive_per_group"] = loadgen.load_http(base_url, loadgen.NAIVE, per_group, group_concurrency, tokens_of)
-    for point in ("server_per_sample", "server_per_group", "naive_per_sample", "naive_per_group"):
+    if reason := servers.pytriton_unavailable():
+        print(f"PyTriton skipped: {reason}")
+        result["pytriton"] = f"skipped: {reason}"
+    else:
+        print("PyTriton ...", flush=True)
+        with servers.pytriton_server(args.bundle, "fp32") as base_url:
+            loadgen.load_http(base_url, loadgen.TRITON, per_sample[:8], 2, tokens_of)  # warm up
+            result["pytriton_per_sample"] = loadgen.load_http(
+                base_url, loadgen.TRITON, per_sample, args.concurrency, tokens_of
+            )
+            result["pytriton_per_group"] = loadgen.load_http(
+                base_url, loadgen.TRITON, per_group, group_concurrency, tokens_of
+            )
+    points = [f"{system}_{mode}" for system in SYSTEMS for mode in MODES if f"{system}_{mode}" in result]
+    for point in points:
         result[point].pop("_latencies")
-    rate = {
-        k: result[k]["samples_per_s"]
-        for k in ("server_per_sample", "server_per_group", "naive_per_sample", "naive_per_group")
-    }
+    rate = {point: result[point]["samples_per_s"] for point in points}
     result["ratios"] = {
-        "server_vs_naive_per_sample": round(rate["server_per_sample"] / rate["naive_per_sample"], 3),
-        "server_vs_naive_per_group": round(rate["server_per_group"] / rate["naive_per_group"], 3),
+        **{
+            f"server_vs_{other}_{mode}": round(rate[f"server_{mode}"] / rate[f"{other}_{mode}"], 3)
+            for other in ("naive", "pytriton")
+            for mode in MODES
+            if f"{other}_{mode}" in rate
+        },
         "server_per_sample_vs_offline_ort": round(
             rate["server_per_sample"] / result["offline_ort"]["samples_per_s"], 3
         ),
