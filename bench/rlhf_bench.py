@@ -72,6 +72,11 @@ def main() -> None:
     args = parser.parse_args()
 
     bundle = load_bundle(args.bundle)
+    metadata = Path(args.checkpoint) / "reward_model.json"
+    if not metadata.is_file() or json.loads(metadata.read_text())["recipe"] != bundle.manifest["recipe"]:
+        # a checkpoint without its recipe gets a default one (e.g. 512 tokens instead of the bundle's 256), and
+        # the naive server would then do other work than rm-serve
+        raise SystemExit(f"{args.checkpoint} must be the rm-train checkpoint {args.bundle} was exported from")
     encoder, pad_id = bundle.sample_encoder(), bundle.manifest.get("pad_token_id") or 0
     tokenizer = encoder.tokenizer
     words = [w for p, r in demo_pairs() for w in (p + " " + r).split()]
