@@ -69,10 +69,6 @@ _NEEDS_PREFERENCE = {
 }
 
 
-def count_pairs(groups: list[PreferenceGroup]) -> int:
-    return sum(len(g.pairs) for g in groups)
-
-
 def read_records(path: str | Path) -> Iterator[tuple[str, object]]:
     """(`file:line` or `dir:row N`, the record as parsed JSON) for every record of a JSONL file or a saved
     `datasets` directory, not yet checked against any format."""

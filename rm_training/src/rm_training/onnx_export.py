@@ -23,8 +23,6 @@ from onnxruntime.transformers.float16 import convert_float_to_float16
 from rm_contract.padding import pad_batch
 from rm_training.model import RewardModel
 
-TWO_GB = 2 * 1024**3
-
 
 def export_graph(model: RewardModel, path: Path, opset: int = 17) -> None:
     """Trace the reward model (ids, mask) -> reward with dynamic batch and sequence axes.
@@ -58,8 +56,8 @@ def weights_file(path: Path) -> str:
 
 
 def save(model: onnx.ModelProto, path: Path, external: bool) -> None:
-    """Save one variant; with `external` (or past protobuf's 2 GB), its weights go to `weights_file(path)`."""
-    external = external or model.ByteSize() > TWO_GB
+    """Save one variant; with `external` (decided by rm-export for every variant), its weights go to
+    `weights_file(path)`."""
     onnx.save_model(
         model,
         str(path),
