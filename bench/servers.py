@@ -53,19 +53,23 @@ def _wait_ready(process: subprocess.Popen, ready: Callable[[], bool], name: str,
 
 
 @contextmanager
-def rm_serve(bundle: str, variant: str, extra: list[str] = ()) -> Iterator[tuple[str, subprocess.Popen]]:
-    """A running rm-serve: yields (target, process)."""
+def rm_serve(
+    bundle: str, variant: str, extra: list[str] = (), log: Path | None = None
+) -> Iterator[tuple[str, subprocess.Popen]]:
+    """A running rm-serve (this interpreter's rm_server, installed or on PYTHONPATH): yields (target, process).
+    Its log goes to `log`, or nowhere."""
     port = free_port()
-    command = [str(BIN / "rm-serve"), "--bundle", bundle, "--port", str(port), "--metrics-port", "-1"]
-    process = subprocess.Popen(
-        [*command, "--variant", variant, *extra], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    command = [sys.executable, "-m", "rm_server.main", "--bundle", bundle, "--port", str(port), "--metrics-port", "-1"]
+    output = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - closed below
+    process = subprocess.Popen([*command, "--variant", variant, *extra], stdout=output, stderr=subprocess.STDOUT)
     try:
         target = f"127.0.0.1:{port}"
         wait_until_serving(grpc.insecure_channel(target), process, timeout_s=240)
         yield target, process
     finally:
         stop(process)
+        if log:
+            output.close()
 
 
 def _http_ready(base_url: str, protocol: loadgen.HttpProtocol) -> Callable[[], bool]:

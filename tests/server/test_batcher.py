@@ -119,3 +119,27 @@ def test_cancelled_requests_leave_the_queue():
 
     batches = run(with_batcher(engine, BatcherConfig(max_batch_tokens=16384, max_delay_ms=1), body))
     assert batches == [(1, 3)]  # the cancelled rows never reached the engine
+
+
+def test_the_next_full_batch_is_formed_while_the_engine_runs_and_a_partial_one_waits():
+    engine = RecordingEngine()
+    engine.gate.clear()
+
+    async def body(batcher):
+        first = asyncio.create_task(batcher.score([[1] * 4]))
+        await asyncio.sleep(0.02)  # the first batch is now inside the (held) engine
+        partial = asyncio.create_task(batcher.score([[2] * 4] * 3))
+        await asyncio.sleep(0.02)
+        waiting_partial = batcher.queue_depth  # not enough for a batch: it waits for the engine, gathering
+        full = asyncio.create_task(batcher.score([[3] * 4] * 8))
+        await asyncio.sleep(0.02)
+        waiting_full = batcher.queue_depth  # a full batch left the queue, padded, queued behind the engine
+        engine.gate.set()
+        results = await asyncio.gather(first, partial, full)
+        return waiting_partial, waiting_full, [r.rewards.tolist() for r in results]
+
+    config = BatcherConfig(max_batch_tokens=10_000, max_batch_size=8, max_delay_ms=1)
+    waiting_partial, waiting_full, rewards = run(with_batcher(engine, config, body))
+    assert (waiting_partial, waiting_full) == (3, 3)
+    assert rewards == [[4.0], [8.0] * 3, [12.0] * 8]
+    assert engine.batches == [(1, 4), (8, 4), (3, 4)]

@@ -25,6 +25,8 @@ from rm_contract.padding import pad_batch
 from rm_server.errors import InferenceFailed, QueueFull
 
 log = logging.getLogger(__name__)
+PIPELINE_DEPTH = 2
+"""Batches in hand at once: one in the engine, the next formed and padded behind it."""
 
 
 class Engine(Protocol):
@@ -38,7 +40,8 @@ class BatchingOptions:
     max_batch_tokens: int = option(
         0,
         "Padded tokens per batch (rows x longest row); 0: 1024 on CPU (bigger batches run slower per sample "
-        "there, docs/benchmarks.md), 16384 on GPU; never below the model's max length.",
+        "there, docs/benchmarks.md); on GPU sized from the free GPU memory after a 16384-token warm-up batch; "
+        "never below the model's max length.",
     )
     max_batch_size: int = option(64, "Rows per batch.")
     max_delay_ms: float = option(
@@ -60,6 +63,14 @@ class BatchingOptions:
         return self.max_batch_tokens
 
 
+def budget_from_memory(free_bytes: int, bytes_per_token: float, measured_tokens: int, cap: int) -> int:
+    """GPU token budget: the `measured_tokens` batch that already ran, plus what 80% of the memory still
+    free holds at the measured activation bytes per token, at most `cap` (max rows x max length)."""
+    if bytes_per_token <= 0:  # the measurement saw no growth: keep what is known to fit
+        return measured_tokens
+    return max(measured_tokens, min(cap, measured_tokens + int(0.8 * free_bytes / bytes_per_token)))
+
+
 @dataclass(frozen=True)
 class BatcherConfig(BatchingOptions):
     """One batcher's settings: the options with the token budget resolved (see `token_budget`)."""
@@ -71,6 +82,13 @@ class BatcherConfig(BatchingOptions):
     def __post_init__(self) -> None:
         if self.max_batch_tokens < 1:
             raise ValueError("BatcherConfig needs a resolved max_batch_tokens (BatchingOptions.token_budget)")
+
+
+def timed(fn, *args):
+    """(fn(*args), seconds it took): measured in the engine thread, so a batch queued behind another is
+    not charged for the wait."""
+    started = time.perf_counter()
+    return fn(*args), time.perf_counter() - started
 
 
 @dataclass
@@ -118,6 +136,7 @@ class Batcher:
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._task: asyncio.Task | None = None
+        self._running: set[asyncio.Task] = set()
 
     @property
     def queue_depth(self) -> int:
@@ -127,9 +146,10 @@ class Batcher:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="batcher")
 
     async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        tasks = [t for t in (self._task, *self._running) if t]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         self._executor.shutdown(wait=True)
 
     async def score(self, sequences: Sequence[Sequence[int]]) -> JobResult:
@@ -151,39 +171,61 @@ class Batcher:
         return JobResult(job.rewards, job.queue_s, job.inference_s)
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
+        """Form batches and hand them to the engine thread, keeping at most PIPELINE_DEPTH in hand: while
+        one runs, the next (when the queue already fills it) is formed and padded, so the engine never
+        waits on the event loop between batches. A batch that is not full waits for the engine instead,
+        gathering what arrives meanwhile."""
         while True:
+            self._running = {t for t in self._running if not t.done()}
             if not self._pending:
                 self._wakeup.clear()
                 await self._wakeup.wait()
-            await self._wait_for_more()
+                continue
+            if self._running:
+                if len(self._running) >= PIPELINE_DEPTH or not self._batch_is_full():
+                    await self._engine_done_or_more_work()
+                    continue
+            else:
+                await self._wait_for_more()
             batch = self._take_batch()
-            if not batch:
-                continue
-            sequences = [job.sequences[i] for job, i in batch]
-            input_ids, attention_mask = pad_batch(sequences, self.config.pad_id)
-            started = time.perf_counter()
+            if batch:
+                self._running.add(asyncio.get_running_loop().create_task(self._execute(batch), name="batch"))
+
+    async def _engine_done_or_more_work(self) -> None:
+        self._wakeup.clear()
+        wakeup = asyncio.ensure_future(self._wakeup.wait())
+        try:
+            await asyncio.wait({*self._running, wakeup}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            wakeup.cancel()
+
+    async def _execute(self, batch: list[tuple[_Job, int]]) -> None:
+        """Pad, run in the engine thread, deliver; a failure fails only this batch's requests."""
+        sequences = [job.sequences[i] for job, i in batch]
+        input_ids, attention_mask = pad_batch(sequences, self.config.pad_id)
+        formed = time.perf_counter()
+        for job, _ in batch:
+            job.queue_s = max(job.queue_s, formed - job.enqueued)
+        try:
+            rewards, elapsed = await asyncio.get_running_loop().run_in_executor(
+                self._executor, timed, self.engine.score, input_ids, attention_mask
+            )
+            if len(rewards) != len(batch):
+                raise RuntimeError(f"engine returned {len(rewards)} rewards for {len(batch)} rows")
+        except Exception as e:  # noqa: BLE001 - only this batch's requests fail; the server keeps serving
+            log.exception("inference failed on a batch of %d rows", len(batch))
             for job, _ in batch:
-                job.queue_s = max(job.queue_s, started - job.enqueued)
-            try:
-                rewards = await loop.run_in_executor(self._executor, self.engine.score, input_ids, attention_mask)
-                if len(rewards) != len(batch):
-                    raise RuntimeError(f"engine returned {len(rewards)} rewards for {len(batch)} rows")
-            except Exception as e:  # noqa: BLE001 - only this batch's requests fail; the server keeps serving
-                log.exception("inference failed on a batch of %d rows", len(batch))
-                for job, _ in batch:
-                    if not job.future.done():
-                        job.future.set_exception(InferenceFailed(f"inference failed: {type(e).__name__}: {e}"))
-                continue
-            elapsed = time.perf_counter() - started
-            self.on_batch(BatchStats(len(batch), input_ids.size, int(attention_mask.sum()), elapsed))
-            for job in {id(job): job for job, _ in batch}.values():
-                job.inference_s += elapsed
-            for (job, i), reward in zip(batch, rewards):
-                job.rewards[i] = reward
-                job.remaining -= 1
-                if job.remaining == 0 and not job.future.done():
-                    job.future.set_result(None)
+                if not job.future.done():
+                    job.future.set_exception(InferenceFailed(f"inference failed: {type(e).__name__}: {e}"))
+            return
+        self.on_batch(BatchStats(len(batch), input_ids.size, int(attention_mask.sum()), elapsed))
+        for job in {id(job): job for job, _ in batch}.values():
+            job.inference_s += elapsed
+        for (job, i), reward in zip(batch, rewards):
+            job.rewards[i] = reward
+            job.remaining -= 1
+            if job.remaining == 0 and not job.future.done():
+                job.future.set_result(None)
 
     async def _wait_for_more(self) -> None:
         """Let a not-yet-full batch gather more work, at most max_delay_ms after its oldest sample arrived."""

@@ -12,6 +12,7 @@ unloaded once the calls that started on it have finished.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -24,8 +25,8 @@ import numpy as np
 from rm_contract.bundle import VARIANTS, Bundle, BundleError, load_bundle
 from rm_contract.config_cli import ConfigError, option
 from rm_contract.padding import pad_batch
-from rm_server.batcher import Batcher, BatcherConfig, BatchingOptions
-from rm_server.engine import OnnxEngine
+from rm_server.batcher import Batcher, BatcherConfig, BatchingOptions, budget_from_memory
+from rm_server.engine import OnnxEngine, free_gpu_memory
 from rm_server.errors import InvalidRequest, ModelNotFound
 from rm_server.metrics import ServiceMetrics
 from rm_server.scoring import Limits, SampleInput, Scorer
@@ -69,9 +70,9 @@ class ModelSettings(BatchingOptions):
     def limits(self) -> Limits:
         return Limits(max_samples_per_request=self.max_samples_per_request)
 
-    def batcher_config(self, max_length: int, pad_id: int) -> BatcherConfig:
+    def batcher_config(self, max_length: int, pad_id: int, on_gpu: bool) -> BatcherConfig:
         try:
-            budget = self.token_budget(max_length, on_gpu=self.provider_list[0] in ("cuda", "tensorrt"))
+            budget = self.token_budget(max_length, on_gpu)
         except ValueError as e:
             raise BundleError(str(e)) from None
         return BatcherConfig(
@@ -105,13 +106,39 @@ class LoadedModel:
 
     async def start(self) -> None:
         recipe, manifest = self.bundle.recipe, self.bundle.manifest
-        config = self.settings.batcher_config(recipe.max_length, pad_id=manifest.get("pad_token_id") or 0)
+        config = self.settings.batcher_config(recipe.max_length, manifest.get("pad_token_id") or 0, self.engine.on_gpu)
+        if self.engine.on_gpu and not self.settings.max_batch_tokens:
+            budget = await asyncio.to_thread(self._gpu_budget, config)
+            config = dataclasses.replace(config, max_batch_tokens=budget)
+        self.engine.reserve(config.max_batch_tokens, config.max_batch_size)
         self.batcher = Batcher(self.engine, config, on_batch=self._metrics.record_batch)
         settings = self.settings
         self.scorer = Scorer(self.bundle, settings.variant, self.batcher, settings.limits, settings.tokenizer_threads)
         self.batcher.start()
         for length in (8, recipe.max_length):  # the first real call pays no start-up cost
             await asyncio.to_thread(self.engine.score, *pad_batch([[1] * length], 0))
+
+    def _gpu_budget(self, config: BatcherConfig) -> int:
+        """Run the default budget's worth of longest rows and size the budget from the memory it took."""
+        max_length = self.bundle.recipe.max_length
+        rows = max(1, config.max_batch_tokens // max_length)
+        before = free_gpu_memory()
+        self.engine.score(*pad_batch([[1] * max_length] * rows, 0))
+        after = free_gpu_memory()
+        if before is None or after is None:
+            log.warning("GPU memory unreadable (nvidia-ml-py); token budget stays %d", config.max_batch_tokens)
+            return config.max_batch_tokens
+        tokens = rows * max_length
+        budget = budget_from_memory(after, (before - after) / tokens, tokens, config.max_batch_size * max_length)
+        log.info(
+            "%s: %d padded tokens took %.0f MiB of GPU memory; %.0f MiB free; token budget %d",
+            self.name,
+            tokens,
+            (before - after) / 2**20,
+            after / 2**20,
+            budget,
+        )
+        return budget
 
     async def stop(self, grace_s: float = 60.0) -> None:
         """Wait (bounded) for the calls that started on this version, then free the engine."""
