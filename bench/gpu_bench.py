@@ -70,6 +70,7 @@ SHAPES = {
 }
 MAX_LENGTH = 1024  # prompts of 30-300 and responses of 20-1000 tokens: the longest are truncated, as in training
 CONCURRENCY = (1, 16, 64, 256)
+FAILED = "FAILED"  # left by prepare in a model's work directory
 DATASHEET_TFLOPS = 989.0  # H100/H200 SXM dense fp16/bf16 tensor-core peak (NVIDIA's datasheet)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: the dry run only
 
@@ -88,17 +89,37 @@ def make_checkpoint(path: Path, shape: dict, tokenizer_dir: Path) -> None:
 
 
 def prepare(args: argparse.Namespace) -> None:
+    """Each model's checkpoint and bundle; a model that fails leaves FAILED (so `run` stops waiting for it)
+    and the next one is still built."""
     for name in args.models.split(","):
         work = Path(args.work) / name
         if (work / "bundle" / "bundle.json").is_file():
             continue
+        work.mkdir(parents=True, exist_ok=True)
+        (work / FAILED).unlink(missing_ok=True)
         started = time.perf_counter()
-        make_checkpoint(work / "checkpoint", SHAPES[name], Path(args.tokenizer))
-        print(f"{name}: checkpoint in {time.perf_counter() - started:.0f} s", flush=True)
-        command = [sys.executable, "-m", "rm_training.export", "--model", str(work / "checkpoint")]
-        command += ["--output", str(work / "bundle"), "--dtype", "fp32,fp16", "--max-length", str(MAX_LENGTH)]
-        subprocess.run(command, check=True)
+        try:
+            make_checkpoint(work / "checkpoint", SHAPES[name], Path(args.tokenizer))
+            print(f"{name}: checkpoint in {time.perf_counter() - started:.0f} s", flush=True)
+            command = [sys.executable, "-m", "rm_training.export", "--model", str(work / "checkpoint")]
+            command += ["--output", str(work / "bundle"), "--dtype", "fp32,fp16", "--max-length", str(MAX_LENGTH)]
+            subprocess.run(command, check=True)
+        except Exception as e:  # noqa: BLE001 - recorded for run, which would otherwise wait for the bundle
+            (work / FAILED).write_text(f"{type(e).__name__}: {e}\n")
+            print(f"{name}: FAILED: {e}", flush=True)
+            continue
         print(f"{name}: bundle in {time.perf_counter() - started:.0f} s", flush=True)
+
+
+def wait_for_bundle(work: Path, started: float, wait_s: float) -> str | None:
+    """None once the bundle is there; else why not (prepare failed, or it is still exporting after wait_s)."""
+    while not (work / "bundle" / "bundle.json").is_file():
+        if (work / FAILED).is_file():
+            return "prepare failed: " + (work / FAILED).read_text().strip()
+        if time.monotonic() - started > wait_s:
+            return f"no bundle after {wait_s:.0f} s"
+        time.sleep(2)  # prepare (in the background) is still exporting it
+    return None
 
 
 def model_flops_per_token(config, mean_tokens: float) -> float:
@@ -304,11 +325,9 @@ def run(args: argparse.Namespace) -> None:
     }
     started = time.monotonic()
     for name in args.models.split(","):
-        bundle_json = Path(args.work) / name / "bundle" / "bundle.json"
-        while not bundle_json.is_file() and time.monotonic() - started < args.wait_for_bundles_s:
-            time.sleep(2)  # prepare (in the background) is still exporting it
-        if not bundle_json.is_file():
-            print(f"{name}: no bundle after {args.wait_for_bundles_s:.0f} s (see prepare.log); skipped", flush=True)
+        missing = wait_for_bundle(Path(args.work) / name, started, args.wait_for_bundles_s)
+        if missing:
+            print(f"{name}: skipped, {missing} (see prepare-NAME.log)", flush=True)
             continue
         if time.monotonic() - started > args.time_budget_s:
             print(f"{name}: skipped, the time budget is spent", flush=True)

@@ -44,15 +44,17 @@ prepare)
             --target "$STATE/site-base" .gpubench/wheels/*.whl
     fi
     rm -rf "$STATE/tokenizer" && cp -r .gpubench/tokenizer "$STATE/tokenizer"
-    # a new session: it outlives this call (the tool ends a call's other processes); on the upper half of
-    # the cores, so that it disturbs the measurements of the first model while it exports the next
-    setsid nohup $(pin upper) $PYTHON bench/gpu_bench.py prepare --work "$STATE/work" --tokenizer "$STATE/tokenizer" \
-        --models "$MODELS" >"$STATE/prepare.log" 2>&1 </dev/null &
-    echo $! >"$STATE/prepare.pid"
-    sleep 8 && cat "$STATE/prepare.log"
+    # one export per model, side by side (much of an export is single-threaded), each in a new session so
+    # that it outlives this call (the tool ends a call's other processes); on the upper half of the cores,
+    # so that they disturb the measurements of a model that is ready while another still exports
+    for model in ${MODELS//,/ }; do
+        setsid nohup $(pin upper) $PYTHON bench/gpu_bench.py prepare --work "$STATE/work" \
+            --tokenizer "$STATE/tokenizer" --models "$model" >"$STATE/prepare-$model.log" 2>&1 </dev/null &
+    done
+    sleep 8 && tail -n 2 "$STATE"/prepare-*.log
     ;;
 part)
-    tail -n 3 "$STATE/prepare.log" || true
+    tail -n 2 "$STATE"/prepare-*.log || true
     ;;
 run)
     (cd "$STATE/parts" && sha256sum --check --quiet "$STATE/SHA256SUMS")
@@ -92,9 +94,9 @@ PYTHON
     mkdir -p "$OUT"
     status=0
     $(pin lower) $PYTHON bench/gpu_bench.py run --work "$STATE/work" --results "$OUT" --models "$MODELS" \
-        --provider "$PROVIDER" --wait-for-bundles-s "${GPUBENCH_WAIT_S:-420}" \
+        --provider "$PROVIDER" --wait-for-bundles-s "${GPUBENCH_WAIT_S:-480}" \
         --time-budget-s "${GPUBENCH_BUDGET_S:-480}" || status=$?
-    cp "$STATE/prepare.log" "$OUT/"
+    cp "$STATE"/prepare-*.log "$OUT/"
     exit $status
     ;;
 *)

@@ -266,3 +266,18 @@ def test_int8_variant_keeps_its_weights_in_its_own_file(tiny_decoder_checkpoint,
     with pytest.raises(VerificationError, match="reads weights from itself; expected"):
         make_int8(tmp_path / "raw.onnx", out / "inline.onnx", [[5, 6, 7]], external=False)
         check_weights_files(out / "inline.onnx", external=True)
+
+
+def test_an_uninstalled_checkout_exports(monkeypatch):
+    """rm-export run from a checkout on PYTHONPATH (no installed metadata, as on the GPU machine) names its
+    version "source" instead of failing after the whole export, as it once did there."""
+    import importlib.metadata
+
+    import rm_training.export as export
+
+    def not_installed(name: str) -> str:
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    assert export.exporter_version() == importlib.metadata.version("rewardserve-training")
+    monkeypatch.setattr(export, "version", not_installed)
+    assert export.exporter_version() == "source"

@@ -26,7 +26,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
@@ -260,12 +260,21 @@ def build_manifest(args, model: RewardModel, metadata, report: dict, optimizatio
         "variants": variants,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "exporter": {
-            "rewardserve-training": version("rewardserve-training"),
+            "rewardserve-training": exporter_version(),
             "torch": torch.__version__,
             "onnxruntime": ort.__version__,
             "opset": args.opset,
         },
     }
+
+
+def exporter_version() -> str:
+    """rewardserve-training's version, or "source" when it runs from a checkout on PYTHONPATH, not installed
+    (as bench/gpu/device.sh runs it on a machine without a registry)."""
+    try:
+        return version("rewardserve-training")
+    except PackageNotFoundError:
+        return "source"
 
 
 def verify_only(bundle_dir: str, eval_data: str | None) -> None:
