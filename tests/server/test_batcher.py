@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import numpy as np
 import pytest
 
 from rm_server.batcher import Batcher, BatcherConfig
-from rm_server.errors import InferenceFailed, QueueFull
+from rm_server.errors import InferenceFailed, NotReady, QueueFull
 
 
 class RecordingEngine:
@@ -143,3 +144,72 @@ def test_the_next_full_batch_is_formed_while_the_engine_runs_and_a_partial_one_w
     assert (waiting_partial, waiting_full) == (3, 3)
     assert rewards == [[4.0], [8.0] * 3, [12.0] * 8]
     assert engine.batches == [(1, 4), (8, 4), (3, 4)]
+
+
+class LengthlessSequence(list):
+    """A sequence the batching loop itself chokes on (its length cannot be read): a stand-in for any bug
+    outside the engine call."""
+
+    def __len__(self) -> int:
+        raise RuntimeError("injected batching-loop failure")
+
+
+def test_a_failing_metrics_callback_costs_no_answer():
+    def broken_metrics(stats) -> None:
+        raise RuntimeError("injected metrics failure")
+
+    async def body():
+        batcher = Batcher(RecordingEngine(), BatcherConfig(max_batch_tokens=64), on_batch=broken_metrics)
+        batcher.start()
+        try:
+            first = await asyncio.wait_for(batcher.score([[1, 2]]), 5)
+            second = await asyncio.wait_for(batcher.score([[3]]), 5)
+            return first.rewards.tolist(), second.rewards.tolist()
+        finally:
+            await batcher.stop()
+
+    assert run(body()) == ([3.0], [3.0])
+
+
+def test_a_batching_loop_failure_fails_its_requests_and_the_loop_goes_on():
+    async def body(batcher):
+        bad = asyncio.create_task(batcher.score([[1, 2], LengthlessSequence([5])]))
+        with pytest.raises(InferenceFailed, match="injected batching-loop failure"):
+            await asyncio.wait_for(bad, 5)  # before: no answer at all, the request hung to its deadline
+        return (await asyncio.wait_for(batcher.score([[2, 2]]), 5)).rewards.tolist()
+
+    assert run(with_batcher(RecordingEngine(), BatcherConfig(max_batch_tokens=64, max_delay_ms=1), body)) == [4.0]
+
+
+def test_stopping_fails_the_requests_it_holds_at_once():
+    engine = RecordingEngine()
+    engine.gate.clear()
+
+    async def body():
+        batcher = Batcher(engine, BatcherConfig(max_batch_tokens=64, max_batch_size=1))
+        batcher.start()
+        running = asyncio.create_task(batcher.score([[1]]))  # in the (held) engine
+        waiting = asyncio.create_task(batcher.score([[2]] * 3))  # in the queue
+        await asyncio.sleep(0.05)
+        stopping = asyncio.create_task(batcher.stop())
+        await asyncio.sleep(0.05)
+        engine.gate.set()  # let the engine thread finish, so the executor can shut down
+        await asyncio.wait_for(stopping, 5)
+        return await asyncio.gather(running, waiting, return_exceptions=True)
+
+    outcomes = run(body())
+    assert all(isinstance(o, NotReady) for o in outcomes), outcomes
+
+
+def test_max_delay_waits_then_runs_a_partial_batch():
+    """The batch that is not full runs once max_delay_ms has passed (the wait that crashed the loop on
+    Python 3.10, where asyncio.wait_for raised a TimeoutError of another class)."""
+
+    async def body(batcher):
+        started = time.perf_counter()
+        result = await asyncio.wait_for(batcher.score([[1, 1]]), 5)
+        return result.rewards.tolist(), time.perf_counter() - started
+
+    config = BatcherConfig(max_batch_tokens=10_000, max_batch_size=8, max_delay_ms=50)
+    rewards, elapsed = run(with_batcher(RecordingEngine(), config, body))
+    assert rewards == [2.0] and 0.04 < elapsed < 5

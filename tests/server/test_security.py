@@ -26,7 +26,7 @@ SAMPLE = text_samples(["How was the food?"], ["Lovely."])
 
 
 def _certificate(subject: str, key, issuer_name, issuer_key, ca: bool, hosts: tuple[str, ...] = ()):
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     builder = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))

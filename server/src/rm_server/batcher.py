@@ -22,7 +22,7 @@ import numpy as np
 
 from rm_contract.config_cli import option
 from rm_contract.padding import pad_batch
-from rm_server.errors import InferenceFailed, QueueFull
+from rm_server.errors import InferenceFailed, NotReady, QueueFull
 
 log = logging.getLogger(__name__)
 PIPELINE_DEPTH = 2
@@ -101,7 +101,7 @@ class BatchStats:
     inference_s: float
 
 
-@dataclass
+@dataclass(eq=False)  # identity: jobs live in sets
 class _Job:
     """One request's samples on their way through the queue."""
 
@@ -137,20 +137,40 @@ class Batcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._task: asyncio.Task | None = None
         self._running: set[asyncio.Task] = set()
+        self._jobs: set[_Job] = set()
+        """Every job not answered yet, wherever its samples are (queue, formed batch, engine)."""
 
     @property
     def queue_depth(self) -> int:
         return len(self._pending)
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="batcher")
+        self._task = asyncio.get_running_loop().create_task(self._supervise(), name="batcher")
 
     async def stop(self) -> None:
+        """Stop batching; every request not answered yet gets UNAVAILABLE now instead of waiting forever."""
         tasks = [t for t in (self._task, *self._running) if t]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        self._executor.shutdown(wait=True)
+        self._fail_all(NotReady("the model was unloaded or the server is shutting down; retry"))
+        await asyncio.to_thread(self._executor.shutdown, wait=True)
+
+    async def _supervise(self) -> None:
+        """Keep the batching loop alive: should it ever raise, the requests it held fail (INTERNAL) instead
+        of waiting for their deadlines, and it starts again for the requests that come next."""
+        while True:
+            try:
+                await self._run()
+            except Exception as e:  # noqa: BLE001 - anything but cancellation: fail what is held, go on
+                log.exception("the batching loop failed; failing the %d requests it held", len(self._jobs))
+                self._fail_all(InferenceFailed(f"batching failed: {type(e).__name__}: {e}"))
+
+    def _fail_all(self, error: Exception) -> None:
+        for job in self._jobs:
+            if not job.future.done():
+                job.future.set_exception(error)
+        self._pending.clear()
 
     async def score(self, sequences: Sequence[Sequence[int]]) -> JobResult:
         """Rewards of `sequences` in order; cancelling the caller drops its waiting samples."""
@@ -161,6 +181,7 @@ class Batcher:
             )
         job = _Job(sequences, asyncio.get_running_loop().create_future(), time.perf_counter())
         self._pending.extend((job, i) for i in range(len(sequences)))
+        self._jobs.add(job)
         self._wakeup.set()
         try:
             await job.future
@@ -168,6 +189,8 @@ class Batcher:
             job.future.cancel()
             self._pending = [(j, i) for j, i in self._pending if j is not job]
             raise
+        finally:
+            self._jobs.discard(job)
         return JobResult(job.rewards, job.queue_s, job.inference_s)
 
     async def _run(self) -> None:
@@ -200,13 +223,14 @@ class Batcher:
             wakeup.cancel()
 
     async def _execute(self, batch: list[tuple[_Job, int]]) -> None:
-        """Pad, run in the engine thread, deliver; a failure fails only this batch's requests."""
-        sequences = [job.sequences[i] for job, i in batch]
-        input_ids, attention_mask = pad_batch(sequences, self.config.pad_id)
-        formed = time.perf_counter()
-        for job, _ in batch:
-            job.queue_s = max(job.queue_s, formed - job.enqueued)
+        """Pad, run in the engine thread, deliver. Whatever fails here (padding, the engine, a wrong number
+        of rewards) fails only this batch's requests; the metrics callback failing fails none."""
         try:
+            sequences = [job.sequences[i] for job, i in batch]
+            input_ids, attention_mask = pad_batch(sequences, self.config.pad_id)
+            formed = time.perf_counter()
+            for job, _ in batch:
+                job.queue_s = max(job.queue_s, formed - job.enqueued)
             rewards, elapsed = await asyncio.get_running_loop().run_in_executor(
                 self._executor, timed, self.engine.score, input_ids, attention_mask
             )
@@ -218,7 +242,6 @@ class Batcher:
                 if not job.future.done():
                     job.future.set_exception(InferenceFailed(f"inference failed: {type(e).__name__}: {e}"))
             return
-        self.on_batch(BatchStats(len(batch), input_ids.size, int(attention_mask.sum()), elapsed))
         for job in {id(job): job for job, _ in batch}.values():
             job.inference_s += elapsed
         for (job, i), reward in zip(batch, rewards):
@@ -226,15 +249,22 @@ class Batcher:
             job.remaining -= 1
             if job.remaining == 0 and not job.future.done():
                 job.future.set_result(None)
+        try:
+            self.on_batch(BatchStats(len(batch), input_ids.size, int(attention_mask.sum()), elapsed))
+        except Exception:  # noqa: BLE001 - metrics must never cost an answer
+            log.exception("the per-batch metrics callback failed")
 
     async def _wait_for_more(self) -> None:
         """Let a not-yet-full batch gather more work, at most max_delay_ms after its oldest sample arrived."""
         deadline = self._pending[0][0].enqueued + self.config.max_delay_ms / 1000
         while not self._batch_is_full() and (remaining := deadline - time.perf_counter()) > 0:
             self._wakeup.clear()
-            try:
-                await asyncio.wait_for(self._wakeup.wait(), remaining)
-            except TimeoutError:
+            wakeup = asyncio.ensure_future(self._wakeup.wait())
+            try:  # asyncio.wait, not wait_for: no timeout exception (a different class before Python 3.11)
+                done, _ = await asyncio.wait({wakeup}, timeout=remaining)
+            finally:
+                wakeup.cancel()
+            if not done:
                 break
 
     def _batch_is_full(self) -> bool:
