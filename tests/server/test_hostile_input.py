@@ -4,6 +4,7 @@ an answer or a clear client-side status (never INTERNAL/UNKNOWN), and the server
 from __future__ import annotations
 
 import math
+import time
 
 import grpc
 import pytest
@@ -105,11 +106,19 @@ def test_raw_bytes_on_unary_method_paths(server, method, body):
         assert "not a valid message" in error.details() or error.details()
 
 
-def test_raw_bytes_on_the_stream_and_an_oversize_message(server):
+def test_a_malformed_stream_message_ends_the_stream_at_once(server):
+    """Before: the stream hung to the client's deadline (forever without one), and shutdown waited for it."""
     stream = server.channel().stream_stream("/reward.v1.RewardService/ScoreStream")
+    valid = pb.ScoreRequest(request_id="ok", samples=[pb.Sample(text=pb.TextPair(prompt="p", response="r"))])
+    started = time.monotonic()
     with pytest.raises(grpc.RpcError) as broken:
-        list(stream(iter([b"\xff\xff\xff\xff\x0f garbage"]), timeout=30))
-    assert broken.value.code() != grpc.StatusCode.OK
+        list(stream(iter([valid.SerializeToString(), b"\xff\xff\xff\xff\x0f garbage"]), timeout=30))
+    assert broken.value.code() == grpc.StatusCode.INVALID_ARGUMENT, broken.value
+    assert "not a valid ScoreRequest" in broken.value.details()
+    assert time.monotonic() - started < 2  # ends at once (measured ~0.05 s), not at the 30 s deadline
+
+
+def test_an_oversize_message_is_refused(server):
     oversize = pb.ScoreRequest(samples=[pb.Sample(text=pb.TextPair(prompt="p", response="x" * (2 * 1024 * 1024)))])
     with pytest.raises(grpc.RpcError) as too_big:
         server.stub().Score(oversize, timeout=30)

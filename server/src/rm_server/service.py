@@ -24,6 +24,8 @@ from rm_server.models import Ensemble, ModelRegistry
 from rm_server.scoring import preference_probability
 
 log = logging.getLogger("rm_server")
+STREAM_INFLIGHT = 64
+"""Requests of one ScoreStream held at once (scored, or answered and waiting to be sent)."""
 
 
 def rpc(method):
@@ -135,9 +137,16 @@ class RewardService(reward_pb2_grpc.RewardServiceServicer):
         return await self._score(request, request_id)
 
     async def ScoreStream(self, request_iterator, context):
-        """Each request is scored concurrently; responses go out as they finish, tied by request_id."""
+        """Each request is scored concurrently; responses go out as they finish, tied by request_id.
+
+        At most STREAM_INFLIGHT requests of one stream are held at once (being scored or answered and not yet
+        sent): beyond that the server stops reading, and gRPC's flow control holds the client back, so a
+        client that writes fast and never reads costs bounded memory. A message that does not parse ends the
+        stream at once with INVALID_ARGUMENT."""
         responses: asyncio.Queue = asyncio.Queue()
+        slots = asyncio.Semaphore(STREAM_INFLIGHT)
         tasks: set[asyncio.Task] = set()
+        broken: list[str] = []
 
         async def one(request: pb.ScoreRequest) -> None:
             request_id = request.request_id or new_request_id()
@@ -147,11 +156,15 @@ class RewardService(reward_pb2_grpc.RewardServiceServicer):
             await responses.put(result)
 
         async def read() -> None:
-            async for request in request_iterator:
-                task = asyncio.create_task(one(request))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-            await asyncio.gather(*list(tasks))
+            try:
+                async for request in request_iterator:
+                    await slots.acquire()  # released when its response has been sent
+                    task = asyncio.create_task(one(request))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                await asyncio.gather(*list(tasks))
+            except Exception as e:  # noqa: BLE001 - a message that does not parse: end the stream, say why
+                broken.append(f"a message on the stream is not a valid ScoreRequest ({type(e).__name__})")
             await responses.put(None)
 
         reader = asyncio.create_task(read())
@@ -159,7 +172,10 @@ class RewardService(reward_pb2_grpc.RewardServiceServicer):
         try:
             while (response := await responses.get()) is not None:
                 yield response
+                slots.release()
             await reader
+            if broken:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, broken[0])
         finally:  # done, or the caller went away: drop its queued work
             self.inflight -= 1
             reader.cancel()
