@@ -121,6 +121,8 @@ def test_openrlhf_remote_reward_protocol(server, reference):
         (json.dumps({"query": ["ab"]}).encode(), 400, "'prompts' must be a list"),
         (json.dumps({"query": ["ab"], "prompts": ["x"]}).encode(), 400, "query 0 does not start with prompts[0]"),
         (json.dumps({"query": ["ab", "cd"], "prompts": ["a"]}).encode(), 400, "2 queries but 1 prompts"),
+        # refused by its count, before any query is looked at
+        (json.dumps({"query": ["ab"] * 5000, "prompts": ["a"] * 5000}).encode(), 400, "at most 4096 are accepted"),
     ],
 )
 def test_openrlhf_protocol_errors_are_clear(server, body, status, message):

@@ -10,6 +10,10 @@ from rm_server.errors import InvalidRequest
 from rm_server.models import EnsembleScores
 from rm_server.scoring import SampleInput, ScoreOutcome, TokenInput
 
+MAX_MESSAGES_PER_CONVERSATION = 1024
+"""Turns in one conversation sample: far beyond any chat a reward model scores, far below what stalls the
+chat template (2 million empty messages once took 25-52 s to render and score)."""
+
 
 def sample_from_pb(index: int, sample: pb.Sample) -> SampleInput:
     kind = sample.WhichOneof("input")
@@ -23,6 +27,10 @@ def sample_from_pb(index: int, sample: pb.Sample) -> SampleInput:
 
 
 def _conversation(index: int, messages) -> Sample:
+    if len(messages) > MAX_MESSAGES_PER_CONVERSATION:  # counted on the wire message, before converting any
+        raise InvalidRequest(
+            f"sample {index}: {len(messages)} messages; at most {MAX_MESSAGES_PER_CONVERSATION} per conversation"
+        )
     try:
         return Sample.from_messages([Message(m.role, m.content) for m in messages])
     except RecipeError as e:

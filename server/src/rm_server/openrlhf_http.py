@@ -17,6 +17,7 @@ from aiohttp import web
 
 from rm_contract.recipe import Sample
 from rm_server.errors import InvalidRequest
+from rm_server.scoring import Limits
 from rm_server.security import token_matches
 from rm_server.service import RewardService, new_request_id
 
@@ -28,17 +29,26 @@ HTTP_STATUS = {
 PATH = "/get_reward"
 
 
-def split_queries(body: object) -> list[Sample]:
-    """(prompt, response) per query; every problem names the field and the index."""
+def split_queries(body: object, limits: Limits) -> list[Sample]:
+    """(prompt, response) per query; every problem names the field and the index. The count is checked
+    first, before any per-query work."""
     if not isinstance(body, dict):
         raise InvalidRequest("body must be a JSON object with 'query' and 'prompts' lists")
     queries, prompts = body.get("query"), body.get("prompts")
-    if not isinstance(queries, list) or not all(isinstance(q, str) for q in queries):
-        raise InvalidRequest("'query' must be a list of strings (prompt followed by response)")
-    if not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
-        raise InvalidRequest("'prompts' must be a list of strings, one per query (needed to find each response)")
+    bad_queries = InvalidRequest("'query' must be a list of strings (prompt followed by response)")
+    bad_prompts = InvalidRequest("'prompts' must be a list of strings, one per query (needed to find each response)")
+    if not isinstance(queries, list):
+        raise bad_queries
+    if not isinstance(prompts, list):
+        raise bad_prompts
     if len(prompts) != len(queries):
         raise InvalidRequest(f"{len(queries)} queries but {len(prompts)} prompts")
+    if queries:
+        limits.check_count(len(queries))
+    if not all(isinstance(q, str) for q in queries):
+        raise bad_queries
+    if not all(isinstance(p, str) for p in prompts):
+        raise bad_prompts
     samples = []
     for i, (query, prompt) in enumerate(zip(queries, prompts)):
         if not query.startswith(prompt):
@@ -86,7 +96,7 @@ class OpenRLHFEndpoint:
         return web.json_response(result)
 
     async def _score(self, body: object) -> dict:
-        samples = split_queries(body)
+        samples = split_queries(body, self.service.registry.settings.limits)
         if not samples:
             return {"rewards": [], "scores": [], "extra_logs": {}}
         scored = await self.service.rewards_of(samples)  # the default model

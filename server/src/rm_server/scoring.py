@@ -55,6 +55,16 @@ class Limits:
     max_chars_per_sample: int = 1_000_000
     """Text longer than this is refused before tokenization (tokenizing it would stall a worker)."""
 
+    def check_count(self, samples: int) -> None:
+        """Refuse a request by its sample count alone: transports call this on the wire message, before
+        converting anything (a million tiny samples once froze the event loop for seconds)."""
+        if not samples:
+            raise InvalidRequest("request has no samples")
+        if samples > self.max_samples_per_request:
+            raise InvalidRequest(
+                f"request has {samples} samples; at most {self.max_samples_per_request} are accepted per request"
+            )
+
 
 class Scorer:
     """Everything a transport needs to score samples with one bundle."""
@@ -77,13 +87,7 @@ class Scorer:
 
     async def score(self, inputs: list[SampleInput], normalize: bool = False, strict: bool = False) -> ScoreOutcome:
         started = time.perf_counter()
-        if not inputs:
-            raise InvalidRequest("request has no samples")
-        if len(inputs) > self.limits.max_samples_per_request:
-            raise InvalidRequest(
-                f"request has {len(inputs)} samples; "
-                f"at most {self.limits.max_samples_per_request} are accepted per request"
-            )
+        self.limits.check_count(len(inputs))
         loop = asyncio.get_running_loop()
         encoded = await loop.run_in_executor(self._tokenize_pool, self._encode_all, inputs, strict)
         tokenized = time.perf_counter()

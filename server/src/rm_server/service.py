@@ -105,6 +105,7 @@ class RewardService(reward_pb2_grpc.RewardServiceServicer):
 
     async def _score(self, request: pb.ScoreRequest, request_id: str) -> pb.ScoreResponse:
         strict = request.truncation == pb.TRUNCATION_POLICY_STRICT
+        self.registry.settings.limits.check_count(len(request.samples))  # before converting anything
         inputs = samples_from_request(request)
         async with self.registry.use(request.model, request.model_version) as model:
             if isinstance(model, Ensemble):

@@ -1,0 +1,69 @@
+"""Admission before work: a request too big to accept is refused on the wire message, before anything is
+converted or tokenized, and the event loop (health probes, other clients) never notices it."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from rm_contract.pb import reward_pb2 as pb
+
+
+class ProbeLatency:
+    """Health checks in a loop on their own channel while the body runs: the worst latency seen."""
+
+    def __init__(self, target: str):
+        self.stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(target))
+        self.worst = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            started = time.monotonic()
+            self.stub.Check(health_pb2.HealthCheckRequest(), timeout=30)
+            self.worst = max(self.worst, time.monotonic() - started)
+            time.sleep(0.02)
+
+    def during(self, body: Callable[[], object]) -> object:
+        self.stub.Check(health_pb2.HealthCheckRequest(), timeout=30)  # connected before timing starts
+        self._thread.start()
+        try:
+            return body()
+        finally:
+            self._stop.set()
+            self._thread.join(timeout=60)
+
+
+def raw_score(server, body: bytes) -> grpc.RpcError:
+    call = server.channel().unary_unary("/reward.v1.RewardService/Score")
+    with pytest.raises(grpc.RpcError) as refused:
+        call(body, timeout=60)
+    return refused.value
+
+
+def test_a_million_samples_are_refused_by_count_without_stalling_the_loop(server):
+    one = pb.ScoreRequest(samples=[pb.Sample(text=pb.TextPair(prompt="p", response="r"))]).SerializeToString()
+    body = one * 1_000_000  # concatenated messages merge: one request of a million samples, ~10 MB
+    probes = ProbeLatency(server.target)
+    error = probes.during(lambda: raw_score(server, body))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "request has 1000000 samples; at most 64" in error.details()
+    # before: every RPC froze ~8 s while the samples were converted; now the probes stay at milliseconds
+    assert probes.worst < 1.0, probes.worst
+
+
+def test_a_conversation_of_two_million_messages_is_refused_without_stalling_the_loop(server):
+    turns = [pb.Message(role="user", content="")] * 1_999_999 + [pb.Message(role="assistant", content="ok")]
+    sample = pb.Sample(conversation=pb.Conversation(messages=turns))
+    body = pb.ScoreRequest(samples=[sample]).SerializeToString()
+    probes = ProbeLatency(server.target)
+    error = probes.during(lambda: raw_score(server, body))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "2000000 messages; at most 1024 per conversation" in error.details()
+    assert probes.worst < 1.0, probes.worst  # before: answered OK after 25-52 s, the loop frozen up to 28 s
