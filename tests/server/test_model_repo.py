@@ -218,3 +218,28 @@ def test_unloading_frees_the_engine(encoder_bundle):
         gc.collect()
         time.sleep(0.05)
     assert session() is None, "the ONNX Runtime session is still referenced after unload"
+
+
+def test_bad_ensembles_are_rejected_by_name_and_the_rest_is_served(encoder_bundle, tmp_path):
+    """Before: any rejected ensemble raised "dictionary changed size during iteration" (start-up exited 1
+    with a traceback; every later scan failed)."""
+    repo = make_repo(tmp_path, ("a", "1", encoder_bundle))
+    ensembles = {"good": ["a", "a"], "selfish": ["selfish", "a"], "ghostly": ["a", "ghost"], "nested": ["a", "good"]}
+    for name, members in ensembles.items():
+        (repo / name).mkdir()
+        (repo / name / "ensemble.json").write_text(json.dumps({"members": members}))
+
+    async def sync():
+        registry = ModelRegistry(ModelSettings(), ServiceMetrics())
+        try:
+            return await registry.sync(repo, {}), sorted(registry.ensembles)
+        finally:
+            await registry.close()
+
+    report, served = asyncio.run(sync())
+    assert served == ["good"]
+    assert sorted(report["rejected"]) == [
+        "ghostly: ensemble members not loaded: ghost",
+        "nested: ensemble members must be bundle models, not ensembles: good",
+        "selfish: an ensemble cannot be its own member",
+    ]

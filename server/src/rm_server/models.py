@@ -286,15 +286,29 @@ class ModelRegistry:
                         report["rejected"].append(f"{name}: {e}")
                     continue
                 await self._sync_model(model_dir, pins.get(name), report)
-            self.ensembles = wanted_ensembles
+            accepted = {}
             for name, ensemble in wanted_ensembles.items():
-                missing = [m for m in ensemble.members if m not in self.versions]
-                if missing:
-                    del self.ensembles[name]
-                    report["rejected"].append(f"{name}: ensemble members not loaded: {', '.join(missing)}")
+                problem = self._ensemble_problem(ensemble, wanted_ensembles)
+                if problem:
+                    report["rejected"].append(f"{name}: {problem}")
+                else:
+                    accepted[name] = ensemble
+            self.ensembles = accepted
         for line in report["rejected"]:
             log.error("model repository: rejected %s", line)
         return report
+
+    def _ensemble_problem(self, ensemble: Ensemble, ensembles: dict[str, Ensemble]) -> str | None:
+        """Why an ensemble cannot be served (members must be loaded bundle models), or None."""
+        if ensemble.name in ensemble.members:
+            return "an ensemble cannot be its own member"
+        nested = [m for m in ensemble.members if m in ensembles]
+        if nested:
+            return f"ensemble members must be bundle models, not ensembles: {', '.join(nested)}"
+        missing = [m for m in ensemble.members if m not in self.versions]
+        if missing:
+            return f"ensemble members not loaded: {', '.join(missing)}"
+        return None
 
     async def _sync_model(self, model_dir: Path, pin: str | None, report: dict[str, list[str]]) -> None:
         name = model_dir.name
