@@ -34,6 +34,8 @@ from rm_server.security import HEALTH_METHODS, BearerTokenInterceptor, read_toke
 from rm_server.service import RewardService
 
 log = logging.getLogger("rm_server")
+MIN_PING_INTERVAL_MS = 1000
+"""Keepalive pings closer together than this count as abuse (gRPC core's default is 5 minutes)."""
 SERVICE_NAME = reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name
 
 
@@ -139,6 +141,10 @@ class RewardServer:
             options=[
                 ("grpc.max_receive_message_length", message_bytes),
                 ("grpc.max_send_message_length", message_bytes),
+                # rm_client pings idle channels (30 s, without calls): accept that instead of answering
+                # GOAWAY too_many_pings, which costs a long run's next call an UNAVAILABLE
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_ping_interval_without_data_ms", MIN_PING_INTERVAL_MS),
             ],
         )
         reward_pb2_grpc.add_RewardServiceServicer_to_server(self.service, self.server)
