@@ -193,6 +193,18 @@ def test_ensemble_arithmetic_matches_members_scored_separately(encoder_bundle, s
                 results[reduce] = client.score(*zip(*texts))
         with RewardClient(server.target, model="ens") as client:
             info = client.model_info()
+        stub = server.stub()
+        for k in (float("nan"), float("inf"), -1.0):  # before: accepted, NaN or inverted rewards came back
+            request = pb.ScoreRequest(
+                model="ens",
+                samples=text_samples(["p"], ["r"]),
+                ensemble_reduce=pb.ENSEMBLE_REDUCE_MEAN_MINUS_K_STD,
+                ensemble_k=k,
+            )
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.Score(request, timeout=30)
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "ensemble_k must be a finite number >= 0" in refused.value.details()
     finally:
         stop_server(server)
     mean, std = members.mean(axis=0), members.std(axis=0)

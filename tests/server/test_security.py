@@ -19,6 +19,7 @@ from cryptography.x509.oid import NameOID
 
 from rm_client import AsyncRewardClient, RetryPolicy, RewardClient, RewardServiceError, Security
 from rm_client.samples import text_samples
+from rm_server.security import read_token
 from tests.servers import BIN, free_port, probe, start_server, stop_server
 
 NO_RETRY = RetryPolicy(max_attempts=1)
@@ -183,3 +184,11 @@ def test_bad_security_options_exit_2(encoder_bundle, flags, message):
     command = [str(BIN / "rm-serve"), "--bundle", str(encoder_bundle), "--metrics-port", "-1", *flags]
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and message in result.stderr
+
+
+def test_the_token_from_the_environment_is_stripped(monkeypatch):
+    """Before: RM_AUTH_TOKEN=$(cat file) kept a trailing newline, and no client could ever match it."""
+    monkeypatch.setenv("RM_AUTH_TOKEN", "s3cret\n")
+    assert read_token(None) == "s3cret"
+    monkeypatch.setenv("RM_AUTH_TOKEN", "  \n")
+    assert read_token(None) is None

@@ -30,7 +30,7 @@ def read_token(token_file: str | None) -> str | None:
         if not token:
             raise ConfigError(f"--auth-token-file {token_file} is empty")
         return token
-    return os.environ.get(TOKEN_ENV) or None
+    return os.environ.get(TOKEN_ENV, "").strip() or None  # a trailing newline would lock every client out
 
 
 def server_credentials(cert: str, key: str, client_ca: str | None) -> grpc.ServerCredentials:

@@ -6,6 +6,7 @@ import asyncio
 import functools
 import json
 import logging
+import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
@@ -111,6 +112,8 @@ class RewardService(reward_pb2_grpc.RewardServiceServicer):
             if isinstance(model, Ensemble):
                 if request.ensemble_reduce not in REDUCTIONS:
                     raise InvalidRequest(f"unknown ensemble_reduce {request.ensemble_reduce}")
+                if not (math.isfinite(request.ensemble_k) and request.ensemble_k >= 0):
+                    raise InvalidRequest(f"ensemble_k must be a finite number >= 0, not {request.ensemble_k}")
                 started = time.perf_counter()
                 scores = await model.score(self.registry, inputs, strict)
                 rewards = scores.reduce(REDUCTIONS[request.ensemble_reduce], request.ensemble_k or 1.0)
