@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from tokenizers import Tokenizer
 
@@ -33,6 +33,9 @@ MANIFEST_FIELDS: dict[str, type | tuple[type, ...]] = {
     "files": dict,
 }
 """The fields every reader relies on, with their JSON types (docs/bundle.md lists the rest)."""
+
+
+TOKENIZER_FILE = "tokenizer.json"
 
 
 class BundleError(ValueError):
@@ -60,7 +63,17 @@ def manifest_problems(manifest: dict) -> list[str]:
             for key in ("file", "weights_file"):
                 if isinstance(variant, dict) and key in variant and variant[key] not in manifest["files"]:
                     problems.append(f"variant '{name}': {key} {variant[key]!r} is not listed in 'files'")
+        if TOKENIZER_FILE not in manifest["files"]:
+            problems.append(f"'{TOKENIZER_FILE}' is not listed in 'files'")
+        escaping = [name for name in manifest["files"] if escapes(name)]
+        problems += [f"file {name!r} is not a plain path inside the bundle" for name in escaping]
     return problems
+
+
+def escapes(name: str) -> bool:
+    """Whether a manifest's file name could point outside the bundle (absolute, '..', a drive, empty)."""
+    path = PurePosixPath(name)
+    return not name or path.is_absolute() or ".." in path.parts or "\\" in name or ":" in name
 
 
 def sha256_of(path: Path) -> str:
@@ -73,23 +86,32 @@ def sha256_of(path: Path) -> str:
 
 def hash_files(directory: Path) -> dict[str, str]:
     """sha256 of every file in the bundle except the manifest, by path relative to the bundle."""
-    return {
-        str(p.relative_to(directory)): sha256_of(p)
-        for p in sorted(directory.rglob("*"))
-        if p.is_file() and p.name != MANIFEST
-    }
+    return {name: sha256_of(directory / name) for name in bundle_file_names(directory)}
 
 
 def verify_files(directory: Path, expected: dict[str, str]) -> list[str]:
-    """Problems with the bundle's files against the manifest's hashes; empty when all match."""
+    """Problems with the bundle's files against the manifest's hashes; empty when all match. Every file in
+    the directory must be listed (a file nobody hashed could be opened by a graph's external-data
+    reference), and every listed one must resolve inside the directory (no symbolic link out of it)."""
     problems = []
+    root = directory.resolve()
     for name, digest in expected.items():
         path = directory / name
         if not path.is_file():
             problems.append(f"{name}: missing")
+        elif not path.resolve().is_relative_to(root):
+            problems.append(f"{name}: resolves outside the bundle (a symbolic link?)")
         elif sha256_of(path) != digest:
             problems.append(f"{name}: sha256 mismatch (file changed or corrupted)")
+    unlisted = sorted(set(bundle_file_names(directory)) - set(expected))
+    if unlisted:
+        problems.append(f"files not listed (so never hashed) in {MANIFEST}: {', '.join(unlisted)}")
     return problems
+
+
+def bundle_file_names(directory: Path) -> list[str]:
+    """The bundle's files that `hash_files` hashes: every file but the manifest, relative to the bundle."""
+    return [str(p.relative_to(directory)) for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MANIFEST]
 
 
 @dataclass(frozen=True)
@@ -111,7 +133,7 @@ class Bundle:
         return self.directory / self.manifest["variants"][variant]["file"]
 
     def tokenizer(self) -> Tokenizer:
-        return Tokenizer.from_file(str(self.directory / "tokenizer.json"))
+        return Tokenizer.from_file(str(self.directory / TOKENIZER_FILE))
 
     def sample_encoder(self) -> SampleEncoder:
         return SampleEncoder(self.tokenizer(), self.recipe)
