@@ -129,3 +129,30 @@ def test_the_server_is_healthy_after_all_of_it(server):
     assert server.health() == health_pb2.HealthCheckResponse.SERVING
     answer = server.stub().Score(pb.ScoreRequest(samples=[pb.Sample(text=pb.TextPair(prompt="Hi", response="Hello"))]))
     assert len(answer.results) == 1
+
+
+def test_client_text_reaches_the_log_bounded_and_escaped_and_refusals_do_not_flood_it(encoder_bundle, tmp_path):
+    """Before: a request id was logged raw and whole (a 50 MB line; a newline forged a line of its own),
+    and every refusal was logged."""
+    server = start_server(encoder_bundle, tmp_path / "serve.log")  # its own: no earlier refusals in its log
+    try:
+        refuse_hostile_text(server)
+    finally:
+        stop_server(server)
+
+
+def refuse_hostile_text(server) -> None:
+    stub = server.stub()
+    before = len(server.log())
+    forged = "x" * 1_000_000 + "\n2026-01-01 00:00:00 ERROR rm_server forged line"
+    for request_id in [forged] + [f"burst-{i}" for i in range(50)]:
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Score(pb.ScoreRequest(request_id=request_id), timeout=30)  # no samples: refused
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    with pytest.raises(grpc.RpcError):
+        stub.GetModelInfo(pb.GetModelInfoRequest(model="m" * 100_000 + "\nforged"), timeout=30)
+    time.sleep(0.5)
+    lines = server.log()[before:].splitlines()
+    assert not any(line.startswith("2026-01-01") or line.startswith("forged") for line in lines), lines
+    assert max(len(line) for line in lines) < 2000
+    assert sum("INVALID_ARGUMENT" in line for line in lines) == 1  # 51 refusals, one line for them

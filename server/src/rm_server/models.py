@@ -28,6 +28,7 @@ from rm_contract.padding import pad_batch
 from rm_server.batcher import Batcher, BatcherConfig, BatchingOptions, budget_from_memory
 from rm_server.engine import OnnxEngine, free_gpu_memory
 from rm_server.errors import InvalidRequest, ModelNotFound
+from rm_server.logsafe import loggable
 from rm_server.metrics import ServiceMetrics
 from rm_server.scoring import Limits, SampleInput, Scorer
 
@@ -226,10 +227,12 @@ class ModelRegistry:
         versions = self.versions.get(name)
         if not versions:
             known = ", ".join(sorted([*self.versions, *self.ensembles])) or "none"
-            raise ModelNotFound(f"model {name!r} is not loaded (loaded: {known})")
+            raise ModelNotFound(f"model '{loggable(name)}' is not loaded (loaded: {known})")
         version = version or self.serving[name]
         if version not in versions:
-            raise ModelNotFound(f"model {name!r} has no loaded version {version!r} (loaded: {', '.join(versions)})")
+            raise ModelNotFound(
+                f"model '{loggable(name)}' has no loaded version '{loggable(version)}' (loaded: {', '.join(versions)})"
+            )
         return versions[version]
 
     @asynccontextmanager

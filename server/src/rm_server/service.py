@@ -20,6 +20,7 @@ from rm_contract.pb import reward_pb2_grpc
 from rm_contract.recipe import Sample
 from rm_server.convert import ensemble_response, samples_from_request, score_response
 from rm_server.errors import AdminDisabled, InvalidRequest, NotReady, RewardServiceError, status_of
+from rm_server.logsafe import RefusalLog, loggable
 from rm_server.metrics import ServiceMetrics
 from rm_server.models import Ensemble, ModelRegistry
 from rm_server.scoring import preference_probability
@@ -75,6 +76,7 @@ class RewardService(reward_pb2_grpc.RewardServiceServicer):
         self.reload = reload
         """Rescans the model repository; None when admin calls are disabled (no token, or no repository)."""
         self.ready = False
+        self.refusals = RefusalLog()
         self.inflight = 0
         """Calls being answered, so a graceful shutdown knows when the drain is over."""
 
@@ -91,13 +93,18 @@ class RewardService(reward_pb2_grpc.RewardServiceServicer):
             result = await work
         except RewardServiceError as e:
             code, result = status_of(e), str(e)
-            log.info("request %s %s: %s %s", request_id, method, code.name, e)
+            suppressed = self.refusals.admit(method, code.name)
+            if suppressed is not None:
+                more = (
+                    f" ({suppressed} more {code.name} on {method} not logged since the last line)" if suppressed else ""
+                )
+                log.info("request %s %s: %s %s%s", loggable(request_id), method, code.name, loggable(str(e), 512), more)
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
             raise
         except Exception:
             code, result = grpc.StatusCode.INTERNAL, f"internal error (request id {request_id})"
-            log.exception("request %s %s: unexpected error", request_id, method)
+            log.exception("request %s %s: unexpected error", loggable(request_id), method)
         finally:
             self.inflight -= 1
             self.metrics.requests.labels(method, code.name).inc()
@@ -124,7 +131,9 @@ class RewardService(reward_pb2_grpc.RewardServiceServicer):
         self.metrics.latency.labels("tokenization").observe(outcome.timing.tokenization_ms / 1000)
         self.metrics.latency.labels("inference").observe(outcome.timing.inference_ms / 1000)
         self.metrics.truncated.inc(sum(r.truncated for r in outcome.results))
-        log.debug("request %s: %d samples in %.1f ms", request_id, len(outcome.results), outcome.timing.total_ms)
+        log.debug(
+            "request %s: %d samples in %.1f ms", loggable(request_id), len(outcome.results), outcome.timing.total_ms
+        )
         return score_response(request_id, outcome, model.name, model.version)
 
     async def rewards_of(self, samples: list[Sample], model_name: str = "", version: str = "") -> TextRewards:
