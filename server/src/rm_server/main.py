@@ -223,8 +223,9 @@ class RewardServer:
         # Refuse new calls (UNAVAILABLE) and report NOT_SERVING while the calls in flight finish; the port
         # stays open meanwhile so that probes and load balancers can see the new status.
         self.service.ready = False
-        if self._poller is not None:
+        if self._poller is not None:  # awaited: a scan in progress must not load into a closing registry
             self._poller.cancel()
+            await asyncio.gather(self._poller, return_exceptions=True)
         await self.health.enter_graceful_shutdown()
         deadline = time.monotonic() + self.config.grace_s
         quiet_since = None

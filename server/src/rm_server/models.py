@@ -247,7 +247,9 @@ class ModelRegistry:
 
     @property
     def queue_depth(self) -> int:
-        return sum(m.batcher.queue_depth for versions in self.versions.values() for m in versions.values())
+        # read from the metrics thread while reloads change the dicts: iterate over copies (list() of a dict
+        # view is one step under the GIL)
+        return sum(m.batcher.queue_depth for versions in list(self.versions.values()) for m in list(versions.values()))
 
     def loaded(self) -> list[tuple[str, str, bool, list[str]]]:
         """(name, version, is_serving_version, ensemble members) for everything held."""
