@@ -91,7 +91,7 @@ def test_a_malformed_manifest_is_refused_naming_the_field(tmp_path, change, mess
         "max_length": 8,
         "recipe": {"template": "pair", "max_length": 8},
         "variants": {"fp32": {"file": "model.onnx"}},
-        "files": {"model.onnx": "0" * 64},
+        "files": {"model.onnx": "0" * 64, "tokenizer.json": "1" * 64},
     }
     (tmp_path / MANIFEST).write_text(json.dumps(manifest))
     assert load_bundle(tmp_path, verify=False).recipe.max_length == 8

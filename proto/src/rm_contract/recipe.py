@@ -185,8 +185,7 @@ class SampleEncoder:
             prompt_text = _flatten(sample.prompt)
             prompt, response = self._split(prompt_text + _flatten(sample.response), prompt_text)
         else:
-            prompt = self.tokenizer.encode(_flatten(sample.prompt), add_special_tokens=False).ids
-            response = self.tokenizer.encode(_flatten(sample.response), add_special_tokens=False).ids
+            prompt, response = (e.ids for e in self._tokenize(_flatten(sample.prompt), _flatten(sample.response)))
         prompt, response, truncated = truncate_prompt_left(prompt, response + self._eos, self._budget)
         return EncodedSample(self._before + prompt + self._between + response + self._after, truncated)
 
@@ -199,12 +198,18 @@ class SampleEncoder:
         prefix = render_chat(recipe.chat_template, prompt_msgs, True, special) if prompt_msgs else ""
         return self._split(full, prefix)
 
+    def _tokenize(self, *texts: str) -> list:
+        """Encodings of `texts` without special tokens. Through encode_batch, which releases the GIL while
+        it works (encode holds it: a long text froze a server's event loop for as long as it took), and
+        gives the same ids and offsets."""
+        return self.tokenizer.encode_batch(list(texts), add_special_tokens=False)
+
     def _split(self, full: str, prefix: str) -> tuple[list[int], list[int]]:
         """Tokenize `full` once (as training did) and split its ids where the text after `prefix` begins."""
-        encoding = self.tokenizer.encode(full, add_special_tokens=False)
+        (encoding,) = self._tokenize(full)
         if full.startswith(prefix):
             n_prompt = sum(1 for start, _ in encoding.offsets if start < len(prefix))
         else:  # the template renders the prompt differently once a response follows: split on common ids
-            prefix_ids = self.tokenizer.encode(prefix, add_special_tokens=False).ids
+            prefix_ids = self._tokenize(prefix)[0].ids
             n_prompt = next((i for i, (x, y) in enumerate(zip(prefix_ids, encoding.ids)) if x != y), len(prefix_ids))
         return encoding.ids[:n_prompt], encoding.ids[n_prompt:]

@@ -49,7 +49,11 @@ class BatchingOptions:
         "Longest wait for more work before running a batch that is not full (0: batches form while the engine "
         "is busy, and an idle engine starts at once).",
     )
-    max_queue: int = option(8192, "Samples waiting at most; further requests get RESOURCE_EXHAUSTED at once.")
+    max_queue: int = option(
+        8192,
+        "Samples held at most (being tokenized, waiting or being scored); further requests get RESOURCE_EXHAUSTED "
+        "at once, before any work.",
+    )
 
     def token_budget(self, max_length: int, on_gpu: bool) -> int:
         """`max_batch_tokens` with 0 resolved for the device; ValueError when a longest sample could not fit."""

@@ -69,7 +69,7 @@ class ModelSettings(BatchingOptions):
 
     @property
     def limits(self) -> Limits:
-        return Limits(max_samples_per_request=self.max_samples_per_request)
+        return Limits(max_samples_per_request=self.max_samples_per_request, max_admitted=self.max_queue)
 
     def batcher_config(self, max_length: int, pad_id: int, on_gpu: bool) -> BatcherConfig:
         try:

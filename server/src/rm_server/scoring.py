@@ -13,7 +13,7 @@ import numpy as np
 from rm_contract.bundle import Bundle
 from rm_contract.recipe import EncodedSample, RecipeError, Sample
 from rm_server.batcher import Batcher
-from rm_server.errors import InvalidRequest
+from rm_server.errors import InvalidRequest, QueueFull
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,8 @@ class ScoreOutcome:
 class Limits:
     max_samples_per_request: int
     """From ModelSettings (the --max-samples-per-request flag)."""
+    max_admitted: int = 8192
+    """Samples held at once (being tokenized, waiting or being scored): from --max-queue."""
     max_chars_per_sample: int = 1_000_000
     """Text longer than this is refused before tokenization (tokenizing it would stall a worker)."""
 
@@ -81,6 +83,8 @@ class Scorer:
         self.norm_mean = float(normalization.get("mean", 0.0))
         self.norm_std = float(normalization.get("std", 1.0)) or 1.0
         self._tokenize_pool = ThreadPoolExecutor(max_workers=tokenizer_threads, thread_name_prefix="tokenize")
+        self.admitted = 0
+        """Samples of the requests in progress, from admission to answer."""
 
     def close(self) -> None:
         self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
@@ -88,10 +92,14 @@ class Scorer:
     async def score(self, inputs: list[SampleInput], normalize: bool = False, strict: bool = False) -> ScoreOutcome:
         started = time.perf_counter()
         self.limits.check_count(len(inputs))
-        loop = asyncio.get_running_loop()
-        encoded = await loop.run_in_executor(self._tokenize_pool, self._encode_all, inputs, strict)
-        tokenized = time.perf_counter()
-        result = await self.batcher.score([e.ids for e in encoded])
+        self._admit(len(inputs))
+        try:
+            loop = asyncio.get_running_loop()
+            encoded = await loop.run_in_executor(self._tokenize_pool, self._encode_all, inputs, strict)
+            tokenized = time.perf_counter()
+            result = await self.batcher.score([e.ids for e in encoded])
+        finally:
+            self.admitted -= len(inputs)
         rewards = result.rewards.astype(np.float64)
         if normalize:
             rewards = (rewards - self.norm_mean) / self.norm_std
@@ -103,6 +111,16 @@ class Scorer:
             total_ms=1000 * (time.perf_counter() - started),
         )
         return ScoreOutcome(results, timing, normalize)
+
+    def _admit(self, samples: int) -> None:
+        """Refuse before any work when the samples already held and these would exceed the bound: under
+        overload a request is turned away in microseconds instead of after its tokenization."""
+        if self.admitted + samples > self.limits.max_admitted:
+            raise QueueFull(
+                f"queue full: {self.admitted} samples held (tokenizing, waiting or being scored), {samples} more "
+                f"exceed max_queue {self.limits.max_admitted}; retry with backoff"
+            )
+        self.admitted += samples
 
     def _encode_all(self, inputs: list[SampleInput], strict: bool) -> list[EncodedSample]:
         return [self._encode(i, sample, strict) for i, sample in enumerate(inputs)]
