@@ -120,3 +120,39 @@ def test_unavailable_providers_fall_back_to_cpu_with_a_warning(encoder_bundle, t
             assert "WARNING" in server.log() and "CPUExecutionProvider" in server.log()
     finally:
         stop_server(server)
+
+
+def test_sighup_and_sigusr_do_not_kill_the_server(encoder_bundle, tmp_path):
+    """Before: SIGHUP and SIGUSR1 ended the process at once, no drain (the default action)."""
+    server = start_server(encoder_bundle, tmp_path / "log")
+    try:
+        for sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+            server.process.send_signal(sig)
+        time.sleep(0.5)
+        assert server.process.poll() is None
+        assert server.health() == health_pb2.HealthCheckResponse.SERVING
+        assert "SIGHUP ignored: no model repository" in server.log() and "SIGUSR1 ignored" in server.log()
+    finally:
+        stop_server(server)
+
+
+def test_a_second_sigterm_ends_the_drain_at_once(encoder_bundle, tmp_path):
+    """A stream left open holds the drain for the whole --grace-s (60 s); a second SIGTERM ends it now."""
+    server = start_server(encoder_bundle, tmp_path / "log", "--grace-s", "60")
+    never = threading.Event()
+
+    def requests():
+        yield pb.ScoreRequest(request_id="open", samples=[text("Q", "fine")])
+        never.wait(120)  # the client keeps its stream open
+
+    stream = server.stub().ScoreStream(requests(), timeout=120)
+    assert next(stream).request_id == "open"  # the stream is in flight
+    server.process.send_signal(signal.SIGTERM)
+    time.sleep(1.0)
+    assert server.process.poll() is None  # draining, for up to 60 s
+    started = time.monotonic()
+    server.process.send_signal(signal.SIGTERM)
+    assert server.process.wait(timeout=15) == 0
+    assert time.monotonic() - started < 15  # measured: well under a second
+    never.set()
+    assert "SIGTERM again: ending the drain now" in server.log()

@@ -215,8 +215,31 @@ class RewardServer:
             except Exception:  # noqa: BLE001 - a bad scan is logged; serving goes on with what is loaded
                 log.exception("model repository scan failed")
 
-    async def stop(self) -> None:
-        """Graceful drain: NOT_SERVING, refuse new calls, let calls in flight finish within the grace period."""
+    async def rescan(self, why: str) -> None:
+        service = getattr(self, "service", None)
+        if not (self.config.model_repo and service and service.ready):
+            log.info("%s ignored: no model repository to rescan, or not serving yet", why)
+            return
+        log.info("%s: rescanning the model repository", why)
+        try:
+            await self.reload()
+        except Exception:  # noqa: BLE001 - a bad scan is logged; serving goes on with what is loaded
+            log.exception("model repository scan failed")
+
+    async def close(self) -> None:
+        """Close whatever start-up opened, at once (a stop during start-up)."""
+        if getattr(self, "server", None) is not None:
+            await self.server.stop(0)
+        if self.http is not None:
+            await self.http.stop()
+        await self.registry.close()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+
+    async def stop(self, hurry: asyncio.Event | None = None) -> None:
+        """Graceful drain: NOT_SERVING, refuse new calls, let calls in flight finish within the grace period
+        (or until `hurry` is set: a second signal)."""
+        hurry = hurry or asyncio.Event()
         log.info(
             "shutting down: draining %d calls in flight (grace %.0f s)", self.service.inflight, self.config.grace_s
         )
@@ -229,7 +252,7 @@ class RewardServer:
         await self.health.enter_graceful_shutdown()
         deadline = time.monotonic() + self.config.grace_s
         quiet_since = None
-        while time.monotonic() < deadline:  # drained once no call has been in flight for a short while
+        while time.monotonic() < deadline and not hurry.is_set():  # drained once no call has been in flight a while
             if self.service.inflight:
                 quiet_since = None
             elif quiet_since is None:
@@ -237,7 +260,7 @@ class RewardServer:
             elif time.monotonic() - quiet_since > 0.3:  # late arrivals get UNAVAILABLE and go elsewhere
                 break
             await asyncio.sleep(0.05)
-        await self.server.stop(max(0.0, deadline - time.monotonic()))
+        await self.server.stop(0.0 if hurry.is_set() else max(0.0, deadline - time.monotonic()))
         if self.http is not None:
             await self.http.stop()
         served = self.metrics.registry.get_sample_value("rm_samples_total") or 0
@@ -248,14 +271,36 @@ class RewardServer:
 
 
 async def serve(config: ServerConfig) -> None:
+    """Start, serve until SIGTERM or SIGINT, drain. Signals are handled from the first moment (docs/operations.md):
+    a stop during start-up abandons it and exits 0; a second stop ends the drain at once; SIGHUP rescans the
+    model repository; SIGUSR1 and SIGUSR2 are logged and ignored (they would otherwise kill the server)."""
     server = RewardServer(config)
-    await server.start()
-    stop = asyncio.Event()
+    stop, hurry = asyncio.Event(), asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def terminate(name: str) -> None:
+        if stop.is_set():
+            log.warning("%s again: ending the drain now", name)
+            hurry.set()
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, terminate, sig.name)
+    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(server.rescan("SIGHUP")))
+    for sig in (signal.SIGUSR1, signal.SIGUSR2):
+        loop.add_signal_handler(sig, log.info, "%s ignored", sig.name)
+    starting, stopped = loop.create_task(server.start()), loop.create_task(stop.wait())
+    await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    if not starting.done():
+        starting.cancel()
+        await asyncio.gather(starting, return_exceptions=True)
+        log.info("stopped during start-up")
+        await server.close()
+        return
+    stopped.cancel()
+    starting.result()  # a start-up failure (ConfigError, BundleError) ends here, with its exit code
     await stop.wait()
-    await server.stop()
+    await server.stop(hurry)
 
 
 class JsonFormatter(logging.Formatter):
