@@ -73,13 +73,8 @@ async def _deny(request_or_iterator, context: grpc.aio.ServicerContext) -> None:
 
 
 def _refusal(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    """A handler of the same shape as `handler` that only refuses (so streams are refused as streams)."""
-    make = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }[(handler.request_streaming, handler.response_streaming)]
-    return make(
-        _deny, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
-    )
+    """A handler that refuses before reading the request: request-streaming whatever the method (grpcio reads
+    a unary request whole before calling its handler, and so received and parsed 60 MB messages from callers
+    without a token), with no deserializer; responses keep the method's shape."""
+    make = grpc.stream_stream_rpc_method_handler if handler.response_streaming else grpc.stream_unary_rpc_method_handler
+    return make(_deny, request_deserializer=None, response_serializer=handler.response_serializer)
