@@ -222,3 +222,24 @@ def test_calls_without_a_token_are_refused_before_their_message_is_read(token_se
 def peak_rss_mib(pid: int) -> float:
     line = next(line for line in open(f"/proc/{pid}/status") if line.startswith("VmHWM:"))
     return int(line.split()[1]) / 1024
+
+
+def test_the_openrlhf_port_uses_the_grpc_ports_tls(encoder_bundle, tmp_path, pki):
+    """Before: plaintext HTTP beside a TLS gRPC port, so the bearer token crossed in clear."""
+    import ssl
+
+    cert, key = pki["server"]
+    http_port = free_port()
+    flags = ["--tls-cert", cert, "--tls-key", key, "--http-port", str(http_port)]
+    server = start_server(encoder_bundle, tmp_path / "tls.log", *flags, secure=True)
+    body = json.dumps({"query": ["How was it? Lovely."], "prompts": ["How was it?"]}).encode()
+    try:
+        context = ssl.create_default_context(cafile=pki["ca"][0])
+        request = urllib.request.Request(f"https://localhost:{http_port}/get_reward", data=body)
+        answer = json.loads(urllib.request.urlopen(request, timeout=10, context=context).read())
+        assert len(answer["rewards"]) == 1
+        with pytest.raises((urllib.error.URLError, ConnectionError)):  # plaintext is not served
+            urllib.request.urlopen(f"http://localhost:{http_port}/get_reward", data=body, timeout=10)
+        assert f"OpenRLHF HTTP https://127.0.0.1:{http_port}" in server.log()
+    finally:
+        stop_server(server)

@@ -30,7 +30,13 @@ from rm_server.malformed import MalformedRequestInterceptor
 from rm_server.metrics import ServiceMetrics
 from rm_server.models import ModelRegistry, ModelSettings
 from rm_server.openrlhf_http import OpenRLHFEndpoint
-from rm_server.security import HEALTH_METHODS, BearerTokenInterceptor, read_token, server_credentials
+from rm_server.security import (
+    HEALTH_METHODS,
+    BearerTokenInterceptor,
+    http_ssl_context,
+    read_token,
+    server_credentials,
+)
 from rm_server.service import RewardService
 
 log = logging.getLogger("rm_server")
@@ -165,14 +171,16 @@ class RewardServer:
         await self._load_models()
         if config.http_port >= 0:
             self.http = OpenRLHFEndpoint(self.service, config.max_message_mb, self.token)
-            await self.http.start(config.host, config.http_port)
+            tls = http_ssl_context(config.tls_cert, config.tls_key, config.tls_client_ca) if config.tls_cert else None
+            await self.http.start(config.host, config.http_port, tls)
         self.service.ready = True
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
         if config.model_repo and config.poll_s > 0:
             self._poller = asyncio.create_task(self._poll(), name="model-repo-poll")
         metrics_at = f"{config.metrics_host}:{config.metrics_port}" if config.metrics_port >= 0 else "off"
-        http_at = f"{config.host}:{self.http.port}" if self.http else "off"
+        scheme = "https" if config.tls_cert else "http"
+        http_at = f"{scheme}://{config.host}:{self.http.port}" if self.http else "off"
         models = ", ".join(f"{n} v{v}" for n, v, serving, _ in self.registry.loaded() if serving)
         log.info(
             "serving %s (%s) on %s:%d (%s, %s); metrics %s; OpenRLHF HTTP %s",

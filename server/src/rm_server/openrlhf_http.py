@@ -12,6 +12,8 @@ Errors: 400 for bad input, 503 (with Retry-After) when the queue is full or the 
 
 from __future__ import annotations
 
+import ssl
+
 import grpc
 from aiohttp import web
 
@@ -68,10 +70,12 @@ class OpenRLHFEndpoint:
         self._runner: web.AppRunner | None = None
         self.port = 0
 
-    async def start(self, host: str, port: int) -> None:
+    async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> None:
+        """Serve on host:port; HTTPS with `ssl_context` (the gRPC port's TLS settings, so a bearer token
+        never crosses in clear on one port while the other is encrypted)."""
         self._runner = web.AppRunner(self.app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
+        site = web.TCPSite(self._runner, host, port, ssl_context=ssl_context)
         await site.start()
         self.port = site._server.sockets[0].getsockname()[1]  # the chosen port when asked for 0
 

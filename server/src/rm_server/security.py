@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hmac
 import os
+import ssl
 from collections.abc import Collection
 from pathlib import Path
 
@@ -45,6 +46,19 @@ def server_credentials(cert: str, key: str, client_ca: str | None) -> grpc.Serve
     root = read(client_ca, "--tls-client-ca") if client_ca else None
     pairs = [(read(key, "--tls-key"), read(cert, "--tls-cert"))]
     return grpc.ssl_server_credentials(pairs, root_certificates=root, require_client_auth=root is not None)
+
+
+def http_ssl_context(cert: str, key: str, client_ca: str | None) -> ssl.SSLContext:
+    """The gRPC port's TLS settings for the HTTP port: the same certificate, and the same client CA."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(cert, key)
+        if client_ca:
+            context.load_verify_locations(client_ca)
+            context.verify_mode = ssl.CERT_REQUIRED
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError(f"TLS files for the HTTP port: {e}") from None
+    return context
 
 
 def token_matches(header: str | None, token: str) -> bool:
