@@ -255,3 +255,36 @@ def test_bad_ensembles_are_rejected_by_name_and_the_rest_is_served(encoder_bundl
         "nested: ensemble members must be bundle models, not ensembles: good",
         "selfish: an ensemble cannot be its own member",
     ]
+
+
+def test_versions_order_numerically_odd_ones_are_refused_once_and_deleted_ones_unload(encoder_bundle, tmp_path):
+    """Before: 'v3' outranked '10' (non-numeric names sorted first), a version symlinked out of the
+    repository was loaded, a rejected version was re-verified and re-reported on every scan, and a deleted
+    version or model stayed loaded."""
+    repo = make_repo(tmp_path, ("a", "2", encoder_bundle), ("a", "10", encoder_bundle), ("a", "v3", encoder_bundle))
+    shutil.copytree(encoder_bundle, tmp_path / "elsewhere")
+    (repo / "a" / "11").symlink_to(tmp_path / "elsewhere")
+    add_version(repo, "b", "1", encoder_bundle)
+
+    async def scans():
+        registry = ModelRegistry(ModelSettings(), ServiceMetrics(), grace_s=1)
+        try:
+            first = await registry.sync(repo, {})
+            serving_first = dict(registry.serving)
+            second = await registry.sync(repo, {})
+            shutil.rmtree(repo / "a" / "10")
+            shutil.rmtree(repo / "b")
+            third = await registry.sync(repo, {})
+            return first, serving_first, second, third, dict(registry.serving), sorted(registry.versions)
+        finally:
+            await registry.close()
+
+    first, serving_first, second, third, serving_third, models = asyncio.run(scans())
+    assert serving_first == {"a": "10", "b": "1"}
+    assert sorted(first["rejected"]) == [
+        "a/11: resolves outside the model repository (a symbolic link?)",
+        "a/v3: version directories must be numbers (they order numerically: 10 is newer than 9)",
+    ]
+    assert second == {"loaded": [], "unloaded": [], "rejected": []}  # nothing re-verified or re-reported
+    assert sorted(third["unloaded"]) == ["a/10", "b/1"] and third["loaded"] == ["a/2"]
+    assert serving_third == {"a": "2"} and models == ["a"]

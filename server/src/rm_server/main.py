@@ -128,7 +128,7 @@ class RewardServer:
         )
         self.metrics = ServiceMetrics()
         self.health = health.aio.HealthServicer()
-        self.registry = ModelRegistry(config.model_settings(), self.metrics, config.default_model)
+        self.registry = ModelRegistry(config.model_settings(), self.metrics, config.default_model, config.grace_s)
         self.port = 0
         self._metrics_http = None
         self._poller: asyncio.Task | None = None

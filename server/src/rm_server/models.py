@@ -2,8 +2,8 @@
 them, and the model repository they are loaded from and swapped in without stopping traffic.
 
 Repository layout (`--model-repo DIR`): `DIR/NAME/VERSION/` is a bundle; `DIR/NAME/ensemble.json`
-(`{"members": ["a", "b"]}`) defines an ensemble of other models. Versions order numerically when they
-are numbers. Policy `latest` serves each model's newest version that loads and verifies; `pinned` serves the
+(`{"members": ["a", "b"]}`) defines an ensemble of other models. Version directories are numbers, ordered
+numerically; other names and versions resolving outside the repository are rejected. Policy `latest` serves each model's newest version that loads and verifies; `pinned` serves the
 versions named by `--pin NAME=VERSION`. A new version is loaded and warmed up before it takes traffic, the
 switch is one dictionary assignment on the event loop (atomic for every request), and a replaced version is
 unloaded once the calls that started on it have finished.
@@ -15,6 +15,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
@@ -102,7 +103,11 @@ class LoadedModel:
             return cls(name, version, load_bundle(directory, verify=settings.verify), settings, metrics)
 
         model = await asyncio.to_thread(build)
-        await model.start()
+        try:
+            await model.start()
+        except BaseException:  # a failed warm-up leaves no batcher task, thread pool or session behind
+            await model.stop(grace_s=0)
+            raise
         return model
 
     async def start(self) -> None:
@@ -146,9 +151,12 @@ class LoadedModel:
         deadline = asyncio.get_running_loop().time() + grace_s
         while self.inflight and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.05)
-        await self.batcher.stop()
-        self.scorer.close()
-        del self.engine, self.batcher, self.scorer
+        if hasattr(self, "batcher"):
+            await self.batcher.stop()
+        if hasattr(self, "scorer"):
+            self.scorer.close()
+        for part in ("engine", "batcher", "scorer"):
+            self.__dict__.pop(part, None)
 
 
 @dataclass(frozen=True)
@@ -204,13 +212,26 @@ class Ensemble:
         )
 
 
-def version_key(version: str) -> tuple:
-    return (0, int(version), "") if version.isdigit() else (1, 0, version)
+def files_signature(directory: Path) -> tuple:
+    """(path, size, mtime) of every file under `directory`: changes when any file is replaced or edited,
+    without reading (hashing) any of them."""
+    try:
+        return tuple(
+            (str(p.relative_to(directory)), p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(directory.rglob("*"))
+            if p.is_file()
+        )
+    except OSError:  # changing while read: different from anything cached
+        return (("unreadable", time.time()),)
 
 
 class ModelRegistry:
-    def __init__(self, settings: ModelSettings, metrics: ServiceMetrics, default_model: str | None = None):
-        self.settings, self.metrics = settings, metrics
+    def __init__(
+        self, settings: ModelSettings, metrics: ServiceMetrics, default_model: str | None = None, grace_s: float = 30.0
+    ):
+        self.settings, self.metrics, self.grace_s = settings, metrics, grace_s
+        self._rejected: dict[str, tuple] = {}
+        """Rejected version directories by their files' (path, size, mtime): not retried until they change."""
         self.versions: dict[str, dict[str, LoadedModel]] = {}
         self.serving: dict[str, str] = {}
         """Per model, the version requests without model_version get."""
@@ -269,19 +290,32 @@ class ModelRegistry:
         return model
 
     async def remove(self, name: str, version: str) -> None:
+        await self._retire([self._detach(name, version)])
+
+    def _detach(self, name: str, version: str) -> LoadedModel:
+        """Take a version out of the registry: no request resolves to it from now on."""
         model = self.versions[name].pop(version)
         if not self.versions[name]:
             del self.versions[name]
         self.metrics.loaded.remove(name, version)
-        await model.stop()
-        log.info("unloaded %s version %s", name, version)
+        return model
+
+    async def _retire(self, models: list[LoadedModel]) -> None:
+        """Let detached versions finish the calls that started on them (at most grace_s), then free them."""
+        await asyncio.gather(*(m.stop(self.grace_s) for m in models))
+        for m in models:
+            log.info("unloaded %s version %s", m.name, m.version)
 
     async def sync(self, repository: Path, pins: dict[str, str]) -> dict[str, list[str]]:
-        """Make the loaded set match the repository: load what the policy serves, switch, unload the rest.
-        A version that fails to load or verify is reported and never takes traffic."""
+        """Make the loaded set match the repository: load what the policy serves, switch, unload the rest
+        (models and versions deleted from it too). A version that fails to load or verify is reported once
+        and never takes traffic; it is tried again when its files change. Versions replaced or deleted drain
+        after the lock is released, so a slow drain never holds up the next reload."""
         report: dict[str, list[str]] = {"loaded": [], "unloaded": [], "rejected": []}
+        retired: list[LoadedModel] = []
         async with self._lock:
-            wanted_ensembles = {}
+            root = Path(repository).resolve()
+            wanted_ensembles, present = {}, set()
             for model_dir in sorted(p for p in Path(repository).iterdir() if p.is_dir()):
                 name = model_dir.name
                 if (model_dir / ENSEMBLE_FILE).is_file():
@@ -290,7 +324,13 @@ class ModelRegistry:
                     except (OSError, ValueError) as e:
                         report["rejected"].append(f"{name}: {e}")
                     continue
-                await self._sync_model(model_dir, pins.get(name), report)
+                present.add(name)
+                retired += await self._sync_model(model_dir, root, pins.get(name), report)
+            for name in [n for n in self.versions if n not in present]:  # deleted from the repository
+                for version in list(self.versions[name]):
+                    retired.append(self._detach(name, version))
+                    report["unloaded"].append(f"{name}/{version}")
+                self.serving.pop(name, None)
             accepted = {}
             for name, ensemble in wanted_ensembles.items():
                 problem = self._ensemble_problem(ensemble, wanted_ensembles)
@@ -301,7 +341,63 @@ class ModelRegistry:
             self.ensembles = accepted
         for line in report["rejected"]:
             log.error("model repository: rejected %s", line)
+        await self._retire(retired)
         return report
+
+    async def _sync_model(
+        self, model_dir: Path, root: Path, pin: str | None, report: dict[str, list[str]]
+    ) -> list[LoadedModel]:
+        """Serve the newest version of one model that loads (or the pinned one); returns the versions
+        detached from the registry (replaced, or deleted from disk), for the caller to drain."""
+        name = model_dir.name
+        loaded = self.versions.get(name, {})
+        candidates = []
+        for path in (p for p in model_dir.iterdir() if p.is_dir()):
+            if not path.name.isdigit():
+                problem = "version directories must be numbers (they order numerically: 10 is newer than 9)"
+            elif not path.resolve().is_relative_to(root):
+                problem = "resolves outside the model repository (a symbolic link?)"
+            else:
+                candidates.append(path.name)
+                continue
+            self._reject_once(f"{name}/{path.name}", path, problem, report)
+        candidates.sort(key=int, reverse=True)
+        if pin is not None:
+            candidates = [v for v in candidates if v == pin]
+        target = None
+        for version in candidates:  # newest first; fall back past versions that fail
+            if version in loaded:
+                target = version
+                break
+            key, signature = f"{name}/{version}", files_signature(model_dir / version)
+            if self._rejected.get(key) == signature:
+                continue  # rejected before and unchanged since: not re-verified, not re-reported
+            try:
+                await self.add(name, version, model_dir / version, serve=False)
+            except Exception as e:  # noqa: BLE001 - whatever fails, this version never takes traffic
+                self._reject_once(key, model_dir / version, f"{type(e).__name__}: {e}", report)
+                continue
+            self._rejected.pop(key, None)
+            report["loaded"].append(key)
+            target = version
+            break
+        on_disk = set(candidates)
+        if target is not None:
+            self.serving[name] = target
+        keep = {target} if target is not None else {v for v in self.versions.get(name, {}) if v in on_disk}
+        retired = []
+        for version in [v for v in self.versions.get(name, {}) if v not in keep]:
+            retired.append(self._detach(name, version))
+            report["unloaded"].append(f"{name}/{version}")
+        if name not in self.versions:
+            self.serving.pop(name, None)
+        return retired
+
+    def _reject_once(self, key: str, path: Path, problem: str, report: dict[str, list[str]]) -> None:
+        signature = files_signature(path)
+        if self._rejected.get(key) != signature:
+            self._rejected[key] = signature
+            report["rejected"].append(f"{key}: {problem}")
 
     def _ensemble_problem(self, ensemble: Ensemble, ensembles: dict[str, Ensemble]) -> str | None:
         """Why an ensemble cannot be served (members must be loaded bundle models), or None."""
@@ -314,30 +410,6 @@ class ModelRegistry:
         if missing:
             return f"ensemble members not loaded: {', '.join(missing)}"
         return None
-
-    async def _sync_model(self, model_dir: Path, pin: str | None, report: dict[str, list[str]]) -> None:
-        name = model_dir.name
-        candidates = sorted((p.name for p in model_dir.iterdir() if p.is_dir()), key=version_key, reverse=True)
-        if pin is not None:
-            candidates = [v for v in candidates if v == pin]
-        target = None
-        for version in candidates:  # newest first; fall back past versions that fail
-            if version in self.versions.get(name, {}):
-                target = version
-                break
-            try:
-                await self.add(name, version, model_dir / version, serve=False)
-                report["loaded"].append(f"{name}/{version}")
-                target = version
-                break
-            except Exception as e:  # noqa: BLE001 - whatever fails, this version never takes traffic
-                report["rejected"].append(f"{name}/{version}: {type(e).__name__}: {e}")
-        if target is None:
-            return
-        self.serving[name] = target
-        for version in [v for v in self.versions.get(name, {}) if v != target]:
-            await self.remove(name, version)
-            report["unloaded"].append(f"{name}/{version}")
 
     async def close(self) -> None:
         for name, versions in list(self.versions.items()):
