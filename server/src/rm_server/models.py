@@ -4,9 +4,10 @@ them, and the model repository they are loaded from and swapped in without stopp
 Repository layout (`--model-repo DIR`): `DIR/NAME/VERSION/` is a bundle; `DIR/NAME/ensemble.json`
 (`{"members": ["a", "b"]}`) defines an ensemble of other models. Version directories are numbers, ordered
 numerically; other names and versions resolving outside the repository are rejected. Policy `latest`
-serves each model's newest version that loads and verifies; `pinned` serves the versions named by `--pin NAME=VERSION`. A new version is loaded and warmed up before it takes traffic, the
-switch is one dictionary assignment on the event loop (atomic for every request), and a replaced version is
-unloaded once the calls that started on it have finished.
+serves each model's newest version that loads and verifies; `pinned` serves the versions named by
+`--pin NAME=VERSION`. A new version is loaded and warmed up before it takes traffic, the switch is one
+dictionary assignment on the event loop (atomic for every request), and a replaced version is unloaded
+once the calls that started on it have finished.
 """
 
 from __future__ import annotations
