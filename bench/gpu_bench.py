@@ -35,6 +35,7 @@ import numpy as np
 import servers
 import sweeps
 import torch
+from random_reward_model import SHAPES
 from rlhf_bench import rlhf_groups
 from serve_bench import demo_pairs
 
@@ -42,32 +43,6 @@ from rm_contract.bundle import load_bundle
 from rm_contract.padding import pad_batch
 from rm_contract.recipe import Sample
 
-QWEN3 = dict(  # what Qwen/Qwen3-0.6B's and Qwen/Qwen3-1.7B's config.json share, with a one-output head
-    num_key_value_heads=8,
-    head_dim=128,
-    num_hidden_layers=28,
-    num_attention_heads=16,
-    vocab_size=151936,
-    max_position_embeddings=40960,
-    rms_norm_eps=1e-6,
-    rope_theta=1000000.0,
-    tie_word_embeddings=True,
-    num_labels=1,
-)
-SHAPES = {
-    "qwen3-0.6b": QWEN3 | dict(hidden_size=1024, intermediate_size=3072),
-    "qwen3-1.7b": QWEN3 | dict(hidden_size=2048, intermediate_size=6144),
-    # the dry run of this script on a CPU (bench/gpu/dry_run.sh)
-    "tiny": QWEN3
-    | dict(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-    ),
-}
 MAX_LENGTH = 1024  # prompts of 30-300 and responses of 20-1000 tokens: the longest are truncated, as in training
 CONCURRENCY = (1, 16, 64, 256)
 FAILED = "FAILED"  # left by prepare in a model's work directory

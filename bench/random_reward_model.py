@@ -13,6 +13,33 @@ import torch
 from rm_contract.backbones import resolve_backbone
 from rm_training.model import load_backbone_model
 
+QWEN3 = dict(  # what Qwen/Qwen3-0.6B's and Qwen/Qwen3-1.7B's config.json share, with a one-output head
+    num_key_value_heads=8,
+    head_dim=128,
+    num_hidden_layers=28,
+    num_attention_heads=16,
+    vocab_size=151936,
+    max_position_embeddings=40960,
+    rms_norm_eps=1e-6,
+    rope_theta=1000000.0,
+    tie_word_embeddings=True,
+    num_labels=1,
+)
+SHAPES = {
+    "qwen3-0.6b": QWEN3 | dict(hidden_size=1024, intermediate_size=3072),
+    "qwen3-1.7b": QWEN3 | dict(hidden_size=2048, intermediate_size=6144),
+    # the dry run of bench/gpu_bench.py on a CPU (make bench-gpu-dry-run)
+    "tiny": QWEN3
+    | dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+    ),
+}
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -24,6 +24,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import torch
+from random_reward_model import SHAPES
 from servers import BIN, free_port, peak_rss_mb, stop, wait_until_serving
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
@@ -32,20 +33,6 @@ from rm_contract.backbones import resolve_backbone
 from rm_contract.pb import reward_pb2 as pb
 from rm_contract.pb import reward_pb2_grpc
 
-QWEN3_0_6B = dict(  # Qwen/Qwen3-0.6B's shape (config.json), with a one-output head
-    hidden_size=1024,
-    intermediate_size=3072,
-    num_hidden_layers=28,
-    num_attention_heads=16,
-    num_key_value_heads=8,
-    head_dim=128,
-    vocab_size=151936,
-    max_position_embeddings=40960,
-    rms_norm_eps=1e-6,
-    rope_theta=1000000.0,
-    tie_word_embeddings=True,
-    num_labels=1,
-)
 TEXTS = [
     ("How was your weekend?", "Lovely, thanks! We walked by the sea and had dinner with friends."),
     ("Explain photosynthesis briefly.", "Plants turn light, water and carbon dioxide into sugar and oxygen."),
@@ -61,7 +48,7 @@ def make_checkpoint(path: Path) -> float:
         backbone = resolve_backbone("smollm2")
         tokenizer = AutoTokenizer.from_pretrained(backbone.path, **backbone.from_pretrained_kwargs())
         config = AutoConfig.for_model(
-            "qwen3", **QWEN3_0_6B, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id
+            "qwen3", **SHAPES["qwen3-0.6b"], pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id
         )
         torch.manual_seed(0)
         model = AutoModelForSequenceClassification.from_config(config, dtype=torch.bfloat16)
