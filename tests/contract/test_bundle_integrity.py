@@ -65,3 +65,18 @@ def test_an_empty_file_list_verifies_nothing_and_is_refused(bundle):
 
 def test_the_exporters_hash_list_covers_every_file(bundle):
     assert set(hash_files(bundle)) == set(json.loads((bundle / MANIFEST).read_text())["files"])
+
+
+def test_a_linked_directory_and_a_nested_manifest_are_not_skipped(bundle, tmp_path):
+    """Before: a symbolic link to a directory was not walked (its files never hashed nor refused), and every
+    file named bundle.json at any depth was skipped as if it were the manifest."""
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "weights.bin").write_bytes(b"unhashed")
+    (bundle / "data").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(BundleError, match="files not listed .* data"):
+        load_bundle(bundle)
+    (bundle / "data").unlink()
+    (bundle / "nested").mkdir()
+    (bundle / "nested" / MANIFEST).write_text("{}")
+    with pytest.raises(BundleError, match="files not listed .* nested/bundle.json"):
+        load_bundle(bundle)

@@ -213,3 +213,17 @@ def test_max_delay_waits_then_runs_a_partial_batch():
     config = BatcherConfig(max_batch_tokens=10_000, max_batch_size=8, max_delay_ms=50)
     rewards, elapsed = run(with_batcher(RecordingEngine(), config, body))
     assert rewards == [2.0] and 0.04 < elapsed < 5
+
+
+def test_a_request_reaching_a_stopped_batcher_is_refused_not_left_waiting():
+    """A request that finished tokenizing after its model version was unloaded (a reload under load, past
+    --grace-s) used to queue on the stopped batcher and wait forever."""
+
+    async def body():
+        batcher = Batcher(RecordingEngine(), BatcherConfig(max_batch_tokens=64))
+        batcher.start()
+        await batcher.stop()
+        with pytest.raises(NotReady, match="unloaded or the server is shutting down"):
+            await asyncio.wait_for(batcher.score([[1, 2]]), 5)
+
+    run(body())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -110,8 +111,14 @@ def verify_files(directory: Path, expected: dict[str, str]) -> list[str]:
 
 
 def bundle_file_names(directory: Path) -> list[str]:
-    """The bundle's files that `hash_files` hashes: every file but the manifest, relative to the bundle."""
-    return [str(p.relative_to(directory)) for p in sorted(directory.rglob("*")) if p.is_file() and p.name != MANIFEST]
+    """Everything in the bundle but its manifest, relative to it: every file, and every symbolic link to a
+    directory (listed, never entered: it can never match a hashed file, so such a bundle is refused)."""
+    names = []
+    for root, dirs, files in os.walk(directory):  # followlinks=False
+        base = Path(root)
+        entries = [base / f for f in files] + [base / d for d in dirs if (base / d).is_symlink()]
+        names += [str(p.relative_to(directory)) for p in entries if p != directory / MANIFEST]
+    return sorted(names)
 
 
 @dataclass(frozen=True)

@@ -141,6 +141,7 @@ class Batcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._task: asyncio.Task | None = None
         self._running: set[asyncio.Task] = set()
+        self._closed = False
         self._jobs: set[_Job] = set()
         """Every job not answered yet, wherever its samples are (queue, formed batch, engine)."""
 
@@ -153,6 +154,7 @@ class Batcher:
 
     async def stop(self) -> None:
         """Stop batching; every request not answered yet gets UNAVAILABLE now instead of waiting forever."""
+        self._closed = True  # from now on score() refuses at once: nothing would ever run its samples
         tasks = [t for t in (self._task, *self._running) if t]
         for task in tasks:
             task.cancel()
@@ -178,6 +180,8 @@ class Batcher:
 
     async def score(self, sequences: Sequence[Sequence[int]]) -> JobResult:
         """Rewards of `sequences` in order; cancelling the caller drops its waiting samples."""
+        if self._closed:
+            raise NotReady("the model was unloaded or the server is shutting down; retry")
         if len(self._pending) + len(sequences) > self.config.max_queue:
             raise QueueFull(
                 f"queue full: {len(self._pending)} samples waiting, {len(sequences)} more exceed max_queue "

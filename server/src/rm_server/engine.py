@@ -134,5 +134,6 @@ class OnnxEngine:
             buffers.inputs[name].update_inplace(staging)  # one host-to-device copy of a fixed size
             binding.bind_input(name, self.device, 0, np.int64, list(batch.shape), buffers.inputs[name].data_ptr())
         binding.bind_output(self.output_name, self.device, 0, self.output_dtype, [rows], buffers.rewards.data_ptr())
+        binding.synchronize_inputs()  # the copies have landed before the graph's streams read them
         self.session.run_with_iobinding(binding)
         return buffers.rewards.numpy()[:rows].astype(np.float32)

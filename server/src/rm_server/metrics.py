@@ -24,6 +24,12 @@ class _QuietHandler(WSGIRequestHandler):
     def log_message(self, format: str, *args) -> None:  # noqa: A002 - the base class's signature
         pass
 
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except (TimeoutError, ConnectionError):  # an idle or vanished scraper: close quietly, no traceback
+            pass
+
 
 class _IPv4Server(ThreadingWSGIServer):
     daemon_threads = True

@@ -376,7 +376,8 @@ class ModelRegistry:
             try:
                 await self.add(name, version, model_dir / version, serve=False)
             except Exception as e:  # noqa: BLE001 - whatever fails, this version never takes traffic
-                self._reject_once(key, model_dir / version, f"{type(e).__name__}: {e}", report)
+                # the signature from before the attempt: a copy that finished meanwhile is tried again
+                self._reject(key, signature, f"{type(e).__name__}: {e}", report)
                 continue
             self._rejected.pop(key, None)
             report["loaded"].append(key)
@@ -395,7 +396,9 @@ class ModelRegistry:
         return retired
 
     def _reject_once(self, key: str, path: Path, problem: str, report: dict[str, list[str]]) -> None:
-        signature = files_signature(path)
+        self._reject(key, files_signature(path), problem, report)
+
+    def _reject(self, key: str, signature: tuple, problem: str, report: dict[str, list[str]]) -> None:
         if self._rejected.get(key) != signature:
             self._rejected[key] = signature
             report["rejected"].append(f"{key}: {problem}")
@@ -413,6 +416,10 @@ class ModelRegistry:
         return None
 
     async def close(self) -> None:
+        async with self._lock:  # after any scan in progress (SIGHUP, ReloadModels), none after
+            await self._close()
+
+    async def _close(self) -> None:
         for name, versions in list(self.versions.items()):
             for version in list(versions):
                 await self.remove(name, version)

@@ -87,7 +87,9 @@ class Scorer:
         """Samples of the requests in progress, from admission to answer."""
 
     def close(self) -> None:
-        self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
+        # queued tokenizations still run and then meet the stopped batcher (NotReady): cancelling them would
+        # end their calls with a bare CancelledError, which gRPC answers with no status at all
+        self._tokenize_pool.shutdown(wait=False)
 
     async def score(self, inputs: list[SampleInput], normalize: bool = False, strict: bool = False) -> ScoreOutcome:
         started = time.perf_counter()

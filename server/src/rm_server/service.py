@@ -178,7 +178,8 @@ class RewardService(reward_pb2_grpc.RewardServiceServicer):
                 await asyncio.gather(*list(tasks))
             except Exception as e:  # noqa: BLE001 - a message that does not parse: end the stream, say why
                 broken.append(f"a message on the stream is not a valid ScoreRequest ({type(e).__name__})")
-            await responses.put(None)
+            finally:  # whatever ends the reader, the writer learns that nothing more comes
+                responses.put_nowait(None)
 
         reader = asyncio.create_task(read())
         self.inflight += 1
