@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -214,7 +214,7 @@ class Batcher:
                 continue
             if self._running:
                 if len(self._running) >= PIPELINE_DEPTH or not self._batch_is_full():
-                    await self._engine_done_or_more_work()
+                    await self._more_work(also=self._running)  # or the engine finishing a batch
                     continue
             else:
                 await self._wait_for_more()
@@ -222,13 +222,16 @@ class Batcher:
             if batch:
                 self._running.add(asyncio.get_running_loop().create_task(self._execute(batch), name="batch"))
 
-    async def _engine_done_or_more_work(self) -> None:
+    async def _more_work(self, also: Collection[asyncio.Task] = (), timeout: float | None = None) -> bool:
+        """Wait until a request arrives, one of `also` finishes, or `timeout` passes; whether anything did.
+        asyncio.wait, not wait_for: no timeout exception (a different class before Python 3.11)."""
         self._wakeup.clear()
         wakeup = asyncio.ensure_future(self._wakeup.wait())
         try:
-            await asyncio.wait({*self._running, wakeup}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait({*also, wakeup}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
             wakeup.cancel()
+        return bool(done)
 
     async def _execute(self, batch: list[tuple[_Job, int]]) -> None:
         """Pad, run in the engine thread, deliver. Whatever fails here (padding, the engine, a wrong number
@@ -266,13 +269,7 @@ class Batcher:
         """Let a not-yet-full batch gather more work, at most max_delay_ms after its oldest sample arrived."""
         deadline = self._pending[0][0].enqueued + self.config.max_delay_ms / 1000
         while not self._batch_is_full() and (remaining := deadline - time.perf_counter()) > 0:
-            self._wakeup.clear()
-            wakeup = asyncio.ensure_future(self._wakeup.wait())
-            try:  # asyncio.wait, not wait_for: no timeout exception (a different class before Python 3.11)
-                done, _ = await asyncio.wait({wakeup}, timeout=remaining)
-            finally:
-                wakeup.cancel()
-            if not done:
+            if not await self._more_work(timeout=remaining):
                 break
 
     def _batch_is_full(self) -> bool:
