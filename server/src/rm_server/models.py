@@ -328,10 +328,7 @@ class ModelRegistry:
                 present.add(name)
                 retired += await self._sync_model(model_dir, root, pins.get(name), report)
             for name in [n for n in self.versions if n not in present]:  # deleted from the repository
-                for version in list(self.versions[name]):
-                    retired.append(self._detach(name, version))
-                    report["unloaded"].append(f"{name}/{version}")
-                self.serving.pop(name, None)
+                retired += self._unload(name, keep=set(), report=report)
             accepted = {}
             for name, ensemble in wanted_ensembles.items():
                 problem = self._ensemble_problem(ensemble, wanted_ensembles)
@@ -361,7 +358,7 @@ class ModelRegistry:
             else:
                 candidates.append(path.name)
                 continue
-            self._reject_once(f"{name}/{path.name}", path, problem, report)
+            self._reject(f"{name}/{path.name}", files_signature(path), problem, report)
         candidates.sort(key=int, reverse=True)
         if pin is not None:
             candidates = [v for v in candidates if v == pin]
@@ -383,20 +380,18 @@ class ModelRegistry:
             report["loaded"].append(key)
             target = version
             break
-        on_disk = set(candidates)
         if target is not None:
             self.serving[name] = target
-        keep = {target} if target is not None else {v for v in self.versions.get(name, {}) if v in on_disk}
-        retired = []
-        for version in [v for v in self.versions.get(name, {}) if v not in keep]:
-            retired.append(self._detach(name, version))
-            report["unloaded"].append(f"{name}/{version}")
+        return self._unload(name, keep={target} if target is not None else set(candidates), report=report)
+
+    def _unload(self, name: str, keep: set[str], report: dict[str, list[str]]) -> list[LoadedModel]:
+        """Detach every loaded version of `name` not in `keep` (reported as unloaded), for the caller to
+        drain; a model left with no version is no longer served."""
+        retired = [self._detach(name, v) for v in list(self.versions.get(name, {})) if v not in keep]
+        report["unloaded"] += [f"{name}/{m.version}" for m in retired]
         if name not in self.versions:
             self.serving.pop(name, None)
         return retired
-
-    def _reject_once(self, key: str, path: Path, problem: str, report: dict[str, list[str]]) -> None:
-        self._reject(key, files_signature(path), problem, report)
 
     def _reject(self, key: str, signature: tuple, problem: str, report: dict[str, list[str]]) -> None:
         if self._rejected.get(key) != signature:
@@ -417,12 +412,8 @@ class ModelRegistry:
 
     async def close(self) -> None:
         async with self._lock:  # after any scan in progress (SIGHUP, ReloadModels), none after
-            await self._close()
-
-    async def _close(self) -> None:
-        for name, versions in list(self.versions.items()):
-            for version in list(versions):
-                await self.remove(name, version)
+            held = [(name, version) for name, versions in self.versions.items() for version in versions]
+            await self._retire([self._detach(name, version) for name, version in held])
 
 
 def read_ensemble(model_dir: Path) -> Ensemble:
