@@ -218,10 +218,7 @@ class RewardServer:
     async def _poll(self) -> None:
         while True:
             await asyncio.sleep(self.config.poll_s)
-            try:
-                await self.reload()
-            except Exception:  # noqa: BLE001 - a bad scan is logged; serving goes on with what is loaded
-                log.exception("model repository scan failed")
+            await self._scan()
 
     async def rescan(self, why: str) -> None:
         service = getattr(self, "service", None)
@@ -229,15 +226,19 @@ class RewardServer:
             log.info("%s ignored: no model repository to rescan, or not serving yet", why)
             return
         log.info("%s: rescanning the model repository", why)
+        await self._scan()
+
+    async def _scan(self) -> None:
         try:
             await self.reload()
         except Exception:  # noqa: BLE001 - a bad scan is logged; serving goes on with what is loaded
             log.exception("model repository scan failed")
 
-    async def close(self) -> None:
-        """Close whatever start-up opened, at once (a stop during start-up)."""
+    async def close(self, grace_s: float = 0.0) -> None:
+        """Close whatever start-up opened: the gRPC port (calls in flight get `grace_s` more), the HTTP port,
+        the models, the metrics port. At once when start-up is abandoned; the end of a drain otherwise."""
         if getattr(self, "server", None) is not None:
-            await self.server.stop(0)
+            await self.server.stop(grace_s)
         if self.http is not None:
             await self.http.stop()
         await self.registry.close()
@@ -268,13 +269,8 @@ class RewardServer:
             elif time.monotonic() - quiet_since > 0.3:  # late arrivals get UNAVAILABLE and go elsewhere
                 break
             await asyncio.sleep(0.05)
-        await self.server.stop(0.0 if hurry.is_set() else max(0.0, deadline - time.monotonic()))
-        if self.http is not None:
-            await self.http.stop()
+        await self.close(0.0 if hurry.is_set() else max(0.0, deadline - time.monotonic()))
         served = self.metrics.registry.get_sample_value("rm_samples_total") or 0
-        await self.registry.close()
-        if self._metrics_http is not None:
-            self._metrics_http.shutdown()
         log.info("stopped (samples scored: %d)", served)
 
 
