@@ -35,9 +35,10 @@ import numpy as np
 import servers
 import sweeps
 import torch
-from random_reward_model import SHAPES
+from random_reward_model import SHAPES, save_random_qwen3
 from rlhf_bench import rlhf_groups
 from serve_bench import demo_pairs
+from transformers import AutoConfig, AutoTokenizer
 
 from rm_contract.bundle import load_bundle
 from rm_contract.padding import pad_batch
@@ -48,19 +49,6 @@ CONCURRENCY = (1, 16, 64, 256)
 FAILED = "FAILED"  # left by prepare in a model's work directory
 DATASHEET_TFLOPS = 989.0  # H100/H200 SXM dense fp16/bf16 tensor-core peak (NVIDIA's datasheet)
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: the dry run only
-
-
-def make_checkpoint(path: Path, shape: dict, tokenizer_dir: Path) -> None:
-    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    config = AutoConfig.for_model(
-        "qwen3", **shape, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id
-    )
-    torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_config(config, dtype=torch.bfloat16)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
 
 
 def prepare(args: argparse.Namespace) -> None:
@@ -74,7 +62,7 @@ def prepare(args: argparse.Namespace) -> None:
         (work / FAILED).unlink(missing_ok=True)
         started = time.perf_counter()
         try:
-            make_checkpoint(work / "checkpoint", SHAPES[name], Path(args.tokenizer))
+            save_random_qwen3(work / "checkpoint", SHAPES[name], AutoTokenizer.from_pretrained(args.tokenizer))
             print(f"{name}: checkpoint in {time.perf_counter() - started:.0f} s", flush=True)
             command = [sys.executable, "-m", "rm_training.export", "--model", str(work / "checkpoint")]
             command += ["--output", str(work / "bundle"), "--dtype", "fp32,fp16", "--max-length", str(MAX_LENGTH)]
@@ -196,8 +184,6 @@ def strip_latencies(points: dict) -> dict:
 
 
 def bench_model(name: str, args: argparse.Namespace, peak: float) -> dict:
-    from transformers import AutoConfig
-
     work, groups, seed = Path(args.work), args.groups, args.seed
     bundle_dir, checkpoint = work / name / "bundle", work / name / "checkpoint"
     bundle = load_bundle(bundle_dir)

@@ -7,8 +7,10 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
+from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedTokenizerBase
 
 from rm_contract.backbones import resolve_backbone
 from rm_training.model import load_backbone_model
@@ -39,6 +41,18 @@ SHAPES = {
         head_dim=16,
     ),
 }
+
+
+def save_random_qwen3(path: Path, shape: dict, tokenizer: PreTrainedTokenizerBase) -> None:
+    """A randomly initialised Qwen3 sequence-classification model of `shape`, saved in bf16 (as reward models
+    ship) with `tokenizer` beside it; seeded, so every run writes the same weights."""
+    config = AutoConfig.for_model(
+        "qwen3", **shape, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id
+    )
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
 
 
 def main() -> None:

@@ -23,10 +23,9 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-import torch
-from random_reward_model import SHAPES
+from random_reward_model import SHAPES, save_random_qwen3
 from servers import BIN, free_port, peak_rss_mb, stop, wait_until_serving
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoTokenizer
 
 from rm_client.samples import text_samples
 from rm_contract.backbones import resolve_backbone
@@ -47,14 +46,7 @@ def make_checkpoint(path: Path) -> float:
     if not (path / "config.json").is_file():
         backbone = resolve_backbone("smollm2")
         tokenizer = AutoTokenizer.from_pretrained(backbone.path, **backbone.from_pretrained_kwargs())
-        config = AutoConfig.for_model(
-            "qwen3", **SHAPES["qwen3-0.6b"], pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id
-        )
-        torch.manual_seed(0)
-        model = AutoModelForSequenceClassification.from_config(config, dtype=torch.bfloat16)
-        model.save_pretrained(path)
-        tokenizer.save_pretrained(path)
-        del model
+        save_random_qwen3(path, SHAPES["qwen3-0.6b"], tokenizer)
     return sum(p.stat().st_size for p in path.glob("*.safetensors")) / 2**20
 
 
