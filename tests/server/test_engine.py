@@ -36,9 +36,16 @@ def test_bound_batches_equal_plain_runs_whatever_came_before(engines):
         np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
 
 
-def test_batches_over_the_reserved_size_run_unbound(engines):
+@pytest.mark.parametrize(
+    "rows, longest",
+    [(12, 40), (4, 200)],  # more rows than reserved (within the tokens), more tokens than reserved (within the rows)
+)
+def test_batches_over_the_reserved_size_run_unbound(engines, rows, longest):
     plain, bound = engines
-    ids, mask = pad_batch(random_sequences(np.random.default_rng(1), 12, 64), 0)  # 12 rows > 8 reserved
+    sequences = random_sequences(np.random.default_rng(1), rows, longest)
+    sequences[0] = sequences[0][:1] + [1500] * (longest - 1)  # the longest row sets the padded size
+    ids, mask = pad_batch(sequences, 0)
+    assert ids.shape == (rows, longest)
     np.testing.assert_allclose(bound.score(ids, mask), plain.score(ids, mask), rtol=0, atol=1e-6)
 
 
