@@ -108,7 +108,10 @@ def matrix(tmp_path_factory, minilm_tokenizer, smollm2_tokenizer):
             model_type, root / "checkpoints" / name, minilm_tokenizer, smollm2_tokenizer
         )
         bundle = root / "repo" / name / "1"
-        export.main(["--model", str(checkpoints[name]), "--output", str(bundle), "--max-length", str(MAX_LENGTH)])
+        export.main(
+            ["--model", str(checkpoints[name]), "--output", str(bundle), "--max-length", str(MAX_LENGTH)]
+            + ["--dtype", "fp32,fp16"]  # fp16 traced for every architecture, checked by rm-export
+        )
     server = start_server(root / "repo", root / "serve.log", bundle_flag="--model-repo")
     yield server, root / "repo", checkpoints
     stop_server(server)

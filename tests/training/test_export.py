@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import subprocess
+from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from datasets import Dataset
@@ -223,6 +225,11 @@ def test_bf16_checkpoint_exports_served_with_one_weights_file_per_variant(tiny_d
         assert weights in manifest["files"]
         assert (out / weights).stat().st_mode & 0o044 == 0o044  # readable by a server running as another user
 
+    # fp16 as transformers runs it under fp16 weights: products in fp16, norm statistics and softmax in fp32
+    types = input_types(out / "model.fp16.onnx")
+    assert types["MatMul"] == {"FLOAT16"}
+    assert types["Pow"] == types["ReduceMean"] == types["Softmax"] == {"FLOAT"}
+
     # transformers' forward on the same ids, with the fp32 weights the bf16 checkpoint holds
     reference = AutoModelForSequenceClassification.from_pretrained(bf16).float().eval()
     encoder = load_bundle(out).sample_encoder()
@@ -249,6 +256,35 @@ def test_bf16_checkpoint_exports_served_with_one_weights_file_per_variant(tiny_d
     (out / "model.fp16.onnx.data").unlink()
     with pytest.raises(BundleError, match=r"model.fp16.onnx.data: missing"):
         load_bundle(out)
+
+
+def input_types(path: Path) -> dict[str, set[str]]:
+    """op type -> the element types of its first input across the graph."""
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(path), load_external_data=False))
+    graph = model.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input, *graph.output]}
+    types |= {i.name: i.data_type for i in graph.initializer}
+    found: dict[str, set[str]] = {}
+    for node in (n for n in graph.node if n.input):
+        found.setdefault(node.op_type, set()).add(onnx.TensorProto.DataType.Name(types.get(node.input[0], 0)))
+    return found
+
+
+def test_a_variant_whose_check_cannot_run_fails_the_export_and_is_refused_at_load(tiny_decoder_checkpoint, tmp_path):
+    model, tokenizer, metadata = load_reward_model(tiny_decoder_checkpoint, max_length=32)
+    checked = prepare_checks(model.eval(), tokenizer, metadata.recipe, None)
+    export_graph(model, tmp_path / "model.onnx")
+    (tmp_path / "model.fp16.onnx").write_bytes(b"not an onnx graph")
+    with pytest.raises(VerificationError, match=r"fp16 could not be checked \(.*\)"):
+        run_checks(checked, {"fp32": tmp_path / "model.onnx", "fp16": tmp_path / "model.fp16.onnx"})
+
+    bundle = tmp_path / "bundle"
+    assert rm_export("--model", str(tiny_decoder_checkpoint), "--output", str(bundle)).returncode == 0
+    manifest = json.loads((bundle / "bundle.json").read_text())
+    manifest["variants"]["fp32"] = {"file": "model.onnx", "verified": False, "reason": "no CUDA here"}
+    (bundle / "bundle.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=r"variant fp32 was not verified at export \(no CUDA here\)"):
+        load_bundle(bundle).model_path("fp32")
 
 
 def test_int8_variant_keeps_its_weights_in_its_own_file(tiny_decoder_checkpoint, tmp_path):

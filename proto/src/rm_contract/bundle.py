@@ -137,7 +137,11 @@ class Bundle:
     def model_path(self, variant: str) -> Path:
         if variant not in self.manifest["variants"]:
             raise BundleError(f"bundle {self.directory} has no {variant} variant (it has {', '.join(self.variants)})")
-        return self.directory / self.manifest["variants"][variant]["file"]
+        entry = self.manifest["variants"][variant]
+        if entry.get("verified") is not True:  # rm-export writes no such bundle; a hand-edited one is refused
+            reason = entry.get("reason", "no 'verified': true in bundle.json")
+            raise BundleError(f"bundle {self.directory}: variant {variant} was not verified at export ({reason})")
+        return self.directory / entry["file"]
 
     def tokenizer(self) -> Tokenizer:
         return Tokenizer.from_file(str(self.directory / TOKENIZER_FILE))

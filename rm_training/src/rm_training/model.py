@@ -93,7 +93,7 @@ class RewardModel(nn.Module):
             segments = {}
             if self.segment_sep_id is not None:
                 segments["token_type_ids"] = segment_ids(input_ids, attention_mask, self.segment_sep_id)
-            return self.model(input_ids=input_ids, attention_mask=attention_mask, **segments).logits[:, 0]
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, **segments).logits[:, 0].float()
         hidden = self.model.base_model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -106,7 +106,7 @@ class RewardModel(nn.Module):
         T = input_ids.shape[1]
         last = (keep * torch.arange(T, device=input_ids.device)).argmax(-1)  # (B,)
         pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
-        return self.model.score(pooled.to(self.model.score.weight.dtype))[:, 0]
+        return self.model.score(pooled.to(self.model.score.weight.dtype))[:, 0].float()  # fp16 models too
 
 
 def segment_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor, sep_id: int) -> torch.Tensor:
