@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 from pathlib import Path
 
+import numpy as np
+import onnx
 import pytest
 
 from rm_contract.bundle import MANIFEST, BundleError, hash_files, load_bundle
+from tests.servers import BIN, free_port
 
 
 @pytest.fixture
@@ -80,3 +84,52 @@ def test_a_linked_directory_and_a_nested_manifest_are_not_skipped(bundle, tmp_pa
     (bundle / "nested" / MANIFEST).write_text("{}")
     with pytest.raises(BundleError, match="files not listed .* nested/bundle.json"):
         load_bundle(bundle)
+
+
+def constant_graph(path: Path, reward: float) -> None:
+    """An ONNX graph with the bundle's inputs and output that gives every sample the same reward."""
+    h = onnx.helper
+    ids = h.make_tensor_value_info("input_ids", onnx.TensorProto.INT64, ["batch", "sequence"])
+    mask = h.make_tensor_value_info("attention_mask", onnx.TensorProto.INT64, ["batch", "sequence"])
+    out = h.make_tensor_value_info("reward", onnx.TensorProto.FLOAT, ["batch"])
+    nodes = [
+        h.make_node("Cast", ["attention_mask"], ["m"], to=onnx.TensorProto.FLOAT),
+        h.make_node("ReduceSum", ["m", "axes"], ["s"], keepdims=0),
+        h.make_node("Mul", ["s", "zero"], ["z"]),
+        h.make_node("Add", ["z", "value"], ["reward"]),
+    ]
+    constants = [
+        h.make_tensor("axes", onnx.TensorProto.INT64, [1], [1]),
+        h.make_tensor("zero", onnx.TensorProto.FLOAT, [], [0.0]),
+        h.make_tensor("value", onnx.TensorProto.FLOAT, [], [reward]),
+    ]
+    graph = h.make_graph(nodes, "constant", [ids, mask], [out], constants)
+    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)], ir_version=8), str(path))
+
+
+def test_a_graph_that_does_not_reproduce_the_exported_rewards_is_refused_at_load(bundle, tmp_path):
+    """Before: a constant-output graph with its hash rewritten in bundle.json was served. Hashes prove the
+    files are the listed ones; the reference samples prove they compute the model that was exported."""
+    reference = load_bundle(bundle).reference("fp32")[1]
+    constant_graph(bundle / "model.onnx", float(np.mean(reference)))
+    edit_manifest(bundle, lambda manifest: manifest.update(files=hash_files(bundle)))
+    assert load_bundle(bundle).model_path("fp32")  # the hashes agree
+    port = free_port()
+    result = subprocess.run(
+        [str(BIN / "rm-serve"), "--bundle", str(bundle), "--port", str(port), "--metrics-port", "-1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "the fp32 graph does not reproduce the rewards recorded at export on its 8 reference" in result.stderr
+
+
+def test_a_tokenizer_too_large_to_parse_without_stalling_is_refused(bundle):
+    """tokenizers parses tokenizer.json holding the GIL (a 190 MB one froze every call for 36 s when a new
+    version loaded): above 64 MiB it is refused before parsing, naming the limit."""
+    with open(bundle / "tokenizer.json", "a") as f:
+        f.write(" " * (65 * 2**20))  # still valid JSON: size alone decides
+    edit_manifest(bundle, lambda manifest: manifest.update(files=hash_files(bundle)))
+    with pytest.raises(BundleError, match=r"tokenizer.json: 66 MiB; at most 64 MiB are accepted"):
+        load_bundle(bundle).tokenizer()

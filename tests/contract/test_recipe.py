@@ -80,6 +80,11 @@ def test_max_length_without_room_for_a_response_is_an_error(minilm_tokenizer):
             {"variants": {"fp32": {"file": "model.onnx", "weights_file": "model.onnx.data"}}},
             "variant 'fp32': weights_file 'model.onnx.data' is not listed in 'files'",
         ),
+        ({"parity": {"reward_scale": 1.0}}, "'parity.reference_ids' is missing"),
+        (
+            {"variants": {"fp32": {"file": "model.onnx", "reference_rewards": [0.5]}}},
+            "variant 'fp32': 'reference_rewards' must hold one number per reference sample",
+        ),
     ],
 )
 def test_a_malformed_manifest_is_refused_naming_the_field(tmp_path, change, message):
@@ -90,7 +95,8 @@ def test_a_malformed_manifest_is_refused_naming_the_field(tmp_path, change, mess
         "pooling": "cls",
         "max_length": 8,
         "recipe": {"template": "pair", "max_length": 8},
-        "variants": {"fp32": {"file": "model.onnx"}},
+        "variants": {"fp32": {"file": "model.onnx", "reference_rewards": [0.5, -1.0]}},
+        "parity": {"reward_scale": 1.0, "reference_ids": [[101, 7, 102], [101, 102]]},
         "files": {"model.onnx": "0" * 64, "tokenizer.json": "1" * 64},
     }
     (tmp_path / MANIFEST).write_text(json.dumps(manifest))

@@ -97,3 +97,28 @@ def test_overload_is_refused_before_any_work(encoder_bundle, tmp_path):
     assert {code for code, _ in outcomes} == {"OK", "RESOURCE_EXHAUSTED"}, outcomes
     assert len(refused) >= 30
     assert max(refused) < 0.5, sorted(refused)  # measured: a few ms each
+
+
+def test_a_call_that_expired_stops_tokenizing(encoder_bundle, tmp_path):
+    """Before: a cancelled or expired call went on tokenizing every one of its samples, holding the tokenizer
+    thread from the calls behind it. Now it stops at its next sample: the next call waits for one sample,
+    not for the rest of the expired request (seconds here, measured in the test itself)."""
+    server = start_server(encoder_bundle, tmp_path / "serve.log", "--tokenizer-threads", "1")
+    slow = pb.Sample(text=pb.TextPair(prompt="Q", response="lovely wonderful day " * 5_000))  # 105,000 chars
+    small = pb.ScoreRequest(samples=[pb.Sample(text=pb.TextPair(prompt="Q", response="A"))])
+    try:
+        stub = server.stub()
+        stub.Score(small, timeout=30)
+        started = time.monotonic()
+        stub.Score(pb.ScoreRequest(samples=[slow] * 16), timeout=120)
+        per_sample = (time.monotonic() - started) / 16
+        with pytest.raises(grpc.RpcError) as expired:
+            stub.Score(pb.ScoreRequest(samples=[slow] * 256), timeout=0.3)
+        assert expired.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        started = time.monotonic()
+        stub.Score(small, timeout=120)
+        waited = time.monotonic() - started
+    finally:
+        stop_server(server)
+    left_over = 256 * per_sample - 0.3  # what the expired call had left to tokenize
+    assert waited < left_over / 4, (waited, left_over)

@@ -11,9 +11,10 @@ import time
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rm_contract.pb import reward_pb2 as pb
+from tests.server.test_model_repo import large_vocabulary_copy
 from tests.server.test_service import metrics, text
 from tests.servers import BIN, free_port, start_server, stop_server
 
@@ -42,13 +43,18 @@ def test_corrupted_bundle_fails_start_up_with_a_clear_message(encoder_bundle, tm
     assert missing.returncode == 2 and "bundle.json is missing" in missing.stderr
 
 
-def test_full_queue_answers_resource_exhausted_at_once(encoder_bundle, tmp_path):
+def test_a_request_bigger_than_the_whole_queue_is_invalid_not_retryable(encoder_bundle, tmp_path):
+    """Before: --max-samples-per-request above --max-queue made such a request RESOURCE_EXHAUSTED forever (a
+    client retries that with backoff, endlessly). Now it is INVALID_ARGUMENT, and the per-request limit
+    GetModelInfo reports (the one clients split by) is capped at the queue. Filling the queue with several
+    requests still gets RESOURCE_EXHAUSTED at once (test_admission.py)."""
     server = start_server(encoder_bundle, tmp_path / "log", "--max-queue", "8")
     try:
+        assert server.stub().GetModelInfo(pb.GetModelInfoRequest(), timeout=10).max_samples_per_request == 8
         with pytest.raises(grpc.RpcError) as error:
             server.stub().Score(pb.ScoreRequest(samples=[text("Q", "fine")] * 9), timeout=10)
-        assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "queue full" in error.value.details()
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "request has 9 samples; at most 8 are accepted per request" in error.value.details()
         assert len(server.stub().Score(pb.ScoreRequest(samples=[text("Q", "fine")] * 8)).results) == 8
     finally:
         stop_server(server)
@@ -156,3 +162,35 @@ def test_a_second_sigterm_ends_the_drain_at_once(encoder_bundle, tmp_path):
     assert time.monotonic() - started < 15  # measured: well under a second
     never.set()
     assert "SIGTERM again: ending the drain now" in server.log()
+
+
+def test_sigterm_during_start_up_abandons_it_and_exits_0(encoder_bundle, tmp_path):
+    """Before: SIGTERM while the model loaded killed the process (exit -15, the default action). The port
+    answers NOT_SERVING from the first moment; a bundle with a ~40 MB tokenizer keeps start-up busy for
+    seconds, and the signal lands in it."""
+    bundle = tmp_path / "slow-to-load"
+    large_vocabulary_copy(encoder_bundle, bundle)
+    port = free_port()
+    log_path = tmp_path / "log"
+    with open(log_path, "w") as log_file:
+        process = subprocess.Popen(
+            [str(BIN / "rm-serve"), "--bundle", str(bundle), "--port", str(port), "--metrics-port", "-1"],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            health = health_pb2_grpc.HealthStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+            deadline = time.monotonic() + 60
+            status = None
+            while status is None and time.monotonic() < deadline:
+                try:
+                    status = health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                except grpc.RpcError:
+                    time.sleep(0.02)
+            assert status == health_pb2.HealthCheckResponse.NOT_SERVING  # still loading
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=30) == 0
+        finally:
+            process.kill()
+            process.wait(timeout=30)
+    assert "stopped during start-up" in log_path.read_text()

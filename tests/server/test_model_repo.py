@@ -8,17 +8,19 @@ import gc
 import json
 import random
 import shutil
+import threading
 import time
 import weakref
 from pathlib import Path
 
 import grpc
 import numpy as np
+import onnxruntime as ort
 import pytest
 
 from rm_client import AsyncRewardClient, RetryPolicy, RewardClient, RewardServiceError, Security
 from rm_client.samples import text_samples
-from rm_contract.bundle import load_bundle
+from rm_contract.bundle import BundleError, hash_files, load_bundle
 from rm_contract.padding import pad_batch
 from rm_contract.pb import reward_pb2 as pb
 from rm_contract.recipe import Sample
@@ -26,6 +28,7 @@ from rm_server.engine import OnnxEngine
 from rm_server.metrics import ServiceMetrics
 from rm_server.models import ModelRegistry, ModelSettings
 from tests.conftest import random_texts, rm_export
+from tests.contract.test_bundle_integrity import constant_graph
 from tests.servers import start_server, stop_server, wait_for_log_line
 
 
@@ -288,3 +291,53 @@ def test_versions_order_numerically_odd_ones_are_refused_once_and_deleted_ones_u
     assert second == {"loaded": [], "unloaded": [], "rejected": []}  # nothing re-verified or re-reported
     assert sorted(third["unloaded"]) == ["a/10", "b/1"] and third["loaded"] == ["a/2"]
     assert serving_third == {"a": "2"} and models == ["a"]
+
+
+def large_vocabulary_copy(bundle: Path, out: Path, extra: int = 1_500_000) -> int:
+    """A copy of `bundle` whose tokenizer.json has `extra` more vocabulary entries (~40 MB: seconds to parse),
+    hashes rewritten; returns the vocabulary size."""
+    shutil.copytree(bundle, out)
+    tokenizer = json.loads((out / "tokenizer.json").read_text())
+    vocab = tokenizer["model"]["vocab"]
+    base = len(vocab)
+    vocab.update({f"extra{i:07d}": base + i for i in range(extra)})
+    (out / "tokenizer.json").write_text(json.dumps(tokenizer))
+    manifest = json.loads((out / "bundle.json").read_text())
+    (out / "bundle.json").write_text(json.dumps(manifest | {"files": hash_files(out)}))
+    return base + extra
+
+
+def test_a_version_failing_at_load_leaves_no_task_thread_or_session_behind(encoder_bundle, tmp_path):
+    """Before: a version whose warm-up failed leaked its batching task, tokenizer threads and ONNX Runtime
+    session. Its load check fails here after all three exist (a graph that does not give the exported
+    rewards); the registry goes on without it."""
+    broken = tmp_path / "broken"
+    shutil.copytree(encoder_bundle, broken)
+    constant_graph(broken / "model.onnx", 0.5)
+    manifest = json.loads((broken / "bundle.json").read_text())
+    (broken / "bundle.json").write_text(json.dumps(manifest | {"files": hash_files(broken)}))
+
+    def sessions() -> int:
+        gc.collect()
+        return sum(isinstance(o, ort.InferenceSession) for o in gc.get_objects())
+
+    def tokenizer_threads() -> int:
+        return sum(t.name.startswith("tokenize") for t in threading.enumerate())
+
+    async def load() -> set:
+        registry = ModelRegistry(ModelSettings(), ServiceMetrics())
+        try:
+            with pytest.raises(BundleError, match="does not reproduce the rewards recorded at export"):
+                await registry.add("toy", "1", broken)
+            assert registry.loaded() == []
+            return {t for t in asyncio.all_tasks() if t is not asyncio.current_task()}
+        finally:
+            await registry.close()
+
+    sessions_before, threads_before = sessions(), tokenizer_threads()
+    assert asyncio.run(load()) == set()
+    assert sessions() == sessions_before
+    deadline = time.monotonic() + 10
+    while tokenizer_threads() > threads_before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert tokenizer_threads() == threads_before

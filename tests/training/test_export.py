@@ -11,6 +11,7 @@ import onnx
 import pytest
 import torch
 from datasets import Dataset
+from onnxruntime.quantization import QuantType, quantize_dynamic
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -31,6 +32,7 @@ from rm_training.model import load_reward_model, sample_encoder
 from rm_training.onnx_export import export_graph, external_data_files, make_int8
 from rm_training.train import TrainConfig, train
 from tests.conftest import rm_export, sentiment_pairs, write_jsonl
+from tests.contract.test_bundle_integrity import constant_graph
 from tests.servers import start_server, stop_server
 
 
@@ -281,10 +283,25 @@ def test_a_variant_whose_check_cannot_run_fails_the_export_and_is_refused_at_loa
     bundle = tmp_path / "bundle"
     assert rm_export("--model", str(tiny_decoder_checkpoint), "--output", str(bundle)).returncode == 0
     manifest = json.loads((bundle / "bundle.json").read_text())
-    manifest["variants"]["fp32"] = {"file": "model.onnx", "verified": False, "reason": "no CUDA here"}
+    manifest["variants"]["fp32"] |= {"verified": False, "reason": "no CUDA here"}
     (bundle / "bundle.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match=r"variant fp32 was not verified at export \(no CUDA here\)"):
         load_bundle(bundle).model_path("fp32")
+
+
+def test_the_checks_refuse_a_wrong_graph_and_a_batch_dependent_int8(tiny_decoder_checkpoint, tmp_path):
+    """The exporter's gates fed graphs that are wrong on purpose: a constant output as fp32, and a dynamically
+    quantized int8 (activation scales computed per batch, padding included) that is otherwise close."""
+    model, tokenizer, metadata = load_reward_model(tiny_decoder_checkpoint, max_length=32)
+    checked = prepare_checks(model.eval(), tokenizer, metadata.recipe, None)
+    export_graph(model, tmp_path / "model.onnx")
+    constant_graph(tmp_path / "constant.onnx", float(np.mean(checked.vset.reference)))
+    with pytest.raises(VerificationError, match=r"fp32 parity \S+ > 1.0e-04"):
+        run_checks(checked, {"fp32": tmp_path / "constant.onnx"})
+    quantize_dynamic(str(tmp_path / "model.onnx"), str(tmp_path / "dynamic.onnx"), weight_type=QuantType.QInt8)
+    with pytest.raises(VerificationError, match=r"int8 batch invariance \S+ > 1.0e-04"):
+        run_checks(checked, {"fp32": tmp_path / "model.onnx", "int8": tmp_path / "dynamic.onnx"})
+    assert run_checks(checked, {"fp32": tmp_path / "model.onnx"})["variants"]["fp32"]["verified"]
 
 
 def test_int8_variant_keeps_its_weights_in_its_own_file(tiny_decoder_checkpoint, tmp_path):

@@ -22,6 +22,10 @@ MANIFEST = "bundle.json"
 VARIANTS = ("fp32", "fp16", "int8")
 VARIANT_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
 """The ONNX file rm-export writes for each variant (readers follow `variants[NAME].file` in the manifest)."""
+REFERENCE_TOLERANCE = {"fp32": 1e-2, "fp16": 2e-2, "int8": 1e-2}
+"""How far, relative to the reward scale, a served variant may score the reference samples from what it
+scored at export. Loose on purpose: rm-export checked precision; this catches a different graph, and allows
+another provider (a GPU's TF32 or true-fp16 arithmetic against the CPU's at export)."""
 
 
 MANIFEST_FIELDS: dict[str, type | tuple[type, ...]] = {
@@ -37,6 +41,10 @@ MANIFEST_FIELDS: dict[str, type | tuple[type, ...]] = {
 
 
 TOKENIZER_FILE = "tokenizer.json"
+MAX_TOKENIZER_MIB = 64
+"""Real tokenizers take 2-35 MiB (Gemma 3's is the largest we know of). tokenizers 0.23 parses the file
+without releasing the GIL, so loading a new version pauses every call the process serves for as long
+(measured: 2.3 s for a 40 MiB file); this bounds that pause."""
 
 
 class BundleError(ValueError):
@@ -64,11 +72,29 @@ def manifest_problems(manifest: dict) -> list[str]:
             for key in ("file", "weights_file"):
                 if isinstance(variant, dict) and key in variant and variant[key] not in manifest["files"]:
                     problems.append(f"variant '{name}': {key} {variant[key]!r} is not listed in 'files'")
+        problems += reference_problems(manifest)
         if TOKENIZER_FILE not in manifest["files"]:
             problems.append(f"'{TOKENIZER_FILE}' is not listed in 'files'")
         escaping = [name for name in manifest["files"] if escapes(name)]
         problems += [f"file {name!r} is not a plain path inside the bundle" for name in escaping]
     return problems
+
+
+def reference_problems(manifest: dict) -> list[str]:
+    """The reference samples and each variant's export-time rewards on them must be there: the server scores
+    them again at load (see `Bundle.reference`)."""
+    parity = manifest.get("parity")
+    ids = parity.get("reference_ids") if isinstance(parity, dict) else None
+    if not isinstance(ids, list) or not ids or not all(isinstance(row, list) and row for row in ids):
+        return ["'parity.reference_ids' is missing (bundles from an older rm-export: export again)"]
+    return [
+        f"variant '{name}': 'reference_rewards' must hold one number per reference sample"
+        for name, variant in manifest["variants"].items()
+        if not isinstance(variant, dict)
+        or not isinstance(variant.get("reference_rewards"), list)
+        or len(variant["reference_rewards"]) != len(ids)
+        or not all(isinstance(r, (int, float)) for r in variant["reference_rewards"])
+    ]
 
 
 def escapes(name: str) -> bool:
@@ -143,8 +169,24 @@ class Bundle:
             raise BundleError(f"bundle {self.directory}: variant {variant} was not verified at export ({reason})")
         return self.directory / entry["file"]
 
+    def reference(self, variant: str) -> tuple[list[list[int]], list[float], float]:
+        """The reference samples' ids, the rewards `variant` gave them at export, and how far a served copy
+        may differ (absolute): the server scores them at load, so a graph other than the one exported
+        (a constant output, a swapped file with a rewritten hash) or a provider computing it wrongly is
+        refused instead of served."""
+        parity = self.manifest["parity"]
+        tolerance = REFERENCE_TOLERANCE[variant] * float(parity.get("reward_scale", 1.0))
+        return parity["reference_ids"], self.manifest["variants"][variant]["reference_rewards"], tolerance
+
     def tokenizer(self) -> Tokenizer:
-        return Tokenizer.from_file(str(self.directory / TOKENIZER_FILE))
+        path = self.directory / TOKENIZER_FILE
+        size_mib = path.stat().st_size / 2**20
+        if size_mib > MAX_TOKENIZER_MIB:
+            raise BundleError(
+                f"{path}: {size_mib:.0f} MiB; at most {MAX_TOKENIZER_MIB} MiB are accepted (tokenizers parses it "
+                "holding Python's GIL, about 60 ms per MiB in which a serving process answers no call)"
+            )
+        return Tokenizer.from_file(str(path))
 
     def sample_encoder(self) -> SampleEncoder:
         return SampleEncoder(self.tokenizer(), self.recipe)

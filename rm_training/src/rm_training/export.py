@@ -56,6 +56,7 @@ from rm_training.onnx_export import (
     weights_file,
 )
 from rm_training.parity import (
+    BATCH_INVARIANCE,
     MAX_INT8_ACCURACY_DROP,
     TOLERANCE,
     VerificationSet,
@@ -63,6 +64,7 @@ from rm_training.parity import (
     onnx_scorer,
     pairwise_accuracy,
     reference_rewards,
+    reference_rows,
     torch_scorer,
     verification_samples,
 )
@@ -105,6 +107,7 @@ def run_checks(checked: Checked, variant_paths: dict[str, Path]) -> dict:
     """Per variant: parity, batch invariance, accuracy; raises VerificationError listing every failure."""
     scale = max(1.0, float(np.std(checked.vset.reference)))
     report: dict = {"reward_scale": scale, "n_samples": len(checked.vset.ids), "padding_sides": list(checked.sides)}
+    report["reference_ids"] = [checked.vset.ids[i] for i in reference_rows(checked.vset)]
     if checked.torch_eval_accuracy is not None:
         report["torch_eval_accuracy"] = checked.torch_eval_accuracy
     failures, variants = [], {}
@@ -114,25 +117,26 @@ def run_checks(checked: Checked, variant_paths: dict[str, Path]) -> dict:
         engine = None  # a session from a failed check must not live on while the next one is built
         try:
             engine = OnnxEngine(path, providers)
-            result = check_variant(engine, checked.vset, checked.pad_id, checked.sides)
+            result, alone = check_variant(engine, checked.vset, checked.pad_id, checked.sides)
         except Exception as e:  # noqa: BLE001 - e.g. fp16 kernels missing on the CPU provider
             reason = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
             variants[dtype] = {"verified": False, "reason": reason}
             failures.append(f"{dtype} could not be checked ({reason})")  # unchecked is not shipped
             continue
         result["provider"] = engine.providers[0]
+        result["reference_rewards"] = [float(alone[i]) for i in reference_rows(checked.vset)]
         result["verified"] = True
         if checked.eval_groups:
             result["eval_accuracy"] = pairwise_accuracy(onnx_scorer(engine, checked.pad_id), checked.eval_groups)
         del engine  # one ONNX Runtime session at a time: each holds a copy of the weights
         limit = TOLERANCE.get(dtype)
-        if limit is not None:
-            if result["parity_max_abs_diff"] > limit * scale:
-                failures.append(f"{dtype} parity {result['parity_max_abs_diff']:.2e} > {limit * scale:.1e}")
-            if result["batch_invariance_max_abs_diff"] > limit * scale:
-                failures.append(
-                    f"{dtype} batch invariance {result['batch_invariance_max_abs_diff']:.2e} > {limit * scale:.1e}"
-                )
+        if limit is not None and not result["parity_max_abs_diff"] <= limit * scale:  # NaN fails too
+            failures.append(f"{dtype} parity {result['parity_max_abs_diff']:.2e} > {limit * scale:.1e}")
+        limit = BATCH_INVARIANCE[dtype]
+        if not result["batch_invariance_max_abs_diff"] <= limit * scale:
+            failures.append(
+                f"{dtype} batch invariance {result['batch_invariance_max_abs_diff']:.2e} > {limit * scale:.1e}"
+            )
         variants[dtype] = result
     if "int8" in variants and variants["int8"].get("verified") and checked.eval_groups:
         # One-sided: quantization noise that happens to flip pairs the right way is not a defect.
@@ -170,9 +174,9 @@ def export(args: argparse.Namespace) -> Path:
     with tempfile.TemporaryDirectory(dir=output.parent if output.parent.exists() else None) as tmp:
         staging = Path(tmp) / "bundle"
         staging.mkdir()
-        export_graph(model, Path(tmp) / "raw.onnx", args.opset)
-        if "fp16" in dtypes:
-            export_graph(model.half(), Path(tmp) / "raw.fp16.onnx", args.opset)  # cast in place: half the memory
+        export_graph(model, Path(tmp) / "raw.onnx", args.opset, external)
+        if "fp16" in dtypes:  # cast in place: half the memory
+            export_graph(model.half(), Path(tmp) / "raw.fp16.onnx", args.opset, external)
         model.to("meta")  # the PyTorch weights are done with (references and accuracy are computed): free them
         optimization = optimize(Path(tmp) / "raw.onnx", staging / VARIANT_FILES["fp32"], external)
         if "fp16" in dtypes:

@@ -22,7 +22,12 @@ from rm_training.model import RewardModel
 
 TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2}
 """Largest parity difference allowed, relative to the reward scale (int8 is judged by accuracy)."""
+BATCH_INVARIANCE = {"fp32": 1e-4, "fp16": 1e-2, "int8": 1e-4}
+"""Largest batched-vs-alone difference allowed, relative to the reward scale, for every variant: static int8
+is batch-invariant (integer products, fixed scales); a batch-dependent int8 (dynamic quantization picks
+activation scales per batch, padding included) is refused."""
 MAX_INT8_ACCURACY_DROP = 0.01
+REFERENCE_SAMPLES = 8
 BATCH_SIZES = (1, 3, 8, 16)
 
 BUILTIN_TEXTS = [
@@ -84,8 +89,11 @@ def batched_rewards(
     return rewards
 
 
-def check_variant(engine: OnnxEngine, vset: VerificationSet, pad_id: int, sides: tuple[str, ...]) -> dict:
-    """Worst parity difference against PyTorch and worst batched-vs-alone difference in ONNX Runtime."""
+def check_variant(
+    engine: OnnxEngine, vset: VerificationSet, pad_id: int, sides: tuple[str, ...]
+) -> tuple[dict, np.ndarray]:
+    """Worst parity difference against PyTorch and worst batched-vs-alone difference in ONNX Runtime; and
+    the rewards of each sample alone."""
     alone = batched_rewards(engine, vset.ids, pad_id, 1, "right", seed=0)
     parity, invariance = float(np.abs(alone - vset.reference).max()), 0.0
     for side in sides:
@@ -93,7 +101,14 @@ def check_variant(engine: OnnxEngine, vset: VerificationSet, pad_id: int, sides:
             batched = batched_rewards(engine, vset.ids, pad_id, batch_size, side, seed=i)
             parity = max(parity, float(np.abs(batched - vset.reference).max()))
             invariance = max(invariance, float(np.abs(batched - alone).max()))
-    return {"parity_max_abs_diff": parity, "batch_invariance_max_abs_diff": invariance}
+    return {"parity_max_abs_diff": parity, "batch_invariance_max_abs_diff": invariance}, alone
+
+
+def reference_rows(vset: VerificationSet, n: int = REFERENCE_SAMPLES) -> list[int]:
+    """Which verification samples go into bundle.json for the server's load check: spread over the
+    lengths, the longest included."""
+    order = sorted(range(len(vset.ids)), key=lambda i: len(vset.ids[i]))
+    return sorted({order[round(k * (len(order) - 1) / (n - 1))] for k in range(n)})
 
 
 def pairwise_accuracy(score, groups: list[TokenizedGroup], batch_size: int = 32) -> float:

@@ -302,7 +302,9 @@ async def serve(config: ServerConfig) -> None:
         await server.close()
         return
     stopped.cancel()
-    starting.result()  # a start-up failure (ConfigError, BundleError) ends here, with its exit code
+    if starting.exception() is not None:  # a start-up failure (ConfigError, BundleError): its exit code
+        await server.close()  # the port opened before the models loaded
+        raise starting.exception()
     await stop.wait()
     await server.stop(hurry)
 

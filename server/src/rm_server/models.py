@@ -48,7 +48,8 @@ class ModelSettings(BatchingOptions):
     tokenizer_threads: int = option(2, "Threads tokenizing requests off the event loop.")
     max_samples_per_request: int = option(
         4096,
-        "Samples accepted in one request; larger requests get INVALID_ARGUMENT (the client splits them).",
+        "Samples accepted in one request, at most --max-queue; larger requests get INVALID_ARGUMENT (the "
+        "client splits them by the limit GetModelInfo reports).",
     )
     verify: bool = option(True, "Check every bundle file's sha256 before loading.")
 
@@ -71,7 +72,11 @@ class ModelSettings(BatchingOptions):
 
     @property
     def limits(self) -> Limits:
-        return Limits(max_samples_per_request=self.max_samples_per_request, max_admitted=self.max_queue)
+        # A request larger than the queue could never be admitted, and its RESOURCE_EXHAUSTED would send
+        # clients into endless retries: such a request is refused as INVALID_ARGUMENT instead, and
+        # GetModelInfo reports the capped limit, so clients split their calls to fit.
+        per_request = min(self.max_samples_per_request, self.max_queue)
+        return Limits(max_samples_per_request=per_request, max_admitted=self.max_queue)
 
     def batcher_config(self, max_length: int, pad_id: int, on_gpu: bool) -> BatcherConfig:
         try:
@@ -92,13 +97,20 @@ class LoadedModel:
 
     def __init__(self, name: str, version: str, bundle: Bundle, settings: ModelSettings, metrics: ServiceMetrics):
         self.name, self.version, self.bundle, self.settings = name, version, bundle, settings
-        self.engine = OnnxEngine(bundle.model_path(settings.variant), settings.provider_list, settings.threads)
+        path = bundle.model_path(settings.variant)
+        try:
+            self.engine = OnnxEngine(path, settings.provider_list, settings.threads)
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types (Fail, InvalidGraph, ...)
+            first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise BundleError(f"{path}: ONNX Runtime cannot load it: {first_line[:500]}") from None
+        self.encoder = bundle.sample_encoder()  # parsing tokenizer.json takes seconds for large vocabularies
         self.inflight = 0
         self._metrics = metrics
 
     @classmethod
     async def load(cls, name: str, version: str, directory: Path, settings: ModelSettings, metrics: ServiceMetrics):
-        """Verify, create the session (in a thread: it takes seconds), start batching, warm up."""
+        """Verify, create the session and the tokenizer (in a thread: it takes seconds, and a hot reload
+        must not stall the calls being served), start batching, warm up."""
 
         def build() -> LoadedModel:
             return cls(name, version, load_bundle(directory, verify=settings.verify), settings, metrics)
@@ -120,10 +132,27 @@ class LoadedModel:
         self.engine.reserve(config.max_batch_tokens, config.max_batch_size)
         self.batcher = Batcher(self.engine, config, on_batch=self._metrics.record_batch)
         settings = self.settings
-        self.scorer = Scorer(self.bundle, settings.variant, self.batcher, settings.limits, settings.tokenizer_threads)
+        self.scorer = Scorer(
+            self.bundle, self.encoder, settings.variant, self.batcher, settings.limits, settings.tokenizer_threads
+        )
         self.batcher.start()
         for length in (8, recipe.max_length):  # the first real call pays no start-up cost
             await asyncio.to_thread(self.engine.score, *pad_batch([[1] * length], 0))
+        await asyncio.to_thread(self._check_reference, config.pad_id)
+
+    def _check_reference(self, pad_id: int) -> None:
+        """Score the bundle's reference samples in one padded batch and compare with what this variant
+        scored at export: a hash proves the files are the ones listed, this proves they compute the model."""
+        ids, expected, tolerance = self.bundle.reference(self.settings.variant)
+        got = self.engine.score(*pad_batch(ids, pad_id))
+        worst = float(np.max(np.abs(got.astype(np.float64) - np.asarray(expected, dtype=np.float64))))
+        if not worst <= tolerance:  # NaN included
+            raise BundleError(
+                f"bundle {self.bundle.directory}: the {self.settings.variant} graph does not reproduce the rewards "
+                f"recorded at export on its {len(ids)} reference samples (max difference {worst:.3g} > "
+                f"{tolerance:.3g}, {self.engine.providers[0]}): not the graph that was exported, or a provider "
+                "computing it wrongly"
+            )
 
     def _gpu_budget(self, config: BatcherConfig) -> int:
         """Run the default budget's worth of longest rows and size the budget from the memory it took."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from rm_contract.bundle import Bundle
-from rm_contract.recipe import EncodedSample, RecipeError, Sample
+from rm_contract.recipe import EncodedSample, RecipeError, Sample, SampleEncoder
 from rm_server.batcher import Batcher
 from rm_server.errors import InvalidRequest, QueueFull
 
@@ -71,12 +72,20 @@ class Limits:
 class Scorer:
     """Everything a transport needs to score samples with one bundle."""
 
-    def __init__(self, bundle: Bundle, variant: str, batcher: Batcher, limits: Limits, tokenizer_threads: int = 2):
+    def __init__(
+        self,
+        bundle: Bundle,
+        encoder: SampleEncoder,
+        variant: str,
+        batcher: Batcher,
+        limits: Limits,
+        tokenizer_threads: int = 2,
+    ):
         self.bundle = bundle
         self.variant = variant
         self.batcher = batcher
         self.limits = limits
-        self.encoder = bundle.sample_encoder()
+        self.encoder = encoder
         self.vocab_size = self.encoder.tokenizer.get_vocab_size(with_added_tokens=True)
         self.max_length = bundle.recipe.max_length
         normalization = bundle.manifest.get("normalization") or {}
@@ -95,12 +104,14 @@ class Scorer:
         started = time.perf_counter()
         self.limits.check_count(len(inputs))
         self._admit(len(inputs))
+        gone = threading.Event()
         try:
             loop = asyncio.get_running_loop()
-            encoded = await loop.run_in_executor(self._tokenize_pool, self._encode_all, inputs, strict)
+            encoded = await loop.run_in_executor(self._tokenize_pool, self._encode_all, inputs, strict, gone)
             tokenized = time.perf_counter()
             result = await self.batcher.score([e.ids for e in encoded])
         finally:
+            gone.set()  # a call cancelled or past its deadline stops tokenizing at its next sample
             self.admitted -= len(inputs)
         rewards = result.rewards.astype(np.float64)
         if normalize:
@@ -124,8 +135,13 @@ class Scorer:
             )
         self.admitted += samples
 
-    def _encode_all(self, inputs: list[SampleInput], strict: bool) -> list[EncodedSample]:
-        return [self._encode(i, sample, strict) for i, sample in enumerate(inputs)]
+    def _encode_all(self, inputs: list[SampleInput], strict: bool, gone: threading.Event) -> list[EncodedSample]:
+        encoded = []
+        for i, sample in enumerate(inputs):
+            if gone.is_set():  # nobody waits for the answer: free the tokenizer thread for the others
+                raise RequestGone
+            encoded.append(self._encode(i, sample, strict))
+        return encoded
 
     def _encode(self, index: int, sample: SampleInput, strict: bool) -> EncodedSample:
         if isinstance(sample, TokenInput):
@@ -155,6 +171,10 @@ class Scorer:
         if len(ids) > self.max_length:  # keep the end, where the response and the pooled token are
             return EncodedSample(list(ids[-self.max_length :]), True)
         return EncodedSample(list(ids), False)
+
+
+class RequestGone(Exception):
+    """Tokenization stopped because its call was cancelled or expired; nobody reads this."""
 
 
 def preference_probability(reward_a: float, reward_b: float) -> float:
