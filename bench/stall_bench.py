@@ -3,7 +3,7 @@
     .venv/bin/python bench/stall_bench.py --bundle runs/demo/bundle --results bench/results
 
 1. Probe latency: a health check every 20 ms and a 1-sample Score every 50 ms, on an idle server, then
-   while two other clients send maximum-size requests (4,096 samples of 2,000 characters, 8 MB each) back
+   while another client sends maximum-size requests (4,096 samples of 2,000 characters, 8 MB each) back
    to back: p50 / p99 / max of each probe.
 2. Refusal latency: a 10x burst (40 clients, 16-sample requests of 210,000-character texts, against
    `--max-queue 64`): how fast RESOURCE_EXHAUSTED comes back (p50 / p99 / max), and how many were refused.
@@ -65,7 +65,7 @@ def probes(target: str, seconds: float, load: Callable[[threading.Event], None] 
     scorer.Score(one, timeout=30)
     stop = threading.Event()
     with ThreadPoolExecutor(4) as pool:
-        loaders = [pool.submit(load, stop) for _ in range(2)] if load else []
+        loaders = [pool.submit(load, stop)] if load else []
         check = pool.submit(probe, lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=60), 0.02, stop)
         score = pool.submit(probe, lambda: scorer.Score(one, timeout=60), 0.05, stop)
         time.sleep(seconds)
@@ -146,7 +146,7 @@ def main() -> None:
     with rm_serve(args.bundle, "fp32") as (target, _):
         print("probes on an idle server ...", flush=True)
         results["idle"] = probes(target, args.seconds, None)
-        print("probes while two clients send maximum-size requests ...", flush=True)
+        print("probes while another client sends maximum-size requests ...", flush=True)
         results["under_maximum_size_requests"] = probes(target, args.seconds, maximum_size_load(target))
     with rm_serve(args.bundle, "fp32", ["--max-queue", "64", "--tokenizer-threads", "1"]) as (target, _):
         print("10x burst against --max-queue 64 ...", flush=True)

@@ -122,3 +122,30 @@ def test_a_call_that_expired_stops_tokenizing(encoder_bundle, tmp_path):
         stop_server(server)
     left_over = 256 * per_sample - 0.3  # what the expired call had left to tokenize
     assert waited < left_over / 4, (waited, left_over)
+
+
+def test_a_one_sample_score_is_not_stuck_behind_maximum_size_requests(encoder_bundle, tmp_path):
+    """Before: one batching queue in arrival order, so a 1-sample Score behind a 4,096-sample request
+    waited for all of it (past a 60 s deadline in bench/stall_bench.py). Now requests take turns in the
+    batcher: a 1-sample call waits for the batches in hand and its own (bench/stall_bench.py: ~0.5 s on
+    the demo model), not for the large request's whole batching phase (measured here from its answer)."""
+    server = start_server(encoder_bundle, tmp_path / "serve.log")
+    large = pb.ScoreRequest(samples=[pb.Sample(text=pb.TextPair(prompt="Q", response="lovely day " * 182))] * 4096)
+    small = pb.ScoreRequest(samples=[pb.Sample(text=pb.TextPair(prompt="Q", response="A short answer."))])
+    try:
+        stub = server.stub()
+        stub.Score(small, timeout=30)
+        in_flight = stub.Score.future(large, timeout=300)  # 8 MB
+        worst = 0.0
+        while not in_flight.done():
+            started = time.monotonic()
+            assert len(stub.Score(small, timeout=300).results) == 1
+            worst = max(worst, time.monotonic() - started)
+            time.sleep(0.05)
+        timing = in_flight.result().timing
+    finally:
+        stop_server(server)
+    batching_s = (timing.total_ms - timing.tokenization_ms) / 1000  # the large request's time in the batcher
+    assert batching_s > 1.0, timing  # long enough for the probes to land in it
+    print(f"worst 1-sample latency {worst:.3f} s; large request batching {batching_s:.2f} s")
+    assert worst < batching_s / 4, (worst, batching_s)

@@ -73,6 +73,30 @@ def test_batches_start_with_the_oldest_sample_and_group_similar_lengths():
     assert engine.batches == [(8, 2), (8, 30)]  # shorts together (led by the oldest), then the longs
 
 
+def test_a_one_sample_request_is_not_stuck_behind_a_large_one():
+    """Before: one queue in arrival order, so a 1-sample call arriving behind 4,096 samples waited for all
+    of them (a client sending maximum-size requests made every small call wait tens of seconds, past a
+    60 s deadline in bench/stall_bench.py). Now requests take turns: it rides in the next batch formed."""
+    engine = RecordingEngine()
+    engine.gate.clear()  # the first batch (the large request's first 8) waits in the engine
+
+    async def body(batcher):
+        large = asyncio.create_task(batcher.score([[1] * 10] * 64))  # 8 batches of 8
+        await asyncio.sleep(0.05)
+        small = asyncio.create_task(batcher.score([[2] * 10]))
+        await asyncio.sleep(0.05)
+        engine.gate.set()
+        await small
+        batches_run = len(engine.batches)
+        return batches_run, await large
+
+    batches_run, large = run(with_batcher(engine, BatcherConfig(max_batch_tokens=10_000, max_batch_size=8), body))
+    # in the third batch: the two in hand were formed before it arrived (in arrival order it was the ninth);
+    # the engine thread may have run one more before the answer is seen
+    assert batches_run <= 4
+    assert large.rewards.tolist() == [10.0] * 64
+
+
 def test_a_full_queue_refuses_at_once():
     engine = RecordingEngine()
 
@@ -147,11 +171,16 @@ def test_the_next_full_batch_is_formed_while_the_engine_runs_and_a_partial_one_w
 
 
 class LengthlessSequence(list):
-    """A sequence the batching loop itself chokes on (its length cannot be read): a stand-in for any bug
-    outside the engine call."""
+    """A sequence the batching loop itself chokes on (its length reads once, at admission, and then cannot
+    be read): a stand-in for any bug outside the engine call."""
+
+    reads = 0
 
     def __len__(self) -> int:
-        raise RuntimeError("injected batching-loop failure")
+        self.reads += 1
+        if self.reads > 1:
+            raise RuntimeError("injected batching-loop failure")
+        return super().__len__()
 
 
 def test_a_failing_metrics_callback_costs_no_answer():

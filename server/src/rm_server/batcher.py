@@ -1,11 +1,14 @@
 """Dynamic cross-request batching: one asyncio task owns the queue and forms batches for the engine.
 
-Samples from all callers wait in one queue. A batch starts with the oldest waiting sample (so nothing
-starves) and is filled with the waiting samples closest to it in length (so little padding is wasted),
-until the padded token budget (`max_batch_tokens`) or the row cap (`max_batch_size`) is reached, waiting at
-most `max_delay_ms` for more work when the batch is not full. A request's samples may land in several
-batches and are reassembled in order. The engine runs in a worker thread, never on the event loop.
-Nothing here imports onnxruntime or protobuf: the engine is anything with `score(ids, mask) -> rewards`.
+Waiting requests take turns: a batch's candidates are drawn round-robin across them, one sample of each
+per round in arrival order, so a one-sample request is never stuck behind a 4,096-sample one (with one
+queue in arrival order it waited for all of it). A batch starts with the first candidate (the oldest
+request's next sample, so nothing starves) and is filled with the candidates closest to it in length (so
+little padding is wasted), until the padded token budget (`max_batch_tokens`) or the row cap
+(`max_batch_size`) is reached, waiting at most `max_delay_ms` for more work when the batch is not full.
+A request's samples may land in several batches and are reassembled in order. The engine runs in a
+worker thread, never on the event loop. Nothing here imports onnxruntime or protobuf: the engine is
+anything with `score(ids, mask) -> rewards`.
 """
 
 from __future__ import annotations
@@ -114,12 +117,18 @@ class _Job:
     enqueued: float
     rewards: np.ndarray = field(init=False)
     remaining: int = field(init=False)
+    waiting: list[int] = field(init=False)
+    """Indices of the samples not in a batch yet, in order."""
     queue_s: float = 0.0
     inference_s: float = 0.0
 
     def __post_init__(self) -> None:
         self.rewards = np.empty(len(self.sequences), dtype=np.float32)
         self.remaining = len(self.sequences)
+        self.waiting = list(range(len(self.sequences)))
+
+    def waiting_tokens(self) -> int:
+        return sum(len(self.sequences[i]) for i in self.waiting)
 
 
 @dataclass
@@ -136,7 +145,10 @@ class Batcher:
         self.engine = engine
         self.config = config
         self.on_batch = on_batch or (lambda stats: None)
-        self._pending: list[tuple[_Job, int]] = []  # (job, sample index), oldest first
+        self._queue: list[_Job] = []
+        """Requests with samples not in a batch yet, in arrival order."""
+        self._waiting_samples = 0
+        self._waiting_tokens = 0
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._task: asyncio.Task | None = None
@@ -147,7 +159,7 @@ class Batcher:
 
     @property
     def queue_depth(self) -> int:
-        return len(self._pending)
+        return self._waiting_samples
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._supervise(), name="batcher")
@@ -176,26 +188,30 @@ class Batcher:
         for job in self._jobs:
             if not job.future.done():
                 job.future.set_exception(error)
-        self._pending.clear()
+        self._queue.clear()
+        self._waiting_samples = self._waiting_tokens = 0
 
     async def score(self, sequences: Sequence[Sequence[int]]) -> JobResult:
         """Rewards of `sequences` in order; cancelling the caller drops its waiting samples."""
         if self._closed:
             raise NotReady("the model was unloaded or the server is shutting down; retry")
-        if len(self._pending) + len(sequences) > self.config.max_queue:
+        if self._waiting_samples + len(sequences) > self.config.max_queue:
             raise QueueFull(
-                f"queue full: {len(self._pending)} samples waiting, {len(sequences)} more exceed max_queue "
+                f"queue full: {self._waiting_samples} samples waiting, {len(sequences)} more exceed max_queue "
                 f"{self.config.max_queue}; retry with backoff"
             )
         job = _Job(sequences, asyncio.get_running_loop().create_future(), time.perf_counter())
-        self._pending.extend((job, i) for i in range(len(sequences)))
+        tokens = job.waiting_tokens()
+        self._queue.append(job)
+        self._waiting_samples += len(sequences)
+        self._waiting_tokens += tokens
         self._jobs.add(job)
         self._wakeup.set()
         try:
             await job.future
         except asyncio.CancelledError:
             job.future.cancel()
-            self._pending = [(j, i) for j, i in self._pending if j is not job]
+            self._drop_finished()  # its waiting samples leave the queue now
             raise
         finally:
             self._jobs.discard(job)
@@ -208,7 +224,7 @@ class Batcher:
         gathering what arrives meanwhile."""
         while True:
             self._running = {t for t in self._running if not t.done()}
-            if not self._pending:
+            if not self._queue:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
@@ -267,43 +283,70 @@ class Batcher:
 
     async def _wait_for_more(self) -> None:
         """Let a not-yet-full batch gather more work, at most max_delay_ms after its oldest sample arrived."""
-        deadline = self._pending[0][0].enqueued + self.config.max_delay_ms / 1000
+        deadline = self._queue[0].enqueued + self.config.max_delay_ms / 1000
         while not self._batch_is_full() and (remaining := deadline - time.perf_counter()) > 0:
             if not await self._more_work(timeout=remaining):
                 break
 
     def _batch_is_full(self) -> bool:
         return (
-            len(self._pending) >= self.config.max_batch_size
-            or sum(len(j.sequences[i]) for j, i in self._pending) >= self.config.max_batch_tokens
+            self._waiting_samples >= self.config.max_batch_size or self._waiting_tokens >= self.config.max_batch_tokens
         )
 
     def _take_batch(self) -> list[tuple[_Job, int]]:
-        """The oldest live sample plus the live samples nearest to it in length, within the budgets.
+        """The first candidate plus the candidates nearest to it in length, within the budgets.
 
-        Only the oldest `lookahead` samples are candidates, so requests still finish roughly in arrival
-        order (a request's latency is that of its last sample) while padding stays low.
+        Only the first `lookahead` batches' worth of candidates (round-robin across requests) are looked at,
+        and the requests served move to the back of the turn order, so every request leads a batch in turn
+        and advances at a steady share while padding stays low.
         """
-        self._pending = [(j, i) for j, i in self._pending if not j.future.done()]
-        if not self._pending:
+        self._drop_finished()
+        candidates = self._candidates(self.config.lookahead * self.config.max_batch_size)
+        if not candidates:
             return []
-        anchor_len = self._lengths(0)
-        window = range(min(len(self._pending), self.config.lookahead * self.config.max_batch_size))
-        order = sorted(window, key=lambda k: (abs(self._lengths(k) - anchor_len), k))
+        lengths = [len(job.sequences[i]) for job, i in candidates]
+        order = sorted(range(len(candidates)), key=lambda k: (abs(lengths[k] - lengths[0]), k))
         chosen, longest = [], 0
         for k in order:
-            length = self._lengths(k)
             if len(chosen) == self.config.max_batch_size:
                 break
-            if max(longest, length) * (len(chosen) + 1) > self.config.max_batch_tokens:
+            if max(longest, lengths[k]) * (len(chosen) + 1) > self.config.max_batch_tokens:
                 continue
             chosen.append(k)
-            longest = max(longest, length)
-        taken = set(chosen)
-        batch = [self._pending[k] for k in sorted(chosen)]
-        self._pending = [p for k, p in enumerate(self._pending) if k not in taken]
+            longest = max(longest, lengths[k])
+        batch = [candidates[k] for k in sorted(chosen)]
+        taken: dict[_Job, set[int]] = {}
+        for job, i in batch:
+            taken.setdefault(job, set()).add(i)
+        for job, indices in taken.items():
+            job.waiting = [i for i in job.waiting if i not in indices]
+        self._waiting_samples -= len(batch)
+        self._waiting_tokens -= sum(lengths[k] for k in chosen)
+        # the requests served go to the back: the next batch starts with one that was not (a short request
+        # behind a long one would otherwise never lead a batch, and never be nearest the leader's length)
+        self._queue = [job for job in self._queue if job not in taken and job.waiting] + [
+            job for job in self._queue if job in taken and job.waiting
+        ]
         return batch
 
-    def _lengths(self, k: int) -> int:
-        job, i = self._pending[k]
-        return len(job.sequences[i])
+    def _candidates(self, limit: int) -> list[tuple[_Job, int]]:
+        """Up to `limit` waiting samples in turn order: round r holds the r-th waiting sample of every
+        request that has one, requests in arrival order."""
+        candidates: list[tuple[_Job, int]] = []
+        active, r = self._queue, 0
+        while active and len(candidates) < limit:
+            for job in active:
+                candidates.append((job, job.waiting[r]))
+                if len(candidates) == limit:
+                    break
+            r += 1
+            active = [job for job in active if len(job.waiting) > r]
+        return candidates
+
+    def _drop_finished(self) -> None:
+        """Requests answered, failed or cancelled leave the queue with their waiting samples."""
+        for job in (j for j in self._queue if j.future.done()):
+            self._waiting_samples -= len(job.waiting)
+            self._waiting_tokens -= job.waiting_tokens()
+            job.waiting = []
+        self._queue = [job for job in self._queue if job.waiting]
