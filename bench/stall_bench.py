@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import threading
 import time
@@ -30,6 +31,7 @@ from servers import rm_serve
 
 from rm_contract.pb import reward_pb2 as pb
 from rm_contract.pb import reward_pb2_grpc
+from tests.servers import timed_score
 
 
 def sample(text: str) -> pb.Sample:
@@ -95,16 +97,8 @@ def burst(target: str) -> dict:
     stub = reward_pb2_grpc.RewardServiceStub(grpc.insecure_channel(target))
     request = pb.ScoreRequest(samples=[sample("lovely wonderful day " * 10_000)] * 16)
 
-    def call(_: int) -> tuple[str, float]:
-        started = time.perf_counter()
-        try:
-            stub.Score(request, timeout=300)
-            return "OK", time.perf_counter() - started
-        except grpc.RpcError as e:
-            return e.code().name, time.perf_counter() - started
-
     with ThreadPoolExecutor(40) as pool:
-        outcomes = list(pool.map(call, range(40)))
+        outcomes = list(pool.map(lambda _: timed_score(stub, request, 300), range(40)))
     refused = [s for code, s in outcomes if code == "RESOURCE_EXHAUSTED"]
     return {
         "requests": 40,
@@ -142,7 +136,7 @@ def main() -> None:
     parser.add_argument("--results", default="bench/results")
     parser.add_argument("--seconds", type=float, default=30.0, help="length of each probe phase")
     args = parser.parse_args()
-    results: dict = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {platform.processor()}"}
+    results: dict = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores"}
     with rm_serve(args.bundle, "fp32") as (target, _):
         print("probes on an idle server ...", flush=True)
         results["idle"] = probes(target, args.seconds, None)

@@ -26,6 +26,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def timed_score(stub, request, timeout: float) -> tuple[str, float]:
+    """One Score call: its status ("OK" or the error code's name) and how long the answer took."""
+    started = time.perf_counter()
+    try:
+        stub.Score(request, timeout=timeout)
+        return "OK", time.perf_counter() - started
+    except grpc.RpcError as e:
+        return e.code().name, time.perf_counter() - started
+
+
+def failed_start(bundle: Path, *args: str) -> subprocess.CompletedProcess:
+    """rm-serve on a bundle it must refuse, run to its exit (bounded): exit code and output."""
+    command = [str(BIN / "rm-serve"), "--bundle", str(bundle), "--port", str(free_port()), "--metrics-port", "-1"]
+    return subprocess.run([*command, *args], capture_output=True, text=True, timeout=120)
+
+
 def wait_until_serving(channel: grpc.Channel, process: subprocess.Popen, timeout_s: float = 120) -> None:
     """Poll grpc.health.v1 until the server reports SERVING; RuntimeError if it exits or takes too long."""
     health = health_pb2_grpc.HealthStub(channel)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +12,7 @@ import onnx
 import pytest
 
 from rm_contract.bundle import MANIFEST, BundleError, hash_files, load_bundle
-from tests.servers import BIN, free_port
+from tests.servers import failed_start
 
 
 @pytest.fixture
@@ -114,13 +113,7 @@ def test_a_graph_that_does_not_reproduce_the_exported_rewards_is_refused_at_load
     constant_graph(bundle / "model.onnx", float(np.mean(reference)))
     edit_manifest(bundle, lambda manifest: manifest.update(files=hash_files(bundle)))
     assert load_bundle(bundle).model_path("fp32")  # the hashes agree
-    port = free_port()
-    result = subprocess.run(
-        [str(BIN / "rm-serve"), "--bundle", str(bundle), "--port", str(port), "--metrics-port", "-1"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = failed_start(bundle)
     assert result.returncode == 2, result.stderr[-2000:]
     assert "the fp32 graph does not reproduce the rewards recorded at export on its 8 reference" in result.stderr
 

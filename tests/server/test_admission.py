@@ -13,7 +13,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rm_contract.pb import reward_pb2 as pb
-from tests.servers import start_server, stop_server
+from tests.servers import start_server, stop_server, timed_score
 
 
 class ProbeLatency:
@@ -79,18 +79,10 @@ def test_overload_is_refused_before_any_work(encoder_bundle, tmp_path):
     long_text = "lovely wonderful day " * 10_000  # 210,000 characters: tens of ms to tokenize each
     request = pb.ScoreRequest(samples=[pb.Sample(text=pb.TextPair(prompt="Q", response=long_text))] * 16)
 
-    def call(stub) -> tuple[str, float]:
-        started = time.monotonic()
-        try:
-            stub.Score(request, timeout=120)
-            return "OK", time.monotonic() - started
-        except grpc.RpcError as e:
-            return e.code().name, time.monotonic() - started
-
     try:
         stub = server.stub()
         with ThreadPoolExecutor(40) as pool:  # 40 requests of 16 samples against room for 64 samples
-            outcomes = list(pool.map(lambda _: call(stub), range(40)))
+            outcomes = list(pool.map(lambda _: timed_score(stub, request, 120), range(40)))
     finally:
         stop_server(server)
     refused = [seconds for code, seconds in outcomes if code == "RESOURCE_EXHAUSTED"]

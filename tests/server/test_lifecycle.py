@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rm_contract.pb import reward_pb2 as pb
 from tests.server.test_model_repo import large_vocabulary_copy
 from tests.server.test_service import metrics, text
-from tests.servers import BIN, free_port, start_server, stop_server
+from tests.servers import BIN, failed_start, free_port, start_server, stop_server
 
 LONG = "It was a long and winding story with many turns and many more words. " * 20
 
@@ -25,21 +25,10 @@ def test_corrupted_bundle_fails_start_up_with_a_clear_message(encoder_bundle, tm
     broken = tmp_path / "bundle"
     shutil.copytree(encoder_bundle, broken)
     (broken / "tokenizer.json").write_text("{}")
-    port = free_port()
-    result = subprocess.run(
-        [str(BIN / "rm-serve"), "--bundle", str(broken), "--port", str(port), "--metrics-port", "-1"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = failed_start(broken)
     assert result.returncode == 2
     assert "tokenizer.json: sha256 mismatch" in result.stderr
-    missing = subprocess.run(
-        [str(BIN / "rm-serve"), "--bundle", str(tmp_path / "nowhere"), "--metrics-port", "-1"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    missing = failed_start(tmp_path / "nowhere")
     assert missing.returncode == 2 and "bundle.json is missing" in missing.stderr
 
 
