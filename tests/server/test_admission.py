@@ -3,6 +3,8 @@ converted or tokenized, and the event loop (health probes, other clients) never 
 
 from __future__ import annotations
 
+import http.client
+import json
 import threading
 import time
 from collections.abc import Callable
@@ -13,7 +15,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rm_contract.pb import reward_pb2 as pb
-from tests.servers import start_server, stop_server, timed_score
+from tests.servers import free_port, start_server, stop_server, timed_score
 
 
 class ProbeLatency:
@@ -141,3 +143,38 @@ def test_a_one_sample_score_is_not_stuck_behind_maximum_size_requests(encoder_bu
     assert batching_s > 1.0, timing  # long enough for the probes to land in it
     print(f"worst 1-sample latency {worst:.3f} s; large request batching {batching_s:.2f} s")
     assert worst < batching_s / 4, (worst, batching_s)
+
+
+def test_an_openrlhf_call_whose_client_hung_up_stops_tokenizing(encoder_bundle, tmp_path):
+    """The same on the OpenRLHF HTTP route: before, aiohttp kept running the handler of a client that had
+    hung up, so its whole request was tokenized while the calls behind it waited."""
+    http_port = free_port()
+    server = start_server(
+        encoder_bundle, tmp_path / "serve.log", "--tokenizer-threads", "1", "--http-port", str(http_port)
+    )
+    long_response = " lovely wonderful day" * 5_000  # 105,000 characters
+
+    def body(n: int, response: str) -> str:
+        return json.dumps({"query": ["Q" + response] * n, "prompts": ["Q"] * n, "labels": [""] * n})
+
+    def post(payload: str, timeout: float) -> float:
+        connection = http.client.HTTPConnection("127.0.0.1", http_port, timeout=60)
+        try:
+            connection.request("POST", "/get_reward", payload, {"Content-Type": "application/json"})
+            connection.sock.settimeout(timeout)
+            started = time.monotonic()
+            assert connection.getresponse().status == 200
+            return time.monotonic() - started
+        finally:
+            connection.close()
+
+    try:
+        post(body(1, " Fine."), 60)
+        per_sample = post(body(16, long_response), 120) / 16
+        with pytest.raises(TimeoutError):
+            post(body(256, long_response), 0.3)  # the client hangs up after 0.3 s
+        waited = post(body(1, " Fine."), 120)
+    finally:
+        stop_server(server)
+    left_over = 256 * per_sample - 0.3
+    assert waited < left_over / 4, (waited, left_over)

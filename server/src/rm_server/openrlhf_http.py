@@ -73,7 +73,8 @@ class OpenRLHFEndpoint:
     async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> None:
         """Serve on host:port; HTTPS with `ssl_context` (the gRPC port's TLS settings, so a bearer token
         never crosses in clear on one port while the other is encrypted)."""
-        self._runner = web.AppRunner(self.app, access_log=None)
+        # a client that hangs up cancels its handler, so its request stops tokenizing (as gRPC cancels)
+        self._runner = web.AppRunner(self.app, access_log=None, handler_cancellation=True)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port, ssl_context=ssl_context)
         await site.start()
