@@ -15,7 +15,10 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from rm_client import RewardClient
+from rm_client.ppo.config import PPOConfig
+from rm_client.ppo.main import load_policy
 from rm_client.ppo.rollout import Prompt, response_texts, sample
+from rm_client.ppo.trainer import Batch, PPOTrainer
 from tests.conftest import BAD, GOOD, THINGS, rm_export, tiny_llama_config, train_tiny_encoder, write_jsonl
 from tests.servers import start_server, stop_server
 
@@ -160,3 +163,25 @@ def test_resume_continues_from_the_checkpoint(word_reward_bundle, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert "resumed from" in resumed.stderr and "at step 2" in resumed.stderr
+
+
+def test_the_first_update_sees_a_ratio_of_one_with_dropout_in_the_checkpoint(tmp_path):
+    """Before: updates ran in train mode (dropout on) while the old log-probs came from sampling in eval
+    mode, so a checkpoint with dropout saw a ratio != 1 (approx KL > 0, clipping) before any update. Now
+    dropout is off in both passes, as TRL does; and pad id 0 is a pad id, not a missing one."""
+    policy_dir = word_policy(tmp_path / "policy")
+    policy, tokenizer = load_policy(str(policy_dir))
+    assert policy.generation_config.pad_token_id == 0  # before: `pad or eos` took the eos id (1)
+    policy.config.attention_dropout = 0.5
+    for layer in policy.model.layers:
+        layer.self_attn.attention_dropout = 0.5
+    config = PPOConfig(policy=str(policy_dir), reward_target="", prompts="", output=str(tmp_path / "out"))
+    config.batch_size = config.minibatch_size = 8
+    config.ppo_epochs = 1
+    prompts = [Prompt(text="how was the trip")] * 8
+    trainer = PPOTrainer(config, policy, tokenizer, None, prompts)
+    torch.manual_seed(0)
+    rollout = sample(policy.eval(), tokenizer, prompts, 8, config.temperature, 1.0, trainer.eos_id, trainer.pad_id)
+    zeros = torch.zeros_like(rollout.logprobs)
+    stats = trainer._optimize(Batch(rollout, rollout.logprobs, zeros, zeros, zeros))
+    assert stats["approx_kl"] < 1e-5 and stats["policy_clip_fraction"] == 0.0, stats

@@ -36,7 +36,8 @@ def load_policy(name_or_path: str):
     policy = load_pretrained(AutoModelForCausalLM, backbone, dtype=torch.float32)
     if tokenizer.eos_token_id is None:
         raise ConfigError(f"the tokenizer of {name_or_path} has no EOS token: responses could never end")
-    policy.generation_config.pad_token_id = tokenizer.pad_token_id or tokenizer.eos_token_id
+    pad_id = tokenizer.pad_token_id  # 0 is a pad id like any other
+    policy.generation_config.pad_token_id = pad_id if pad_id is not None else tokenizer.eos_token_id
     return policy, tokenizer
 
 

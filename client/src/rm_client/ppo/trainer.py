@@ -173,8 +173,10 @@ class PPOTrainer:
     def _optimize(self, batch: Batch) -> dict:
         cfg, rollout = self.config, batch.rollout
         n = rollout.response_ids.shape[1]
-        self.policy.train()
-        self.value_model.train()
+        # dropout off here as in sampling, where the old log-probs came from (TRL disables it too): with
+        # it on, the first minibatch's ratio is not 1 before any update
+        self.policy.eval()
+        self.value_model.eval()
         history: dict[str, list[float]] = {}
         for _ in range(cfg.ppo_epochs):
             order = torch.randperm(cfg.batch_size)
