@@ -25,6 +25,7 @@ from servers import free_port, wait_until_serving
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rm_client import RewardClient
+from rm_client.ppo.core import kl_per_token
 from rm_client.ppo.main import load_policy
 from rm_client.ppo.rollout import Prompt, response_texts, sample, token_logprobs
 from rm_training.gold import gold_score
@@ -42,7 +43,7 @@ def evaluate(policy, tokenizer, reference, client: RewardClient, prompts: list[s
     """Mean gold score, reward-model score and KL to the reference of sampled responses (fixed seed)."""
     torch.manual_seed(seed)
     batch = [Prompt(text=p) for p in prompts for _ in range(samples)]
-    golds, scores, kls = [], [], []
+    golds, scores, kls, kls_k3 = [], [], [], []
     for start in range(0, len(batch), 16):
         chunk = batch[start : start + 16]
         rollout = sample(policy, tokenizer, chunk, 48, 0.7, 1.0, tokenizer.eos_token_id, tokenizer.eos_token_id)
@@ -52,8 +53,16 @@ def evaluate(policy, tokenizer, reference, client: RewardClient, prompts: list[s
         with torch.no_grad():
             n = rollout.response_ids.shape[1]
             ref, _ = token_logprobs(reference, rollout.input_ids, rollout.attention_mask, n, 0.7)
-        kls += ((rollout.logprobs - ref) * rollout.response_mask).sum(1).tolist()
-    return {"gold": float(np.mean(golds)), "reward": float(np.mean(scores)), "kl": float(np.mean(kls)), "n": len(golds)}
+        for estimator, values in (("k1", kls), ("k3", kls_k3)):
+            values += (kl_per_token(rollout.logprobs, ref, estimator) * rollout.response_mask).sum(1).tolist()
+    # k1's mean over a few responses can come out negative; k3 never does (both estimate the same KL)
+    return {
+        "gold": float(np.mean(golds)),
+        "reward": float(np.mean(scores)),
+        "kl": float(np.mean(kls)),
+        "kl_k3": float(np.mean(kls_k3)),
+        "n": len(golds),
+    }
 
 
 def main() -> None:
@@ -120,7 +129,8 @@ def main() -> None:
     print(json.dumps(summary, indent=2))
     print(
         f"gold (VADER) on {before['n']} held-out responses: {before['gold']:.3f} -> {after['gold']:.3f}; "
-        f"reward {before['reward']:.3f} -> {after['reward']:.3f}; KL to reference {after['kl']:.2f}; "
+        f"reward {before['reward']:.3f} -> {after['reward']:.3f}; KL to reference {after['kl_k3']:.3f} "
+        f"(k3, never negative; k1 mean {after['kl']:.3f}); "
         f"reward wait {100 * wait:.1f}% of step time"
     )
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import random
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -230,10 +231,19 @@ class PPOTrainer:
             "score_moments": vars(self.score_moments),
             "rng": self._rng.getstate(),
             "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
         partial = directory / "trainer_state.pt.partial"
-        torch.save(state, partial)
+        with open(partial, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename: a power cut never leaves an empty checkpoint
         partial.replace(directory / "trainer_state.pt")  # a crash mid-save never leaves a torn checkpoint
+        directory_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(directory_fd)  # the rename itself
+        finally:
+            os.close(directory_fd)
 
     def load_checkpoint(self, directory: Path) -> None:
         state = torch.load(directory / "trainer_state.pt", weights_only=True)  # no pickle of arbitrary objects
@@ -246,6 +256,8 @@ class PPOTrainer:
         vars(self.score_moments).update(state["score_moments"])
         self._rng.setstate(state["rng"])
         torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
 
 
 def train(config: PPOConfig, policy, tokenizer, client: RewardClient, prompts: list[Prompt]) -> PPOTrainer:
