@@ -158,7 +158,7 @@ def test_the_next_full_batch_is_formed_while_the_engine_runs_and_a_partial_one_w
         waiting_partial = batcher.queue_depth  # not enough for a batch: it waits for the engine, gathering
         full = asyncio.create_task(batcher.score([[3] * 4] * 8))
         await asyncio.sleep(0.02)
-        waiting_full = batcher.queue_depth  # a full batch left the queue, padded, queued behind the engine
+        waiting_full = batcher.queue_depth  # a full batch (requests taking turns) left the queue, padded
         engine.gate.set()
         results = await asyncio.gather(first, partial, full)
         return waiting_partial, waiting_full, [r.rewards.tolist() for r in results]
@@ -256,3 +256,15 @@ def test_a_request_reaching_a_stopped_batcher_is_refused_not_left_waiting():
             await asyncio.wait_for(batcher.score([[1, 2]]), 5)
 
     run(body())
+
+
+def test_a_sample_over_the_token_budget_runs_alone_instead_of_never():
+    """rm-serve keeps the budget at or above the model's max length, but a batcher built with less must
+    not spin: before, such a sample was never chosen and the batching loop spun without yielding."""
+    engine = RecordingEngine()
+
+    async def body(batcher):
+        return (await asyncio.wait_for(batcher.score([[1] * 100]), 5)).rewards.tolist()
+
+    assert run(with_batcher(engine, BatcherConfig(max_batch_tokens=64), body)) == [100.0]
+    assert engine.batches == [(1, 100)]

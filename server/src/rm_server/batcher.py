@@ -283,7 +283,8 @@ class Batcher:
 
     async def _wait_for_more(self) -> None:
         """Let a not-yet-full batch gather more work, at most max_delay_ms after its oldest sample arrived."""
-        deadline = self._queue[0].enqueued + self.config.max_delay_ms / 1000
+        # the oldest request, wherever its turn is (the requests served last are at the back)
+        deadline = min(job.enqueued for job in self._queue) + self.config.max_delay_ms / 1000
         while not self._batch_is_full() and (remaining := deadline - time.perf_counter()) > 0:
             if not await self._more_work(timeout=remaining):
                 break
@@ -314,6 +315,7 @@ class Batcher:
                 continue
             chosen.append(k)
             longest = max(longest, lengths[k])
+        chosen = chosen or [0]  # a leader over the token budget alone runs alone, rather than never
         batch = [candidates[k] for k in sorted(chosen)]
         taken: dict[_Job, set[int]] = {}
         for job, i in batch:
