@@ -107,7 +107,8 @@ def run_checks(checked: Checked, variant_paths: dict[str, Path]) -> dict:
     """Per variant: parity, batch invariance, accuracy; raises VerificationError listing every failure."""
     scale = max(1.0, float(np.std(checked.vset.reference)))
     report: dict = {"reward_scale": scale, "n_samples": len(checked.vset.ids), "padding_sides": list(checked.sides)}
-    report["reference_ids"] = [checked.vset.ids[i] for i in reference_rows(checked.vset)]
+    reference = reference_rows(checked.vset)
+    report["reference_ids"] = [checked.vset.ids[i] for i in reference]
     if checked.torch_eval_accuracy is not None:
         report["torch_eval_accuracy"] = checked.torch_eval_accuracy
     failures, variants = [], {}
@@ -124,7 +125,7 @@ def run_checks(checked: Checked, variant_paths: dict[str, Path]) -> dict:
             failures.append(f"{dtype} could not be checked ({reason})")  # unchecked is not shipped
             continue
         result["provider"] = engine.providers[0]
-        result["reference_rewards"] = [float(alone[i]) for i in reference_rows(checked.vset)]
+        result["reference_rewards"] = [float(alone[i]) for i in reference]
         result["verified"] = True
         if checked.eval_groups:
             result["eval_accuracy"] = pairwise_accuracy(onnx_scorer(engine, checked.pad_id), checked.eval_groups)

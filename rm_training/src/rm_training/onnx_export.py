@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import onnx
@@ -34,10 +34,10 @@ def export_graph(model: RewardModel, path: Path, opset: int = 17, external: bool
     Traced with eager attention: the SDPA path adds Where/IsNaN guards to the graph that cost 3% (fp32)
     to 8% (int8) of CPU throughput on the demo MiniLM, for the same numbers.
 
-    Traced without its weights, which `attach_weights` then writes to `weights_file(path)` one tensor at a
-    time: PyTorch's exporter would hold a folded (transposed) copy of every Linear weight and the serialized
-    model beside the model itself, three times the weights (the peak of a large export). With `external`,
-    the weights stay in that file; otherwise they are read back into one self-contained graph.
+    Traced without its weights, which `attach_weights` then adds one tensor at a time (to
+    `weights_file(path)` with `external`, else into the graph): PyTorch's exporter would hold a folded
+    (transposed) copy of every Linear weight and the serialized model beside the model itself, three times
+    the weights (the peak of a large export).
     """
     model.model.set_attn_implementation("eager")
     example = (torch.tensor([[5, 6, 7, 8], [5, 6, 7, 8]]), torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]))
@@ -60,24 +60,19 @@ def export_graph(model: RewardModel, path: Path, opset: int = 17, external: bool
             do_constant_folding=False,  # folding would copy weights; attach_weights folds the transposes
         )
     graph = onnx.load(str(path))
-    attach_weights(graph, model.state_dict(), path)
-    if not external:  # a small model: one self-contained file
-        onnx.load_external_data_for_model(graph, str(path.parent))
-        (path.parent / weights_file(path)).unlink()
+    attach_weights(graph, model.state_dict(), path, external)
     onnx.save_model(graph, str(path))
 
 
-def attach_weights(model: onnx.ModelProto, state: dict[str, torch.Tensor], path: Path) -> None:
-    """Turn every graph input named after a state-dict entry into an initializer stored in
-    `weights_file(path)`, written one tensor at a time. A weight read only through a 2-D transpose (every
-    Linear) is stored transposed under the transpose's output, and that Transpose node removed."""
+def attach_weights(model: onnx.ModelProto, state: dict[str, torch.Tensor], path: Path, external: bool) -> None:
+    """Turn every graph input named after a state-dict entry into an initializer, added one tensor at a time:
+    written to `weights_file(path)` with `external`, else held in the graph (a small model: one file). A
+    weight read only through a 2-D transpose (every Linear) is stored transposed under the transpose's
+    output, and that Transpose node removed."""
     graph = model.graph
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
+    consumers = _consumers(graph)
     folded, inputs = set(), []
-    with open(path.parent / weights_file(path), "wb") as data:
+    with open(path.parent / weights_file(path), "wb") if external else nullcontext() as data:
         for value in graph.input:
             if value.name not in state:
                 inputs.append(value)
@@ -93,10 +88,15 @@ def attach_weights(model: onnx.ModelProto, state: dict[str, torch.Tensor], path:
             initializer = onnx.TensorProto(
                 name=name, data_type=onnx.helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape
             )
-            location = {"location": weights_file(path), "offset": str(data.tell()), "length": str(array.nbytes)}
-            initializer.external_data.extend(onnx.StringStringEntryProto(key=k, value=v) for k, v in location.items())
-            initializer.data_location = onnx.TensorProto.EXTERNAL
-            data.write(memoryview(array).cast("B"))
+            if external:
+                location = {"location": weights_file(path), "offset": str(data.tell()), "length": str(array.nbytes)}
+                initializer.external_data.extend(
+                    onnx.StringStringEntryProto(key=k, value=v) for k, v in location.items()
+                )
+                initializer.data_location = onnx.TensorProto.EXTERNAL
+                data.write(memoryview(array).cast("B"))
+            else:
+                initializer.raw_data = array.tobytes()
             graph.initializer.append(initializer)
     del graph.input[:]
     graph.input.extend(inputs)
@@ -174,18 +174,15 @@ def save_fp16(raw: Path, out: Path, external: bool) -> None:
     save(model, out, external)
 
 
-def softmax_in_fp32(graph: onnx.GraphProto) -> int:
-    """Cast the input of every `softmax(x, dtype=float32)` to fp32; returns how many were changed.
+def softmax_in_fp32(graph: onnx.GraphProto) -> None:
+    """Cast the input of every `softmax(x, dtype=float32)` to fp32.
 
     transformers computes attention probabilities that way under fp16 weights, but PyTorch's TorchScript
     exporter emits Softmax(x) -> Cast(float): the softmax itself then runs in fp16. Recognized by the
     signature the exporter leaves: a Softmax whose every consumer is a Cast to float.
     """
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    nodes, changed = [], 0
+    consumers = _consumers(graph)
+    nodes = []
     for node in graph.node:
         after = consumers.get(node.output[0], []) if node.op_type == "Softmax" else []
         if after and all(c.op_type == "Cast" and _cast_to(c) == onnx.TensorProto.FLOAT for c in after):
@@ -194,11 +191,18 @@ def softmax_in_fp32(graph: onnx.GraphProto) -> int:
             )
             node.input[0] = cast.output[0]
             nodes.append(cast)
-            changed += 1
         nodes.append(node)
     del graph.node[:]
     graph.node.extend(nodes)
-    return changed
+
+
+def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    """Value name -> the nodes that read it."""
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    return consumers
 
 
 def _cast_to(node: onnx.NodeProto) -> int:

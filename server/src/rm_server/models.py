@@ -246,7 +246,7 @@ def files_signature(directory: Path) -> tuple:
     without reading (hashing) any of them."""
     try:
         return tuple(
-            (str(p.relative_to(directory)), p.stat().st_size, p.stat().st_mtime_ns)
+            (str(p.relative_to(directory)), (stat := p.stat()).st_size, stat.st_mtime_ns)
             for p in sorted(directory.rglob("*"))
             if p.is_file()
         )
