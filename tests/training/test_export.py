@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from transformers import (
     AutoTokenizer,
     LlamaConfig,
     LlamaForCausalLM,
+    LlamaForSequenceClassification,
     ViTConfig,
     ViTModel,
 )
@@ -31,7 +33,7 @@ from rm_training.export import Checked, VerificationError, check_weights_files, 
 from rm_training.model import load_reward_model, sample_encoder
 from rm_training.onnx_export import export_graph, external_data_files, make_int8
 from rm_training.train import TrainConfig, train
-from tests.conftest import rm_export, sentiment_pairs, write_jsonl
+from tests.conftest import rm_export, sentiment_pairs, tiny_llama_config, write_jsonl
 from tests.contract.test_bundle_integrity import constant_graph
 from tests.servers import start_server, stop_server
 
@@ -334,3 +336,42 @@ def test_an_uninstalled_checkout_exports(monkeypatch):
     assert export.exporter_version() == importlib.metadata.version("rewardserve-training")
     monkeypatch.setattr(export, "version", not_installed)
     assert export.exporter_version() == "source"
+
+
+TRACE_MEMORY = """
+import sys
+from pathlib import Path
+from rm_training.model import load_reward_model
+from rm_training.onnx_export import export_graph
+
+def status(field):
+    return next(int(line.split()[1]) // 1024 for line in open("/proc/self/status") if line.startswith(field))
+
+model = load_reward_model(sys.argv[1], None, 64)[0].float().eval()
+open("/proc/self/clear_refs", "w").write("5")  # VmHWM restarts from the current RSS
+before = status("VmRSS")
+export_graph(model, Path(sys.argv[2]), external=True)
+print(status("VmHWM") - before)
+"""
+
+
+def test_tracing_a_model_holds_no_copy_of_its_weights(smollm2_tokenizer, tmp_path):
+    """The export's peak memory is the model plus small change (a real-size model must export in under 3x its
+    bf16 size: the fp32 model alone is 2x). torch.onnx's shape inference copied every weight it was given."""
+    config = tiny_llama_config(32000, smollm2_tokenizer.pad_token_id, smollm2_tokenizer.eos_token_id)
+    config.update(dict(hidden_size=768, intermediate_size=2304, num_hidden_layers=8, num_labels=1))
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification(config)
+    weights_mb = sum(p.numel() for p in model.parameters()) * 4 / 2**20  # 258 MiB in fp32
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "checkpoint")  # as reward models ship; loaded as fp32
+    smollm2_tokenizer.save_pretrained(tmp_path / "checkpoint")
+    del model
+    out = subprocess.run(
+        [sys.executable, "-c", TRACE_MEMORY, str(tmp_path / "checkpoint"), str(tmp_path / "raw.onnx")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    grown_mb = int(out.stdout.split()[-1])
+    assert grown_mb < 0.25 * weights_mb, f"tracing grew RSS by {grown_mb} MiB for {weights_mb:.0f} MiB of weights"
