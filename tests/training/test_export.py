@@ -32,6 +32,7 @@ from rm_server.engine import OnnxEngine
 from rm_training.export import Checked, VerificationError, check_weights_files, prepare_checks, run_checks
 from rm_training.model import load_reward_model, sample_encoder
 from rm_training.onnx_export import export_graph, external_data_files, make_int8
+from rm_training.parity import MAX_BATCH_TOKENS, VerificationSet, check_variant, reference_rewards
 from rm_training.train import TrainConfig, train
 from tests.conftest import rm_export, sentiment_pairs, tiny_llama_config, write_jsonl
 from tests.contract.test_bundle_integrity import constant_graph
@@ -338,40 +339,67 @@ def test_an_uninstalled_checkout_exports(monkeypatch):
     assert export.exporter_version() == "source"
 
 
-TRACE_MEMORY = """
+EXPORT_MEMORY = """
 import sys
 from pathlib import Path
+from rm_training.export import to_fp32
 from rm_training.model import load_reward_model
 from rm_training.onnx_export import export_graph
 
-def status(field):
-    return next(int(line.split()[1]) // 1024 for line in open("/proc/self/status") if line.startswith(field))
+def grown_mib(step):
+    status = lambda field: next(int(l.split()[1]) // 1024 for l in open("/proc/self/status") if l.startswith(field))
+    open("/proc/self/clear_refs", "w").write("5")  # VmHWM restarts from the current RSS
+    before = status("VmRSS")
+    result = step()
+    print(status("VmHWM") - before)
+    return result
 
-model = load_reward_model(sys.argv[1], None, 64)[0].float().eval()
-open("/proc/self/clear_refs", "w").write("5")  # VmHWM restarts from the current RSS
-before = status("VmRSS")
-export_graph(model, Path(sys.argv[2]), external=True)
-print(status("VmHWM") - before)
+model = load_reward_model(sys.argv[1], None, 64)[0]
+model = grown_mib(lambda: to_fp32(model).eval())
+grown_mib(lambda: export_graph(model, Path(sys.argv[2]), external=True))
 """
 
 
-def test_tracing_a_model_holds_no_copy_of_its_weights(smollm2_tokenizer, tmp_path):
-    """The export's peak memory is the model plus small change (a real-size model must export in under 3x its
-    bf16 size: the fp32 model alone is 2x). torch.onnx's shape inference copied every weight it was given."""
+def test_export_holds_the_fp32_model_and_no_copy_of_the_weights(smollm2_tokenizer, tmp_path):
+    """A real-size model must export within 3x its bf16 checkpoint, and the fp32 model alone is 2x: casting
+    held the checkpoint's memory-mapped pages on top (3x), and torch.onnx's shape inference a copy of every
+    weight (another 2x)."""
     config = tiny_llama_config(32000, smollm2_tokenizer.pad_token_id, smollm2_tokenizer.eos_token_id)
     config.update(dict(hidden_size=768, intermediate_size=2304, num_hidden_layers=8, num_labels=1))
     torch.manual_seed(0)
     model = LlamaForSequenceClassification(config)
-    weights_mb = sum(p.numel() for p in model.parameters()) * 4 / 2**20  # 258 MiB in fp32
-    model.to(torch.bfloat16).save_pretrained(tmp_path / "checkpoint")  # as reward models ship; loaded as fp32
+    fp32_mib = sum(p.numel() for p in model.parameters()) * 4 / 2**20  # 258 MiB
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "checkpoint")  # as reward models ship
     smollm2_tokenizer.save_pretrained(tmp_path / "checkpoint")
     del model
-    out = subprocess.run(
-        [sys.executable, "-c", TRACE_MEMORY, str(tmp_path / "checkpoint"), str(tmp_path / "raw.onnx")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    script = [sys.executable, "-c", EXPORT_MEMORY, str(tmp_path / "checkpoint"), str(tmp_path / "raw.onnx")]
+    out = subprocess.run(script, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    grown_mb = int(out.stdout.split()[-1])
-    assert grown_mb < 0.25 * weights_mb, f"tracing grew RSS by {grown_mb} MiB for {weights_mb:.0f} MiB of weights"
+    cast_mib, trace_mib = (int(line) for line in out.stdout.split())
+    assert cast_mib < 1.2 * fp32_mib, f"casting to fp32 grew RSS by {cast_mib} MiB for {fp32_mib:.0f} MiB of fp32"
+    assert trace_mib < 0.25 * fp32_mib, f"tracing grew RSS by {trace_mib} MiB for {fp32_mib:.0f} MiB of weights"
+
+
+def test_checking_batches_are_bounded_in_padded_tokens(tiny_decoder_checkpoint, tmp_path):
+    """Sixteen samples of 2,048 tokens in one checking batch held 14 GB of attention scores on a 0.6B model:
+    the checks cut their batches at MAX_BATCH_TOKENS padded tokens, and a long sample still shares its batch
+    (batch invariance is still checked on it)."""
+    model = load_reward_model(str(tiny_decoder_checkpoint), None, 1024)[0].eval()
+    export_graph(model, tmp_path / "model.onnx")
+
+    class RecordingEngine(OnnxEngine):
+        shapes: list[tuple[int, int]] = []
+
+        def score(self, input_ids, attention_mask):
+            self.shapes.append(input_ids.shape)
+            return super().score(input_ids, attention_mask)
+
+    rng = np.random.default_rng(0)
+    lengths = [1000, 900, 800, 700] + [20] * 36
+    ids = [rng.integers(5, 1000, n).tolist() for n in lengths]
+    engine = RecordingEngine(tmp_path / "model.onnx")
+    result, _ = check_variant(engine, VerificationSet(ids, reference_rewards(model, ids)), 0, ("right",))
+    assert result["parity_max_abs_diff"] < 1e-4 and result["batch_invariance_max_abs_diff"] < 1e-5
+    assert max(rows * length for rows, length in engine.shapes) <= MAX_BATCH_TOKENS
+    assert any(rows > 1 and length >= 700 for rows, length in engine.shapes)
+    assert max(rows for rows, _ in engine.shapes) == 16  # short samples still fill the largest batch size

@@ -95,15 +95,33 @@ def pair_rows(groups: list[TokenizedGroup]) -> tuple[list[int], list[int], list[
     return chosen, rejected, margin
 
 
-def score_by_length(score, sequences: list[tuple[int, ...]], batch_size: int, desc: str | None = None) -> np.ndarray:
+def score_by_length(
+    score, sequences: list[tuple[int, ...]], batch_size: int, desc: str | None = None, max_tokens: int | None = None
+) -> np.ndarray:
     """Rewards (N,) in input order from `score(list of id sequences) -> rewards`; batches are length-sorted
-    to waste little padding."""
+    to waste little padding, and hold at most `max_tokens` padded tokens where given."""
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
     rewards = np.empty(len(sequences), dtype=np.float32)
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False, disable=desc is None):
-        rows = order[start : start + batch_size]
+    batches = bounded_batches(order, [len(s) for s in sequences], batch_size, max_tokens)
+    for rows in tqdm(batches, desc=desc, leave=False, disable=desc is None):
         rewards[rows] = np.asarray(score([sequences[i] for i in rows]), dtype=np.float32)
     return rewards
+
+
+def bounded_batches(order: list[int], lengths: list[int], batch_size: int, max_tokens: int | None) -> list[list[int]]:
+    """`order` cut into consecutive batches of at most `batch_size` rows and, where given, `max_tokens`
+    padded tokens (a batch takes fewer rows when a long sequence is in it; one row at least)."""
+    batches: list[list[int]] = []
+    rows: list[int] = []
+    longest = 0
+    for i in order:
+        grown = max(longest, lengths[i])
+        if rows and (len(rows) == batch_size or (max_tokens and (len(rows) + 1) * grown > max_tokens)):
+            batches.append(rows)
+            rows, grown = [], lengths[i]
+        rows.append(i)
+        longest = grown
+    return batches + [rows] if rows else batches
 
 
 @torch.no_grad()

@@ -18,6 +18,8 @@ listed and hashed in bundle.json like every other file.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import itertools
 import json
 import random
 import resource
@@ -130,6 +132,7 @@ def run_checks(checked: Checked, variant_paths: dict[str, Path]) -> dict:
         if checked.eval_groups:
             result["eval_accuracy"] = pairwise_accuracy(onnx_scorer(engine, checked.pad_id), checked.eval_groups)
         del engine  # one ONNX Runtime session at a time: each holds a copy of the weights
+        release_freed_memory()
         limit = TOLERANCE.get(dtype)
         if limit is not None and not result["parity_max_abs_diff"] <= limit * scale:  # NaN fails too
             failures.append(f"{dtype} parity {result['parity_max_abs_diff']:.2e} > {limit * scale:.1e}")
@@ -158,7 +161,7 @@ def export(args: argparse.Namespace) -> Path:
     dtypes = ["fp32"] + [d for d in parse_dtypes(args.dtype) if d != "fp32"]
     model, tokenizer, metadata = load_reward_model(args.model, args.template, args.max_length)
     checkpoint_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    model = model.float().eval()  # bf16/fp16 checkpoints: fp32 is the reference graph and the parity baseline
+    model = to_fp32(model).eval()  # bf16/fp16 checkpoints: fp32 is the reference graph and the parity baseline
     fp32_mb = sum(p.numel() for p in model.parameters()) * 4 / 2**20
     external = fp32_mb > min(args.external_data_over_mb, INLINE_LIMIT_MB)
     eval_data = args.eval_data = args.eval_data or trained_data(Path(args.model), "eval_data")
@@ -179,6 +182,7 @@ def export(args: argparse.Namespace) -> Path:
         if "fp16" in dtypes:  # cast in place: half the memory
             export_graph(model.half(), Path(tmp) / "raw.fp16.onnx", args.opset, external)
         model.to("meta")  # the PyTorch weights are done with (references and accuracy are computed): free them
+        release_freed_memory()
         optimization = optimize(Path(tmp) / "raw.onnx", staging / VARIANT_FILES["fp32"], external)
         if "fp16" in dtypes:
             save_fp16(Path(tmp) / "raw.fp16.onnx", staging / VARIANT_FILES["fp16"], external)
@@ -235,6 +239,54 @@ def make_readable(directory: Path) -> None:
     directory.chmod(0o755)
     for path in directory.rglob("*"):
         path.chmod(0o755 if path.is_dir() else 0o644)
+
+
+def to_fp32(model: RewardModel) -> RewardModel:
+    """Cast to fp32 in place, one tensor at a time, handing back each source tensor's file pages as it goes.
+
+    transformers memory-maps a safetensors checkpoint, so a bf16 model's weights are pages of its file, and
+    `model.float()` kept every page it had read resident until the last tensor was cast: the bf16 checkpoint
+    on top of its fp32 copy (3.4x the checkpoint at the export's peak on a 0.6B model; 2x without).
+    """
+    maps = private_file_mappings()
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        if tensor.is_floating_point() and tensor.dtype != torch.float32:
+            source = tensor.data
+            tensor.data = source.float()
+            drop_file_pages(source, maps)
+    return model
+
+
+def private_file_mappings() -> list[tuple[int, int]]:
+    """(start, end) of this process's private mappings of files (how safetensors maps a checkpoint): the only
+    memory whose pages `drop_file_pages` touches. A dropped page that is read again comes back from the file,
+    so nothing that still reads the checkpoint can see zeros, unlike anonymous memory."""
+    spans = []
+    for line in Path("/proc/self/maps").read_text().splitlines() if Path("/proc/self/maps").exists() else []:
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[1].endswith("p") and fields[5].startswith("/"):
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            spans.append((start, end))
+    return spans
+
+
+def drop_file_pages(tensor: torch.Tensor, maps: list[tuple[int, int]]) -> None:
+    """madvise(MADV_DONTNEED) the whole pages of `tensor` when they lie in a private file mapping."""
+    page = resource.getpagesize()
+    start = -(-tensor.data_ptr() // page) * page  # whole pages only: a neighbour may share the edge pages
+    end = (tensor.data_ptr() + tensor.numel() * tensor.element_size()) // page * page
+    if tensor.is_contiguous() and end > start and any(lo <= start and end <= hi for lo, hi in maps):
+        ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 4)  # 4: MADV_DONTNEED
+
+
+def release_freed_memory() -> None:
+    """Hand the pages of freed weights back to the OS before the next step loads a variant: glibc keeps freed
+    tensors' pages in its heap once its mmap threshold has risen, which left 840 MiB of a 0.6B model's freed
+    fp16 weights resident under the ONNX Runtime session built next."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to hand back this way
+        pass
 
 
 def peak_rss_mb() -> float:
@@ -296,7 +348,7 @@ def verify_only(bundle_dir: str, eval_data: str | None) -> None:
         print(f"rm-export: sha256 of every file verified; source checkpoint {source} is gone, parity not re-run")
         return
     model, tokenizer, _ = load_reward_model(source)
-    model = model.float().eval()
+    model = to_fp32(model).eval()
     eval_data = eval_data or manifest.get("eval_data")
     checked = prepare_checks(
         model, tokenizer, bundle.recipe, eval_data if eval_data and Path(eval_data).exists() else None
