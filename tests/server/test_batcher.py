@@ -23,7 +23,8 @@ class RecordingEngine:
         self.gate.set()
 
     def score(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        self.gate.wait(10)
+        if not self.gate.wait(10):  # a test that never opens the gate fails instead of passing late
+            raise RuntimeError("the test never opened the engine's gate")
         self.batches.append(input_ids.shape)
         if self.fail_on_length is not None and (attention_mask.sum(1) == self.fail_on_length).any():
             raise RuntimeError("injected failure")
@@ -242,6 +243,33 @@ def test_max_delay_waits_then_runs_a_partial_batch():
     config = BatcherConfig(max_batch_tokens=10_000, max_batch_size=8, max_delay_ms=50)
     rewards, elapsed = run(with_batcher(RecordingEngine(), config, body))
     assert rewards == [2.0] and 0.04 < elapsed < 5
+
+
+def test_max_delay_counts_from_the_oldest_request_wherever_its_turn_is():
+    """A request served in part goes to the back of the turn order, behind newer ones; its remaining samples
+    still wait at most max_delay_ms from its own arrival, not from the arrival of the request now in front
+    (that rule held them 3 s longer here)."""
+    engine = RecordingEngine()
+    engine.gate.clear()
+
+    async def body(batcher):
+        held = [asyncio.create_task(batcher.score([[9] * 2] * 4)) for _ in range(2)]  # fill the engine pipeline
+        await asyncio.sleep(0.05)
+        arrived = time.perf_counter()
+        older = asyncio.create_task(batcher.score([[1] * 2] * 5))  # 4 run next, 1 waits
+        await asyncio.sleep(3)
+        newer = asyncio.create_task(batcher.score([[1] * 50]))  # other length: not in older's batch
+        await asyncio.sleep(0.05)
+        engine.gate.set()
+        await older
+        waited = time.perf_counter() - arrived
+        await asyncio.gather(newer, *held)
+        return waited
+
+    config = BatcherConfig(max_batch_tokens=10_000, max_batch_size=4, max_delay_ms=4000)
+    waited = run(with_batcher(engine, config, body))
+    assert engine.batches[2] == (4, 2) and engine.batches[3] == (2, 50)  # older's 4, then its last with newer
+    assert 3.9 < waited < 5.5  # its own arrival + 4 s; from the newer request's it would be 7 s
 
 
 def test_a_request_reaching_a_stopped_batcher_is_refused_not_left_waiting():
