@@ -3,13 +3,19 @@ batch shape, stale buffer contents never leak into a smaller batch, and oversize
 
 from __future__ import annotations
 
+import threading
+import time
+
 import numpy as np
 import pytest
 
 from rm_contract.bundle import load_bundle
 from rm_contract.padding import pad_batch
-from rm_server.batcher import budget_from_memory
+from rm_server import models as models_module
+from rm_server.batcher import BatcherConfig, budget_from_memory
 from rm_server.engine import OnnxEngine
+from rm_server.metrics import ServiceMetrics
+from rm_server.models import LoadedModel, ModelSettings
 
 
 @pytest.fixture(scope="module")
@@ -56,3 +62,62 @@ def test_gpu_budget_from_free_memory():
     assert budget_from_memory(10 * 1024 * mib, 64 * 1024, 16384, cap=65536) == 65536  # at most max rows x length
     assert budget_from_memory(0, 64 * 1024, 16384, cap=65536) == 16384  # never below what already ran
     assert budget_from_memory(10 * 1024 * mib, 0, 16384, cap=65536) == 16384  # no growth seen: keep the default
+
+
+class ArenaGpu:
+    """The memory side of a GPU under ONNX Runtime: each session's arena grows to its largest batch (a byte
+    per padded token here) and never shrinks; free memory is what the arenas have not taken."""
+
+    def __init__(self, total: int):
+        self.total, self.arenas, self.readers = total, {}, []
+        self.lock = threading.Lock()
+
+    def free(self) -> int:
+        with self.lock:
+            self.readers.append(threading.current_thread().name)
+            return self.total - sum(self.arenas.values())
+
+    def attach(self, model: LoadedModel, before_claim=lambda: None) -> None:
+        score = model.engine.score
+
+        def score_on_gpu(ids, mask):
+            if model.name in self.arenas:  # its second batch: the claim
+                before_claim()
+            with self.lock:
+                self.arenas[model.name] = max(self.arenas.get(model.name, 0), ids.size)
+            return score(ids, mask)
+
+        model.engine.score = score_on_gpu
+
+
+def test_models_sized_on_one_gpu_claim_no_more_than_it_has(encoder_bundle, monkeypatch):
+    """Each model's budget took 80% of the memory free when it measured, but its arena grew to it only when a
+    batch that large came: two models sized side by side both counted the same memory, and at full load the
+    GPU ran out. Now each claims its budget (one full batch) before the next measures, one at a time."""
+    gpu = ArenaGpu(total=3000)
+    monkeypatch.setattr(models_module, "free_gpu_memory", gpu.free)
+    bundle = load_bundle(encoder_bundle)  # max length 256
+    config = BatcherConfig(max_batch_tokens=512, max_batch_size=8)
+    a, b = (LoadedModel(name, "1", bundle, ModelSettings(), ServiceMetrics()) for name in ("a", "b"))
+
+    def b_measures_first() -> None:  # the worst interleaving: b reads free memory while a is about to claim
+        deadline = time.monotonic() + 1  # b cannot start while a holds the sizing lock: then a goes on
+        while gpu.readers.count("b") < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    gpu.attach(a, before_claim=b_measures_first)
+    gpu.attach(b)
+    budgets = {}
+    threads = [
+        threading.Thread(target=lambda m=m: budgets.update({m.name: m._gpu_budget(config)}), name=m.name)
+        for m in (a, b)
+    ]
+    threads[0].start()
+    while gpu.readers.count("a") < 2:  # a has measured; b starts now
+        time.sleep(0.01)
+    threads[1].start()
+    for thread in threads:
+        thread.join(30)
+    assert all(budget >= 512 and budget % 256 == 0 for budget in budgets.values())
+    assert sum(budgets.values()) <= gpu.total  # both at full load at once still fit
+    assert gpu.arenas == budgets  # held from the start, not from the first full batch

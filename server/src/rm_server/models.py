@@ -16,6 +16,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -35,6 +36,8 @@ from rm_server.metrics import ServiceMetrics
 from rm_server.scoring import Limits, SampleInput, Scorer
 
 log = logging.getLogger("rm_server")
+_GPU_SIZING = threading.Lock()
+"""Models measure free GPU memory and claim their budgets one at a time (see `LoadedModel._gpu_budget`)."""
 ENSEMBLE_FILE = "ensemble.json"
 
 
@@ -154,26 +157,38 @@ class LoadedModel:
             )
 
     def _gpu_budget(self, config: BatcherConfig) -> int:
-        """Run the default budget's worth of longest rows and size the budget from the memory it took."""
+        """Run the default budget's worth of longest rows, size the budget from the memory it took, then claim
+        it: one batch of the whole budget runs, so ONNX Runtime's arena holds that memory from now on. Sized
+        without the claim, each model of a repository (or a reload beside the old version) counted the memory
+        the others would take later as free, and together they overcommitted the GPU. One model at a time."""
         max_length = self.bundle.recipe.max_length
         rows = max(1, config.max_batch_tokens // max_length)
-        before = free_gpu_memory()
-        self.engine.score(*pad_batch([[1] * max_length] * rows, 0))
-        after = free_gpu_memory()
-        if before is None or after is None:
-            log.warning("GPU memory unreadable (nvidia-ml-py); token budget stays %d", config.max_batch_tokens)
-            return config.max_batch_tokens
-        tokens = rows * max_length
-        budget = budget_from_memory(after, (before - after) / tokens, tokens, config.max_batch_size * max_length)
-        log.info(
-            "%s: %d padded tokens took %.0f MiB of GPU memory; %.0f MiB free; token budget %d",
-            self.name,
-            tokens,
-            (before - after) / 2**20,
-            after / 2**20,
-            budget,
-        )
-        return budget
+        with _GPU_SIZING:
+            before = free_gpu_memory()
+            self.engine.score(*pad_batch([[1] * max_length] * rows, 0))
+            after = free_gpu_memory()
+            if before is None or after is None:
+                log.warning("GPU memory unreadable (nvidia-ml-py); token budget stays %d", config.max_batch_tokens)
+                return config.max_batch_tokens
+            tokens = rows * max_length
+            cap = config.max_batch_size * max_length
+            budget = budget_from_memory(after, (before - after) / tokens, tokens, cap) // max_length * max_length
+            try:
+                self.engine.score(*pad_batch([[1] * max_length] * (budget // max_length), 0))
+            except Exception as e:  # noqa: BLE001 - out of memory after all: keep what is known to fit
+                log.warning(
+                    "%s: a batch of %d padded tokens failed (%s); token budget %d", self.name, budget, e, tokens
+                )
+                return tokens
+            log.info(
+                "%s: %d padded tokens took %.0f MiB of GPU memory; %.0f MiB free; token budget %d (claimed)",
+                self.name,
+                tokens,
+                (before - after) / 2**20,
+                after / 2**20,
+                budget,
+            )
+            return budget
 
     async def stop(self, grace_s: float = 60.0) -> None:
         """Wait (bounded) for the calls that started on this version, then free the engine."""
