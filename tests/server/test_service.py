@@ -57,6 +57,23 @@ def test_conversations_and_token_ids_score_like_text(server, encoder_bundle):
     assert as_ids.num_tokens == len(ids)
 
 
+def test_over_long_token_ids_keep_the_token_a_cls_encoder_pools(server, encoder_bundle):
+    """Cut from the left, over-long ids lost [CLS], and the head of a cls-pooled encoder read an arbitrary
+    token (a reward returned anyway). [CLS] stays, then the end of the ids, as the text policy keeps them."""
+    bundle = load_bundle(encoder_bundle)
+    assert bundle.manifest["pooling"] == "cls" and bundle.recipe.max_length == 256
+    encoder = bundle.sample_encoder()
+    long_prompt = "The food was lovely and the staff were kind. " * 40
+    ids = encoder.encode(Sample.from_text(long_prompt, "Lovely.")).ids  # [CLS] prompt's end [SEP] response [SEP]
+    extra = encoder.tokenizer.encode("A slow evening by the sea. " * 20, add_special_tokens=False).ids[:100]
+    over_long = ids[:1] + extra + ids[1:]  # 100 ids too many, after [CLS]
+    stub = server.stub()
+    kept = stub.Score(pb.ScoreRequest(samples=[pb.Sample(tokens=pb.TokenIds(ids=over_long))])).results[0]
+    exact = stub.Score(pb.ScoreRequest(samples=[pb.Sample(tokens=pb.TokenIds(ids=ids))])).results[0]
+    assert kept.truncated and kept.num_tokens == 256 and not exact.truncated
+    assert kept.reward == pytest.approx(exact.reward, abs=1e-6)  # exactly the 256 ids that fit, [CLS] first
+
+
 def test_an_empty_response_is_scored_as_the_model_sees_it(server, reference):
     """A policy may answer with EOS alone; the trainer still needs its reward."""
     result = server.stub().Score(pb.ScoreRequest(samples=[text("How was the trip?", "")])).results[0]

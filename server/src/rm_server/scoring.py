@@ -88,6 +88,8 @@ class Scorer:
         self.encoder = encoder
         self.vocab_size = self.encoder.tokenizer.get_vocab_size(with_added_tokens=True)
         self.max_length = bundle.recipe.max_length
+        self.keep_first_id = bundle.manifest.get("pooling") == "cls"
+        """Over-long token ids keep their first id where the head reads it ([CLS]), beside their end."""
         normalization = bundle.manifest.get("normalization") or {}
         self.norm_mean = float(normalization.get("mean", 0.0))
         self.norm_std = float(normalization.get("std", 1.0)) or 1.0
@@ -168,8 +170,9 @@ class Scorer:
         bad = next((t for t in ids if t >= self.vocab_size), None)
         if bad is not None:
             raise InvalidRequest(f"sample {index}: token id {bad} is outside the vocabulary [0, {self.vocab_size})")
-        if len(ids) > self.max_length:  # keep the end, where the response and the pooled token are
-            return EncodedSample(list(ids[-self.max_length :]), True)
+        if len(ids) > self.max_length:  # keep the end (the response; a decoder's pooled last token)
+            head = list(ids[:1]) if self.keep_first_id else []  # and a cls-pooled encoder's pooled first token
+            return EncodedSample(head + list(ids[len(ids) - self.max_length + len(head) :]), True)
         return EncodedSample(list(ids), False)
 
 
