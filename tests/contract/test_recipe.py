@@ -8,6 +8,7 @@ import re
 
 import pytest
 
+from rm_contract import recipe as recipe_module
 from rm_contract.bundle import FORMAT_VERSION, MANIFEST, BundleError, load_bundle
 from rm_contract.recipe import InputRecipe, RecipeError, Sample, SampleEncoder, truncate_prompt_left
 
@@ -62,6 +63,37 @@ def test_chat_truncation_keeps_the_whole_response(smollm2_tokenizer):
     encoded = encoder.encode(Sample.from_text("word " * 100, "Lovely, thanks!"))
     assert encoded.truncated and len(encoded.ids) == 24
     assert smollm2_tokenizer.decode(encoded.ids).endswith("<|im_start|>assistant\nLovely, thanks!<|im_end|>\n")
+
+
+DATED_TEMPLATE = (  # how Llama-3.1/3.2 templates open: the current date in the system header
+    "{{ bos_token }}<|start_header_id|>system<|end_header_id|>\n\nToday Date: {{ strftime_now('%d %b %Y') }}<|eot_id|>"
+    "{% for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n{{ m.content }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+
+
+def test_a_date_rendering_template_renders_the_recipes_date_on_any_day(smollm2_tokenizer, monkeypatch):
+    """With the clock, the same sample's ids (and reward) changed at midnight, and training and serving on
+    different days scored different ids. The recipe's date is rendered instead, whatever day it is."""
+    recipe = InputRecipe(
+        template="chat",
+        max_length=256,
+        chat_template=DATED_TEMPLATE,
+        special_tokens={"bos_token": ""},
+        date="2026-01-31",
+    )
+    encoder = SampleEncoder(smollm2_tokenizer.backend_tokenizer, recipe)
+    sample = Sample.from_text("How was your weekend?", "Lovely, thanks!")
+    today = encoder.encode(sample).ids
+
+    class NextMonth(recipe_module.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return cls(2026, 2, 1, 0, 0, 1)
+
+    monkeypatch.setattr(recipe_module, "datetime", NextMonth)  # past midnight, into another month
+    assert encoder.encode(sample).ids == today
+    assert "Today Date: 31 Jan 2026" in smollm2_tokenizer.decode(today)
 
 
 def test_max_length_without_room_for_a_response_is_an_error(minilm_tokenizer):

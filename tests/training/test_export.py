@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import subprocess
 import sys
@@ -224,6 +225,7 @@ def test_bf16_checkpoint_exports_served_with_one_weights_file_per_variant(tiny_d
     assert result.returncode == 0, result.stderr
     manifest = json.loads((out / "bundle.json").read_text())
     assert manifest["checkpoint_dtype"] == "bfloat16" and manifest["exporter"]["external_data"] is True
+    assert manifest["recipe"]["date"] == datetime.date.today().isoformat()  # what chat templates render, frozen
     for variant, weights in (("fp32", "model.onnx.data"), ("fp16", "model.fp16.onnx.data")):
         assert manifest["variants"][variant]["weights_file"] == weights
         assert external_data_files(out / manifest["variants"][variant]["file"]) == {weights}

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import datetime
+
 import pytest
 import torch
 
 from rm_contract.backbones import resolve_backbone
+from rm_contract.recipe import InputRecipe
 from rm_training.batching import pad
-from rm_training.model import RewardModel, load_backbone_model, pooling_of
+from rm_training.model import RewardModel, default_recipe, load_backbone_model, pooling_of
 
 
 @pytest.fixture(scope="module")
@@ -58,3 +61,9 @@ def test_encoder_reward_does_not_depend_on_right_padding(tiny_encoder_checkpoint
     sequences = [tuple(minilm_tokenizer(t)["input_ids"]) for t in ["short", "a somewhat longer text to score here"]]
     alone = torch.cat([model(*pad([s], 0)) for s in sequences])
     torch.testing.assert_close(model(*pad(sequences, 0)), alone, atol=1e-5, rtol=0)
+
+
+def test_new_chat_recipes_record_the_day_they_are_made(smollm2_tokenizer):
+    recipe = default_recipe(smollm2_tokenizer, "last_non_pad", 128)
+    assert recipe.template == "chat" and recipe.date == datetime.date.today().isoformat()
+    assert InputRecipe.from_dict(recipe.to_dict()) == recipe  # kept in the checkpoint and the bundle

@@ -79,6 +79,11 @@ class InputRecipe:
     chat_template: str | None = None
     special_tokens: dict[str, str] | None = None
     """Named special tokens the chat template may use (bos_token, eos_token, ...)."""
+    date: str | None = None
+    """The day (YYYY-MM-DD) a chat template renders through `strftime_now` (Llama-3's "Today Date: ..."),
+    fixed when the recipe is made (rm-train; rm-export for checkpoints trained elsewhere): with the clock,
+    a sample's ids and reward changed from day to day, and between training and serving. None (recipes
+    written before this field): the current day."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -108,10 +113,17 @@ def truncate_prompt_left(prompt: list[int], response: list[int], budget: int) ->
     return prompt[len(prompt) + len(response) - budget :], response, True
 
 
-def render_chat(template: str, messages: list[dict], add_generation_prompt: bool, special_tokens: dict) -> str:
-    """Render a chat template the way transformers does (sandboxed jinja2, same globals and filters)."""
+def render_chat(
+    template: str, messages: list[dict], add_generation_prompt: bool, special_tokens: dict, date: str | None = None
+) -> str:
+    """Render a chat template the way transformers does (sandboxed jinja2, same globals and filters), with
+    `strftime_now` reading `date` (YYYY-MM-DD) where given instead of the clock."""
+    now = datetime.fromisoformat(date) if date else datetime.now()
     return _compile_chat_template(template).render(
-        messages=messages, add_generation_prompt=add_generation_prompt, **special_tokens
+        messages=messages,
+        add_generation_prompt=add_generation_prompt,
+        strftime_now=lambda fmt: now.strftime(fmt),
+        **special_tokens,
     )
 
 
@@ -120,7 +132,6 @@ def _compile_chat_template(template: str) -> jinja2.Template:
     """Compiled once per template: compiling costs milliseconds, rendering microseconds (as transformers caches)."""
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
     env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     env.filters["tojson"] = _tojson
     return env.from_string(template)
 
@@ -194,8 +205,8 @@ class SampleEncoder:
         special = recipe.special_tokens or {}
         prompt_msgs = [{"role": m.role, "content": m.content} for m in sample.prompt]
         response_msgs = [{"role": m.role, "content": m.content} for m in sample.response]
-        full = render_chat(recipe.chat_template, prompt_msgs + response_msgs, False, special)
-        prefix = render_chat(recipe.chat_template, prompt_msgs, True, special) if prompt_msgs else ""
+        full = render_chat(recipe.chat_template, prompt_msgs + response_msgs, False, special, recipe.date)
+        prefix = render_chat(recipe.chat_template, prompt_msgs, True, special, recipe.date) if prompt_msgs else ""
         return self._split(full, prefix)
 
     def _tokenize(self, *texts: str) -> list:

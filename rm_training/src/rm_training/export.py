@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
+import datetime
 import itertools
 import json
 import random
@@ -160,6 +162,8 @@ def export(args: argparse.Namespace) -> Path:
     started = time.perf_counter()
     dtypes = ["fp32"] + [d for d in parse_dtypes(args.dtype) if d != "fp32"]
     model, tokenizer, metadata = load_reward_model(args.model, args.template, args.max_length)
+    if metadata.recipe.template == "chat" and metadata.recipe.date is None:  # trained before recipes kept it
+        metadata.recipe = dataclasses.replace(metadata.recipe, date=datetime.date.today().isoformat())
     checkpoint_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     model = to_fp32(model).eval()  # bf16/fp16 checkpoints: fp32 is the reference graph and the parity baseline
     fp32_mb = sum(p.numel() for p in model.parameters()) * 4 / 2**20

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from datetime import date
 from pathlib import Path
 from typing import Literal
 
@@ -150,6 +151,7 @@ def default_recipe(
         eos_token=tokenizer.eos_token,
         chat_template=tokenizer.chat_template if chat else None,
         special_tokens=special if chat else None,
+        date=date.today().isoformat() if chat else None,  # what strftime_now renders, from now on
     )
 
 
