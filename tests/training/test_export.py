@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +26,7 @@ from transformers import (
 )
 
 from rm_client.samples import text_samples
-from rm_contract.bundle import BundleError, load_bundle
+from rm_contract.bundle import BundleError, hash_files, load_bundle
 from rm_contract.padding import pad_batch
 from rm_contract.pb import reward_pb2 as pb
 from rm_contract.recipe import Message, Sample
@@ -36,7 +37,7 @@ from rm_training.onnx_export import export_graph, external_data_files, make_int8
 from rm_training.parity import MAX_BATCH_TOKENS, VerificationSet, check_variant, reference_rewards
 from rm_training.train import TrainConfig, train
 from tests.conftest import rm_export, sentiment_pairs, tiny_llama_config, write_jsonl
-from tests.contract.test_bundle_integrity import constant_graph
+from tests.contract.test_bundle_integrity import constant_graph, edit_manifest
 from tests.servers import start_server, stop_server
 
 
@@ -102,10 +103,37 @@ def test_corrupted_bundle_is_detected(encoder_bundle, tmp_path):
     assert "tokenizer.json: missing" in rm_export("--verify-only", str(broken)).stderr
 
 
-def test_verify_only_reruns_the_checks_on_a_good_bundle(encoder_bundle):
+def test_verify_only_reruns_the_checks_on_a_good_bundle_and_says_what_it_could_not(encoder_bundle, tmp_path):
+    """Before: without its eval data, --verify-only skipped int8's accuracy check and still printed the same
+    "verified" line."""
     result = rm_export("--verify-only", str(encoder_bundle))
     assert result.returncode == 0, result.stderr
-    assert "verified: sha256 of every file, parity, batch invariance" in result.stdout
+    checks = "sha256 of every file, each variant's reference rewards, parity, batch invariance"
+    assert f"verified: {checks}, int8 accuracy\n" in result.stdout
+    copy = tmp_path / "bundle"
+    shutil.copytree(encoder_bundle, copy)
+    edit_manifest(copy, lambda manifest: manifest.update(eval_data=str(tmp_path / "gone.jsonl")))
+    result = rm_export("--verify-only", str(copy))
+    assert result.returncode == 0, result.stderr
+    assert "no eval data (pass --eval-data): int8's pairwise accuracy against fp32 not re-checked" in result.stdout
+    assert f"verified: {checks}\n" in result.stdout
+
+
+def test_verify_only_without_the_source_checkpoint_still_checks_every_graph(encoder_bundle, tmp_path):
+    """Before: with the source checkpoint gone it checked hashes alone and said "verified", so a swapped graph
+    with its hash rewritten passed. Every variant must reproduce the rewards recorded at export."""
+    copy = tmp_path / "bundle"
+    shutil.copytree(encoder_bundle, copy)
+    edit_manifest(copy, lambda manifest: manifest.update(source_checkpoint=str(tmp_path / "deleted")))
+    result = rm_export("--verify-only", str(copy))
+    assert result.returncode == 0, result.stderr
+    assert "parity and batch invariance not re-run" in result.stdout
+    assert "verified: sha256 of every file, each variant's reference rewards\n" in result.stdout
+    constant_graph(copy / "model.int8.onnx", float(np.mean(load_bundle(copy).reference("int8")[1])))
+    edit_manifest(copy, lambda manifest: manifest.update(files=hash_files(copy)))
+    result = rm_export("--verify-only", str(copy))
+    assert result.returncode == 1
+    assert "the int8 graph does not reproduce the rewards recorded at export" in result.stderr
 
 
 def test_int8_accuracy_check_rejects_a_variant_that_loses_accuracy(trained_encoder, tiny_encoder_checkpoint, tmp_path):

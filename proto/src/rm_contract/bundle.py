@@ -10,11 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+import numpy as np
 from tokenizers import Tokenizer
 
+from rm_contract.padding import pad_batch
 from rm_contract.recipe import InputRecipe, SampleEncoder
 
 FORMAT_VERSION = 1
@@ -177,6 +180,20 @@ class Bundle:
         parity = self.manifest["parity"]
         tolerance = REFERENCE_TOLERANCE[variant] * float(parity.get("reward_scale", 1.0))
         return parity["reference_ids"], self.manifest["variants"][variant]["reference_rewards"], tolerance
+
+    def reference_mismatch(self, variant: str, score: Callable[..., np.ndarray], pad_id: int) -> str | None:
+        """Score the reference samples one by one with `score(input_ids, attention_mask) -> rewards` (an
+        engine of `variant`) and compare with the rewards recorded at export: None when they agree within the
+        tolerance, else what differs. The server runs it at every load, `rm-export --verify-only` too."""
+        ids, expected, tolerance = self.reference(variant)
+        got = np.concatenate([np.asarray(score(*pad_batch([row], pad_id)), dtype=np.float64) for row in ids])
+        worst = float(np.max(np.abs(got - np.asarray(expected, dtype=np.float64))))
+        if worst <= tolerance:  # NaN fails
+            return None
+        return (
+            f"the {variant} graph does not reproduce the rewards recorded at export on its {len(ids)} reference "
+            f"samples (max difference {worst:.3g} > {tolerance:.3g})"
+        )
 
     def tokenizer(self) -> Tokenizer:
         path = self.directory / TOKENIZER_FILE

@@ -145,15 +145,11 @@ class LoadedModel:
         """Score the bundle's reference samples one by one and compare with what this variant scored at
         export: a hash proves the files are the ones listed, this proves they compute the model. It is the
         warm-up too: lengths from short to the maximum run once, so the first call pays no start-up cost."""
-        ids, expected, tolerance = self.bundle.reference(self.settings.variant)
-        got = np.concatenate([self.engine.score(*pad_batch([row], pad_id)) for row in ids])
-        worst = float(np.max(np.abs(got.astype(np.float64) - np.asarray(expected, dtype=np.float64))))
-        if not worst <= tolerance:  # NaN included
+        problem = self.bundle.reference_mismatch(self.settings.variant, self.engine.score, pad_id)
+        if problem:
             raise BundleError(
-                f"bundle {self.bundle.directory}: the {self.settings.variant} graph does not reproduce the rewards "
-                f"recorded at export on its {len(ids)} reference samples (max difference {worst:.3g} > "
-                f"{tolerance:.3g}, {self.engine.providers[0]}): not the graph that was exported, or a provider "
-                "computing it wrongly"
+                f"bundle {self.bundle.directory}: {problem}, {self.engine.providers[0]}: not the graph that was "
+                "exported, or a provider computing it wrongly"
             )
 
     def _gpu_budget(self, config: BatcherConfig) -> int:
