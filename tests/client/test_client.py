@@ -15,6 +15,7 @@ from rm_client import AsyncRewardClient, RetryPolicy, RewardClient, RewardServic
 from rm_client.samples import text_samples
 from rm_contract.pb import reward_pb2 as pb
 from tests.conftest import random_texts
+from tests.server.test_service import metrics
 from tests.servers import free_port, start_server, stop_server
 
 LIMIT = 16
@@ -103,6 +104,35 @@ def test_deadline_exceeded_raises(server):
         with pytest.raises(RewardServiceError) as error:
             hurried.score(*zip(*texts))
     assert error.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_one_deadline_covers_every_chunk_of_a_call(server):
+    """Before: each chunk had its own deadline, started once it got a slot, so a call of 40 chunks one at a
+    time could take 40 times `timeout_s` (here about 20 s) and succeed."""
+    long_texts = [("Tell me about it. " * 60, "It was long. " * 60)] * (40 * LIMIT)
+    with RewardClient(server.target, timeout_s=2, max_in_flight=1) as client:
+        client.model_info()  # connected
+        started = time.monotonic()
+        with pytest.raises(RewardServiceError) as error:
+            client.score(*zip(*long_texts))
+        took = time.monotonic() - started
+    assert error.value.code == grpc.StatusCode.DEADLINE_EXCEEDED and "chunks answered" in error.value.message
+    assert took < 10  # 2 s and the cancelled chunks' clean-up
+
+
+def test_the_first_failed_chunk_cancels_the_others(server):
+    """Before: `score` raised with the first failed chunk while its siblings went on being sent (and
+    retried) in the background. Now none is sent after the failure."""
+    sequences = [[101, 10**9, 102]] + [[101, 2000, 102]] * (10 * LIMIT - 1)  # chunk 0 holds a bad id
+    scored = lambda: metrics(server)["rm_samples_total"]  # noqa: E731
+    with RewardClient(server.target, timeout_s=30, max_in_flight=1) as client:
+        before = scored()
+        with pytest.raises(RewardServiceError) as error:
+            client.score_tokens(sequences)
+        time.sleep(1)  # siblings left running would be answered by now (a chunk takes milliseconds)
+        after = scored()
+    assert error.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert after == before
 
 
 def test_unreachable_service_raises_after_the_retries(server):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import AsyncIterator, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -143,13 +144,15 @@ class AsyncRewardClient:
     async def score_samples(
         self, samples: Sequence[pb.Sample], *, normalize: bool = False, truncation: str = "truncate"
     ) -> np.ndarray:
-        """Rewards of reward.v1 Samples, split into concurrent chunks and reassembled in order."""
+        """Rewards of reward.v1 Samples, split into concurrent chunks and reassembled in order.
+
+        One deadline (`timeout_s`) covers the whole call: the model-info lookup, every chunk, its wait for a
+        slot among `max_in_flight` and its retries. The first chunk that fails cancels the others."""
         if truncation not in TRUNCATION:
             raise ValueError(f"truncation must be one of {sorted(TRUNCATION)}, not {truncation!r}")
         if not samples:
             return np.empty(0, dtype=np.float32)
-        size = await self.chunk_size()
-        chunks = [samples[i : i + size] for i in range(0, len(samples), size)]
+        deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
         gate = asyncio.Semaphore(self.max_in_flight)
 
         async def one(chunk: Sequence[pb.Sample]) -> list[float]:
@@ -163,19 +166,35 @@ class AsyncRewardClient:
                 ensemble_k=self.ensemble_k,
             )
             async with gate:
-                response = await self._unary(self._stub.Score, request)
+                response = await self._unary(self._stub.Score, request, _left(deadline))
             if len(response.results) != len(chunk):
                 raise RewardServiceError(
                     grpc.StatusCode.INTERNAL, f"server answered {len(response.results)} results for {len(chunk)}"
                 )
             return [r.reward for r in response.results]
 
-        parts = await asyncio.gather(*(one(c) for c in chunks))
+        tasks: list[asyncio.Task] = []
+        try:
+            async with asyncio.timeout(_left(deadline)):  # also bounds the waits for a slot
+                size = await self.chunk_size(_left(deadline))
+                tasks = [asyncio.ensure_future(one(samples[i : i + size])) for i in range(0, len(samples), size)]
+                parts = await asyncio.gather(*tasks)
+        except TimeoutError:
+            done = sum(t.done() and not t.cancelled() and t.exception() is None for t in tasks)
+            raise RewardServiceError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"deadline of {self.timeout_s} s passed with {done} of {len(tasks)} chunks answered",
+            ) from None
+        finally:  # a failed chunk (or the deadline) leaves no sibling running or retrying after we return
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
         return np.array([r for part in parts for r in part], dtype=np.float32)
 
-    async def chunk_size(self) -> int:
+    async def chunk_size(self, timeout_s: float | None = None) -> int:
         if self._chunk_size is None:
-            info = await self.model_info()
+            request = pb.GetModelInfoRequest(model=self.model, model_version=self.model_version)
+            info = await self._unary(self._stub.GetModelInfo, request, timeout_s)
             self._chunk_size = min(512, info.max_samples_per_request or 512)
         return self._chunk_size
 
@@ -267,6 +286,11 @@ class AsyncRewardClient:
             call.cancel()
         if sizes or not done_sending.is_set():
             raise RewardServiceError(grpc.StatusCode.UNKNOWN, f"stream ended with {len(sizes)} requests unanswered")
+
+
+def _left(deadline: float | None) -> float | None:
+    """Seconds until a time.monotonic() deadline (None: no deadline)."""
+    return None if deadline is None else deadline - time.monotonic()
 
 
 def _status_code(value: int) -> grpc.StatusCode:
