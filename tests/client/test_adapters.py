@@ -92,6 +92,26 @@ def test_async_reward_function_matches_the_blocking_one(server):
     assert asyncio.run(AsyncServiceReward(server.target)(prompts, completions)) == pytest.approx(expected, abs=1e-6)
 
 
+def test_reward_functions_raise_by_default_or_return_none_when_asked(server):
+    """TRL reads None as "this reward function does not apply" to a completion: with on_failure="none" a
+    batch the service cannot score comes back as None for each completion instead of stopping the run."""
+    import asyncio
+
+    from rm_client import RetryPolicy, RewardServiceError
+
+    prompts, completions = ["How was the food?", "How was the trip?"], ["Lovely.", "Dreadful."]
+    quick = dict(retry=RetryPolicy(max_attempts=2, initial_backoff_s=0.01, max_backoff_s=0.02), timeout_s=10)
+    down = f"127.0.0.1:{free_port()}"
+    with pytest.raises(RewardServiceError):
+        ServiceReward(down, **quick)(prompts, completions)
+    assert ServiceReward(down, on_failure="none", **quick)(prompts, completions) == [None, None]
+    assert asyncio.run(AsyncServiceReward(down, on_failure="none", **quick)(prompts, completions)) == [None, None]
+    bad_input = ServiceReward(server.target, on_failure="none")(prompts, [[{"role": "tool", "content": "x"}]] * 2)
+    assert bad_input == [None, None]  # a batch refused as invalid: also None (and logged)
+    with pytest.raises(ValueError, match="on_failure must be one of raise, none"):
+        ServiceReward(server.target, on_failure="zero")
+
+
 def post(url: str, body: bytes) -> tuple[int, dict]:
     request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
     try:

@@ -3,26 +3,61 @@
 TRL calls a reward function with `prompts`, `completions` (strings, or chat messages in conversational
 datasets) and extra columns as keyword arguments, and expects one float per completion. The async form
 lets TRL overlap the service call with its other reward functions.
+
+`on_failure`: "raise" (default) stops training when the service cannot score a batch (after the client's
+retries), so no step ever trains on missing rewards. "none" returns None for every completion of that batch
+instead, which TRL reads as "this reward function does not apply": the step goes on with the other reward
+functions, or, with this one alone, with those completions' rewards missing (TRL warns) -- a run that
+survives an outage at the price of steps trained on fewer rewards. A warning is logged each time.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
 from rm_client.client import AsyncRewardClient, RewardClient
+from rm_client.errors import RewardServiceError
+
+log = logging.getLogger(__name__)
+ON_FAILURE = ("raise", "none")
+
+
+def _on_failure(value: str) -> str:
+    if value not in ON_FAILURE:
+        raise ValueError(f"on_failure must be one of {', '.join(ON_FAILURE)}, not {value!r}")
+    return value
+
+
+def _missing(error: RewardServiceError, n: int, on_failure: str) -> list[None]:
+    if on_failure == "raise":
+        raise error
+    log.warning("reward service failed (%s); returning None for %d completions", error, n)
+    return [None] * n
 
 
 class ServiceReward:
     """Blocking reward function backed by a reward service."""
 
-    def __init__(self, target: str | Sequence[str], *, normalize: bool = False, name: str = "rewardserve", **options):
+    def __init__(
+        self,
+        target: str | Sequence[str],
+        *,
+        normalize: bool = False,
+        name: str = "rewardserve",
+        on_failure: str = "raise",
+        **options,
+    ):
         self.__name__ = name  # TRL logs each reward function's mean under its name
-        self.normalize = normalize
+        self.normalize, self.on_failure = normalize, _on_failure(on_failure)
         self._client = RewardClient(target, **options)
 
-    def __call__(self, prompts: Sequence, completions: Sequence, **kwargs: Any) -> list[float]:
-        return self._client.score_completions(prompts, completions, normalize=self.normalize).tolist()
+    def __call__(self, prompts: Sequence, completions: Sequence, **kwargs: Any) -> list[float | None]:
+        try:
+            return self._client.score_completions(prompts, completions, normalize=self.normalize).tolist()
+        except RewardServiceError as error:
+            return _missing(error, len(completions), self.on_failure)
 
     def close(self) -> None:
         self._client.close()
@@ -31,14 +66,25 @@ class ServiceReward:
 class AsyncServiceReward:
     """Async reward function; its client is opened in the event loop TRL calls it from."""
 
-    def __init__(self, target: str | Sequence[str], *, normalize: bool = False, name: str = "rewardserve", **options):
+    def __init__(
+        self,
+        target: str | Sequence[str],
+        *,
+        normalize: bool = False,
+        name: str = "rewardserve",
+        on_failure: str = "raise",
+        **options,
+    ):
         self.__name__ = name
-        self.normalize = normalize
+        self.normalize, self.on_failure = normalize, _on_failure(on_failure)
         self._target, self._options = target, options
         self._client: AsyncRewardClient | None = None
 
-    async def __call__(self, prompts: Sequence, completions: Sequence, **kwargs: Any) -> list[float]:
+    async def __call__(self, prompts: Sequence, completions: Sequence, **kwargs: Any) -> list[float | None]:
         if self._client is None:
             self._client = AsyncRewardClient(self._target, **self._options)
-        rewards = await self._client.score_completions(prompts, completions, normalize=self.normalize)
+        try:
+            rewards = await self._client.score_completions(prompts, completions, normalize=self.normalize)
+        except RewardServiceError as error:
+            return _missing(error, len(completions), self.on_failure)
         return rewards.tolist()
