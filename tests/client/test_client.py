@@ -182,6 +182,78 @@ def test_retry_then_success_after_a_server_restart(encoder_bundle, tmp_path, ref
     assert "UNAVAILABLE (attempt 1 of 30); retrying" in caplog.text
 
 
+def test_a_stream_broken_by_a_restart_is_reopened_and_its_unanswered_requests_resent(
+    encoder_bundle, tmp_path, reference
+):
+    """Before: stream_scores had no retry: a replica restart mid-stream failed the whole stream."""
+    port = free_port()
+    first = start_server(encoder_bundle, tmp_path / "first.log", port=port)
+    texts = random_texts(random.Random(5), 60)
+    requests = [text_samples(*zip(*texts[i : i + 3])) for i in range(0, len(texts), 3)]
+    restarted = {}
+
+    def slowly():  # rollouts arriving over time; the server goes down after the fifth
+        for i, request in enumerate(requests):
+            if i == 5:
+                stop_server(first)
+                threading.Thread(
+                    target=lambda: restarted.update(s=start_server(encoder_bundle, tmp_path / "second.log", port=port))
+                ).start()
+            time.sleep(0.05)
+            yield request
+
+    async def run():
+        policy = RetryPolicy(max_attempts=30, initial_backoff_s=0.2, max_backoff_s=1.0)
+        async with AsyncRewardClient(first.target, retry=policy, timeout_s=120) as client:
+            return {i: r async for i, r in client.stream_scores(slowly(), in_flight=2)}
+
+    try:
+        streamed = asyncio.run(run())
+    finally:
+        deadline = time.monotonic() + 120
+        while "s" not in restarted and time.monotonic() < deadline:
+            time.sleep(0.1)
+        stop_server(restarted["s"])
+    assert sorted(streamed) == list(range(len(requests)))
+    got = np.concatenate([streamed[i] for i in range(len(requests))])
+    np.testing.assert_allclose(got, expected(reference, texts), atol=1e-5)
+
+
+def test_a_stream_has_a_deadline_and_a_slow_request_source_does_not_block_the_loop(server):
+    """Before: stream_scores had no deadline (a stalled stream waited forever), and it read a plain iterable
+    on the event loop, so a generator producing requests slowly froze every other task of the trainer."""
+    sample = text_samples(["How was it?"], ["Fine."])
+
+    def slow_source():
+        for _ in range(8):
+            time.sleep(0.25)  # e.g. waiting for the next rollout
+            yield sample
+
+    async def run():
+        gaps, last = [], time.monotonic()
+
+        async def heartbeat():
+            nonlocal last
+            while True:
+                await asyncio.sleep(0.01)
+                gaps.append(time.monotonic() - last)
+                last = time.monotonic()
+
+        beat = asyncio.create_task(heartbeat())
+        async with AsyncRewardClient(server.target, timeout_s=60) as client:
+            answered = [i async for i, _ in client.stream_scores(slow_source())]
+            with pytest.raises(RewardServiceError) as error:
+                async for _ in client.stream_scores(slow_source(), timeout_s=0.6):
+                    pass
+        beat.cancel()
+        return answered, max(gaps), error.value.code
+
+    answered, worst_gap, code = asyncio.run(run())
+    assert sorted(answered) == list(range(8))
+    assert worst_gap < 0.2  # each 0.25 s wait for the next request happened off the loop
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
 def test_failover_when_a_replica_is_killed_mid_load(encoder_bundle, tmp_path, reference):
     """Two replicas behind one client (round_robin); one is SIGKILLed while requests are in flight. Every
     request still gets exactly its own rewards, in order."""

@@ -12,9 +12,10 @@ either the server's answer or an exception, never a placeholder.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Coroutine, Iterable, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Coroutine, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -24,7 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rm_client.channel import Security, open_aio_channel
 from rm_client.errors import RewardServiceError
-from rm_client.retry import RetryPolicy, call_with_retries
+from rm_client.retry import RETRYABLE, RetryPolicy, call_with_retries
 from rm_client.samples import (
     Conversation,
     conversation_samples,
@@ -36,6 +37,9 @@ from rm_contract.pb import reward_pb2 as pb
 from rm_contract.pb import reward_pb2_grpc
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+USE_CLIENT_TIMEOUT: Any = object()
+"""`stream_scores`' default deadline: the client's `timeout_s`."""
 TRUNCATION = {"truncate": pb.TRUNCATION_POLICY_TRUNCATE, "strict": pb.TRUNCATION_POLICY_STRICT}
 ENSEMBLE_REDUCE = {
     "mean": pb.ENSEMBLE_REDUCE_MEAN,
@@ -153,7 +157,7 @@ class AsyncRewardClient:
         if not samples:
             return np.empty(0, dtype=np.float32)
         deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
-        gate = asyncio.Semaphore(self.max_in_flight)
+        gate, failed = asyncio.Semaphore(self.max_in_flight), asyncio.Event()
 
         async def one(chunk: Sequence[pb.Sample]) -> list[float]:
             request = pb.ScoreRequest(
@@ -166,7 +170,13 @@ class AsyncRewardClient:
                 ensemble_k=self.ensemble_k,
             )
             async with gate:
-                response = await self._unary(self._stub.Score, request, _left(deadline))
+                if failed.is_set():  # a sibling failed while this one waited for a slot: the call is over
+                    return []
+                try:
+                    response = await self._unary(self._stub.Score, request, _left(deadline))
+                except BaseException:
+                    failed.set()  # before the slot is released to the next chunk
+                    raise
             if len(response.results) != len(chunk):
                 raise RewardServiceError(
                     grpc.StatusCode.INTERNAL, f"server answered {len(response.results)} results for {len(chunk)}"
@@ -179,7 +189,9 @@ class AsyncRewardClient:
                 size = await self.chunk_size(_left(deadline))
                 tasks = [asyncio.ensure_future(one(samples[i : i + size])) for i in range(0, len(samples), size)]
                 parts = await asyncio.gather(*tasks)
-        except TimeoutError:
+        except (TimeoutError, RewardServiceError) as error:
+            if isinstance(error, RewardServiceError) and error.code != grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise
             done = sum(t.done() and not t.cancelled() and t.exception() is None for t in tasks)
             raise RewardServiceError(
                 grpc.StatusCode.DEADLINE_EXCEEDED,
@@ -237,20 +249,61 @@ class AsyncRewardClient:
         return health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
 
     async def stream_scores(
-        self, requests: Iterable[Sequence[pb.Sample]], *, in_flight: int = 8, normalize: bool = False
+        self,
+        requests: Iterable[Sequence[pb.Sample]] | AsyncIterable[Sequence[pb.Sample]],
+        *,
+        in_flight: int = 8,
+        normalize: bool = False,
+        timeout_s: float | None = USE_CLIENT_TIMEOUT,
     ) -> AsyncIterator[tuple[int, np.ndarray]]:
         """Score many requests over one ScoreStream, keeping `in_flight` of them outstanding; yields
-        `(index, rewards)` as each finishes (not necessarily in order). A failed request raises."""
+        `(index, rewards)` as each finishes (not necessarily in order). A failed request raises.
+
+        `timeout_s` (default: the client's) bounds the whole stream; None for a stream without end. A stream
+        broken with a retryable status (a replica restarting) is opened again, up to the retry policy's
+        attempts, and the requests it left unanswered are sent again (scoring is idempotent). `requests` may be
+        an async iterable; a plain iterable is read in a worker thread, so a slow generator (rollouts being
+        produced) never blocks the event loop."""
         if in_flight < 1:
             raise ValueError("in_flight must be at least 1")
-        sizes: dict[str, int] = {}
+        timeout_s = self.timeout_s if timeout_s is USE_CLIENT_TIMEOUT else timeout_s
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        source = _StreamSource(requests)
+        for attempt in range(1, self.retry.max_attempts + 1):
+            try:
+                async for answer in self._stream_once(source, in_flight, normalize, _left(deadline)):
+                    yield answer
+                return
+            except RewardServiceError as error:
+                left = _left(deadline)
+                if (
+                    error.code not in RETRYABLE
+                    or attempt == self.retry.max_attempts
+                    or (left is not None and left <= 0)
+                ):
+                    raise RewardServiceError(error.code, error.message, attempt) from None
+                pause = self.retry.backoff(attempt - 1)
+                log.warning(
+                    "stream broke with %s (attempt %d); %d requests to resend",
+                    error.code.name,
+                    attempt,
+                    len(source.unanswered),
+                )
+                await asyncio.sleep(pause if left is None else min(pause, left))
+
+    async def _stream_once(
+        self, source: _StreamSource, in_flight: int, normalize: bool, timeout_s: float | None
+    ) -> AsyncIterator[tuple[int, np.ndarray]]:
+        """One ScoreStream call: first the requests a broken stream left unanswered, then new ones."""
+        if timeout_s is not None and timeout_s <= 0:
+            raise RewardServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, "the stream's deadline passed")
         window = asyncio.Semaphore(in_flight)
-        done_sending = asyncio.Event()
+        sent: set[int] = set()
 
         async def outgoing() -> AsyncIterator[pb.ScoreRequest]:
-            for index, samples in enumerate(requests):
+            async for index, samples in source.resend_then_next():
                 await window.acquire()
-                sizes[str(index)] = len(samples)
+                sent.add(index)
                 yield pb.ScoreRequest(
                     request_id=str(index),
                     samples=samples,
@@ -260,19 +313,20 @@ class AsyncRewardClient:
                     ensemble_reduce=self._reduce,
                     ensemble_k=self.ensemble_k,
                 )
-            done_sending.set()
 
-        call = self._stub.ScoreStream(outgoing(), metadata=self._metadata)
+        call = self._stub.ScoreStream(outgoing(), timeout=timeout_s, metadata=self._metadata)
         try:
             async for response in call:
                 window.release()
-                expected = sizes.pop(response.request_id, None)
+                index = int(response.request_id) if response.request_id.isdigit() else -1
                 if response.HasField("error"):
                     code = _status_code(response.error.code)
                     raise RewardServiceError(code, f"request {response.request_id}: {response.error.message}")
-                if expected is None or len(response.results) != expected:
+                samples = source.unanswered.get(index)
+                if index not in sent or samples is None or len(response.results) != len(samples):
                     raise RewardServiceError(grpc.StatusCode.INTERNAL, f"unexpected response {response.request_id!r}")
-                yield int(response.request_id), np.array([r.reward for r in response.results], dtype=np.float32)
+                del source.unanswered[index]
+                yield index, np.array([r.reward for r in response.results], dtype=np.float32)
             code = await call.code()  # a stream the server ended with a status may end the loop quietly
             if code != grpc.StatusCode.OK:
                 raise RewardServiceError(code, await call.details() or "")
@@ -284,8 +338,52 @@ class AsyncRewardClient:
             raise RewardServiceError(code, details or error.details() or "") from None
         finally:
             call.cancel()
-        if sizes or not done_sending.is_set():
-            raise RewardServiceError(grpc.StatusCode.UNKNOWN, f"stream ended with {len(sizes)} requests unanswered")
+        if source.unanswered or not source.exhausted:
+            raise RewardServiceError(
+                grpc.StatusCode.UNKNOWN, f"stream ended with {len(source.unanswered)} requests unanswered"
+            )
+
+
+class _StreamSource:
+    """The requests of a `stream_scores` call, numbered, with those sent but not answered kept for resending."""
+
+    def __init__(self, requests: Iterable[Sequence[pb.Sample]] | AsyncIterable[Sequence[pb.Sample]]):
+        self._requests = requests
+        self._iterator: Iterator | AsyncIterator | None = None
+        self.unanswered: dict[int, Sequence[pb.Sample]] = {}
+        self.exhausted = False
+        self._next_index = 0
+        self._reading: asyncio.Future | None = None
+
+    async def resend_then_next(self) -> AsyncIterator[tuple[int, Sequence[pb.Sample]]]:
+        for index, samples in sorted(self.unanswered.items()):
+            yield index, samples
+        while not self.exhausted:
+            samples = await self._next()
+            if samples is _END:
+                self.exhausted = True
+                return
+            index, self._next_index = self._next_index, self._next_index + 1
+            self.unanswered[index] = samples
+            yield index, samples
+
+    async def _next(self):
+        """The next request, or _END. Read in a task that outlives a stream broken meanwhile (shielded): a
+        request taken from the iterator is never lost, the next stream gets it."""
+        if self._iterator is None:
+            is_async = isinstance(self._requests, AsyncIterable)
+            self._iterator = aiter(self._requests) if is_async else iter(self._requests)
+        if self._reading is None:
+            if isinstance(self._iterator, AsyncIterator):
+                self._reading = asyncio.ensure_future(anext(self._iterator, _END))
+            else:  # a slow generator must not block the loop
+                self._reading = asyncio.ensure_future(asyncio.to_thread(next, self._iterator, _END))
+        samples = await asyncio.shield(self._reading)
+        self._reading = None
+        return samples
+
+
+_END = object()
 
 
 def _left(deadline: float | None) -> float | None:
