@@ -18,7 +18,9 @@ from tests.servers import start_server, stop_server
 
 SOAK_S = float(os.environ.get("RM_SOAK_S", "20"))
 CHECKS = 5
-RSS_GROWTH_LIMIT_MB = 40
+LEAK_LIMIT_MB_PER_S = 0.25
+"""Growth allowed after the first check (warm-up: arenas, caches), as a rate: 40 MiB over the whole run was
+allowed before, which a leak of 1 MiB/s passed. Measured here: flat within a few MiB."""
 
 
 def rss_mb(pid: int) -> float:
@@ -71,8 +73,9 @@ def test_soak_memory_stays_flat_and_answers_stay_exact(encoder_bundle, tmp_path,
         asyncio.run(run())
     finally:
         stop_server(server)
-    growth = rss[-1] - rss[0]
-    print(f"soak {SOAK_S:.0f} s: {served['samples']} samples, RSS {rss[0]:.0f} -> {rss[-1]:.0f} MiB ({growth:+.1f})")
+    after_warm_up = SOAK_S * (CHECKS - 1) / CHECKS
+    grown = max(rss[1:]) - rss[0]  # the worst point after the first check, whatever the path between
+    print(f"soak {SOAK_S:.0f} s: {served['samples']} samples, RSS (MiB) {[round(r, 1) for r in rss]}")
     assert not mismatches, mismatches
     assert served["samples"] > 100 and len(rss) == CHECKS
-    assert growth < RSS_GROWTH_LIMIT_MB, rss
+    assert grown < LEAK_LIMIT_MB_PER_S * after_warm_up, rss
