@@ -143,26 +143,40 @@ def test_bad_prompts_file_exits_2(tmp_path):
     assert result.returncode == 2 and "prompts.jsonl:2" in result.stderr
 
 
-def test_resume_continues_from_the_checkpoint(word_reward_bundle, tmp_path):
+def test_a_resumed_run_takes_the_very_step_an_uninterrupted_one_takes(word_reward_bundle, tmp_path):
+    """Resuming restores the policy, value model, optimizers, KL coefficient and every RNG: step 3 of a run
+    stopped after step 2 and resumed equals step 3 of a run never stopped, bit for bit (its metrics and the
+    final weights). Before, the test only checked that step numbers went on."""
     policy_dir = word_policy(tmp_path / "policy0")
     prompts_file = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"how was the {t}"} for t in THINGS])
     server = start_server(word_reward_bundle, tmp_path / "serve.log")
-    common = {"policy": policy_dir, "reward_target": server.target, "prompts": prompts_file, "output": tmp_path / "run"}
-    common |= {"batch_size": 4, "minibatch_size": 2, "max_new_tokens": 3, "save_every": 1}
+    common = {"policy": policy_dir, "reward_target": server.target, "prompts": prompts_file}
+    common |= {"batch_size": 4, "minibatch_size": 2, "max_new_tokens": 3, "save_every": 1, "target_kl": 0.01}
     try:
-        first = rm_ppo(steps=2, **common)
+        whole = rm_ppo(steps=3, output=tmp_path / "whole", **common)
+        assert whole.returncode == 0, whole.stderr[-2000:]
+        first = rm_ppo(steps=2, output=tmp_path / "run", **common)
         assert first.returncode == 0, first.stderr[-2000:]
         state = torch.load(tmp_path / "run" / "checkpoint" / "trainer_state.pt", weights_only=True)
         assert state["step"] == 2
         resumed = subprocess.run(
-            [RM_PPO, *ppo_flags(steps=3, **common), "--resume"], capture_output=True, text=True, timeout=600
+            [RM_PPO, *ppo_flags(steps=3, output=tmp_path / "run", **common), "--resume"],
+            capture_output=True,
+            text=True,
+            timeout=600,
         )
         assert resumed.returncode == 0, resumed.stderr[-2000:]
     finally:
         stop_server(server)
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3]
     assert "resumed from" in resumed.stderr and "at step 2" in resumed.stderr
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    reference = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    timeless = lambda row: {k: v for k, v in row.items() if not k.startswith("time/") and "wait" not in k}  # noqa: E731
+    assert timeless(rows[2]) == timeless(reference[2])
+    resumed_policy = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "policy").state_dict()
+    whole_policy = AutoModelForCausalLM.from_pretrained(tmp_path / "whole" / "policy").state_dict()
+    assert all(torch.equal(resumed_policy[k], whole_policy[k]) for k in whole_policy)
 
 
 def test_the_first_update_sees_a_ratio_of_one_with_dropout_in_the_checkpoint(tmp_path):
