@@ -6,15 +6,17 @@ import json
 import random
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from rm_client import RewardClient
+from rm_client import RetryPolicy, RewardClient, RewardServiceError
 from rm_client.ppo.config import PPOConfig
 from rm_client.ppo.main import load_policy
 from rm_client.ppo.rollout import Prompt, response_texts, sample
@@ -199,3 +201,52 @@ def test_the_first_update_sees_a_ratio_of_one_with_dropout_in_the_checkpoint(tmp
     zeros = torch.zeros_like(rollout.logprobs)
     stats = trainer._optimize(Batch(rollout, rollout.logprobs, zeros, zeros, zeros))
     assert stats["approx_kl"] < 1e-5 and stats["policy_clip_fraction"] == 0.0, stats
+
+
+class TimedClient(RewardClient):
+    """The real client, slowed by 0.3 s, recording when each scoring call starts and ends."""
+
+    calls: list[tuple[float, float]] = []
+
+    def score_completions(self, *args, **kwargs):
+        started = time.perf_counter()
+        time.sleep(0.3)
+        try:
+            return super().score_completions(*args, **kwargs)
+        finally:
+            self.calls.append((started, time.perf_counter()))
+
+
+def test_the_reward_call_is_in_flight_during_the_reference_and_value_pass_and_a_failure_trains_nothing(
+    word_reward_bundle, tmp_path
+):
+    """The step sends the rollout for scoring, then runs the frozen reference and the value model while the
+    service works: a slow service costs no time the local pass takes. When the service fails mid-run, the
+    step raises before any update: no step ever trains on missing rewards."""
+    policy_dir = word_policy(tmp_path / "policy")
+    policy, tokenizer = load_policy(str(policy_dir))
+    config = PPOConfig(policy=str(policy_dir), reward_target="", prompts="", output=str(tmp_path / "out"))
+    config.batch_size = config.minibatch_size = 4
+    config.max_new_tokens = 3
+    server = start_server(word_reward_bundle, tmp_path / "serve.log")
+    client = TimedClient(server.target, timeout_s=5, retry=RetryPolicy(max_attempts=2, initial_backoff_s=0.01))
+    reference_pass: list[tuple[float, float]] = []
+    try:
+        trainer = PPOTrainer(config, policy, tokenizer, client, [Prompt(text="how was the trip")])
+        trainer.reference.register_forward_pre_hook(lambda *_: reference_pass.append((time.perf_counter(), 0.0)))
+        trainer.reference.register_forward_hook(
+            lambda *_: reference_pass.append((reference_pass.pop()[0], time.perf_counter()))
+        )
+        trainer.step()
+        (reward_started, reward_ended), (local_started, local_ended) = client.calls[0], reference_pass[0]
+        assert reward_started < local_started and local_ended < reward_ended  # the pass ran inside the call
+        stop_server(server)
+        weights = {k: v.clone() for k, v in policy.state_dict().items()}
+        with pytest.raises(RewardServiceError) as error:
+            trainer.step()
+        assert error.value.code == grpc.StatusCode.UNAVAILABLE
+        assert all(torch.equal(policy.state_dict()[k], w) for k, w in weights.items())  # nothing trained
+        assert trainer.step_index == 1
+    finally:
+        client.close()
+        stop_server(server)
