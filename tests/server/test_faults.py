@@ -127,12 +127,16 @@ def wait_for_empty_queue(server, timeout_s: float = 60) -> None:
 
 
 def test_a_client_that_cancels_mid_stream(server):
+    """The work of a cancelled stream stops: its requests not yet read are never scored (a stream holds at
+    most 64 requests at once, so most of the 200 are not even received)."""
+    before = metrics(server)["rm_samples_total"]
     call = server.stub().ScoreStream(iter(stream_of(200)), timeout=120)
     received = [next(call) for _ in range(3)]
     call.cancel()
     assert len(received) == 3
     wait_for_empty_queue(server)
     assert server.health() == 1
+    assert metrics(server)["rm_samples_total"] - before < 200 * 8 / 2
 
 
 def test_a_client_process_that_vanishes_mid_stream(server):
@@ -145,9 +149,12 @@ def test_a_client_process_that_vanishes_mid_stream(server):
         next(call)
         os._exit(0)  # gone without closing anything
     """)
+    before = metrics(server)["rm_samples_total"]
     subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
     wait_for_empty_queue(server)
     assert server.health() == 1
+    time.sleep(1)  # anything still running for the vanished client would be counted by now
+    assert metrics(server)["rm_samples_total"] - before < 300 * 8 / 2  # its unread requests were dropped
 
 
 def test_a_slow_stream_reader_does_not_hold_up_others(server, reference):
