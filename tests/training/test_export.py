@@ -103,6 +103,13 @@ def test_corrupted_bundle_is_detected(encoder_bundle, tmp_path):
     assert "tokenizer.json: missing" in rm_export("--verify-only", str(broken)).stderr
 
 
+def edited_copy(bundle: Path, copy: Path, **fields) -> Path:
+    """A copy of `bundle` with `fields` of its bundle.json replaced."""
+    shutil.copytree(bundle, copy)
+    edit_manifest(copy, lambda manifest: manifest.update(fields))
+    return copy
+
+
 def test_verify_only_reruns_the_checks_on_a_good_bundle_and_says_what_it_could_not(encoder_bundle, tmp_path):
     """Before: without its eval data, --verify-only skipped int8's accuracy check and still printed the same
     "verified" line."""
@@ -110,9 +117,7 @@ def test_verify_only_reruns_the_checks_on_a_good_bundle_and_says_what_it_could_n
     assert result.returncode == 0, result.stderr
     checks = "sha256 of every file, each variant's reference rewards, parity, batch invariance"
     assert f"verified: {checks}, int8 accuracy\n" in result.stdout
-    copy = tmp_path / "bundle"
-    shutil.copytree(encoder_bundle, copy)
-    edit_manifest(copy, lambda manifest: manifest.update(eval_data=str(tmp_path / "gone.jsonl")))
+    copy = edited_copy(encoder_bundle, tmp_path / "bundle", eval_data=str(tmp_path / "gone.jsonl"))
     result = rm_export("--verify-only", str(copy))
     assert result.returncode == 0, result.stderr
     assert "no eval data (pass --eval-data): int8's pairwise accuracy against fp32 not re-checked" in result.stdout
@@ -122,9 +127,7 @@ def test_verify_only_reruns_the_checks_on_a_good_bundle_and_says_what_it_could_n
 def test_verify_only_without_the_source_checkpoint_still_checks_every_graph(encoder_bundle, tmp_path):
     """Before: with the source checkpoint gone it checked hashes alone and said "verified", so a swapped graph
     with its hash rewritten passed. Every variant must reproduce the rewards recorded at export."""
-    copy = tmp_path / "bundle"
-    shutil.copytree(encoder_bundle, copy)
-    edit_manifest(copy, lambda manifest: manifest.update(source_checkpoint=str(tmp_path / "deleted")))
+    copy = edited_copy(encoder_bundle, tmp_path / "bundle", source_checkpoint=str(tmp_path / "deleted"))
     result = rm_export("--verify-only", str(copy))
     assert result.returncode == 0, result.stderr
     assert "parity and batch invariance not re-run" in result.stdout

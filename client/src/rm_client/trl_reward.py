@@ -30,15 +30,8 @@ def _on_failure(value: str) -> str:
     return value
 
 
-def _missing(error: RewardServiceError, n: int, on_failure: str) -> list[None]:
-    if on_failure == "raise":
-        raise error
-    log.warning("reward service failed (%s); returning None for %d completions", error, n)
-    return [None] * n
-
-
-class ServiceReward:
-    """Blocking reward function backed by a reward service."""
+class _RewardFunction:
+    """What both forms share: the name TRL logs, normalization, and what a failed batch returns."""
 
     def __init__(
         self,
@@ -51,34 +44,36 @@ class ServiceReward:
     ):
         self.__name__ = name  # TRL logs each reward function's mean under its name
         self.normalize, self.on_failure = normalize, _on_failure(on_failure)
-        self._client = RewardClient(target, **options)
+        self._target, self._options = target, options
+
+    def _missing(self, error: RewardServiceError, n: int) -> list[None]:
+        if self.on_failure == "raise":
+            raise error
+        log.warning("reward service failed (%s); returning None for %d completions", error, n)
+        return [None] * n
+
+
+class ServiceReward(_RewardFunction):
+    """Blocking reward function backed by a reward service."""
+
+    def __init__(self, target: str | Sequence[str], **kwargs: Any):
+        super().__init__(target, **kwargs)
+        self._client = RewardClient(target, **self._options)
 
     def __call__(self, prompts: Sequence, completions: Sequence, **kwargs: Any) -> list[float | None]:
         try:
             return self._client.score_completions(prompts, completions, normalize=self.normalize).tolist()
         except RewardServiceError as error:
-            return _missing(error, len(completions), self.on_failure)
+            return self._missing(error, len(completions))
 
     def close(self) -> None:
         self._client.close()
 
 
-class AsyncServiceReward:
+class AsyncServiceReward(_RewardFunction):
     """Async reward function; its client is opened in the event loop TRL calls it from."""
 
-    def __init__(
-        self,
-        target: str | Sequence[str],
-        *,
-        normalize: bool = False,
-        name: str = "rewardserve",
-        on_failure: str = "raise",
-        **options,
-    ):
-        self.__name__ = name
-        self.normalize, self.on_failure = normalize, _on_failure(on_failure)
-        self._target, self._options = target, options
-        self._client: AsyncRewardClient | None = None
+    _client: AsyncRewardClient | None = None
 
     async def __call__(self, prompts: Sequence, completions: Sequence, **kwargs: Any) -> list[float | None]:
         if self._client is None:
@@ -86,5 +81,5 @@ class AsyncServiceReward:
         try:
             rewards = await self._client.score_completions(prompts, completions, normalize=self.normalize)
         except RewardServiceError as error:
-            return _missing(error, len(completions), self.on_failure)
+            return self._missing(error, len(completions))
         return rewards.tolist()
