@@ -106,18 +106,24 @@ def test_deadline_exceeded_raises(server):
     assert error.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
 
 
-def test_one_deadline_covers_every_chunk_of_a_call(server):
-    """Before: each chunk had its own deadline, started once it got a slot, so a call of 40 chunks one at a
-    time could take 40 times `timeout_s` (here about 20 s) and succeed."""
-    long_texts = [("Tell me about it. " * 60, "It was long. " * 60)] * (40 * LIMIT)
-    with RewardClient(server.target, timeout_s=2, max_in_flight=1) as client:
-        client.model_info()  # connected
-        started = time.monotonic()
-        with pytest.raises(RewardServiceError) as error:
-            client.score(*zip(*long_texts))
-        took = time.monotonic() - started
+def test_one_deadline_covers_every_chunk_of_a_call(encoder_bundle, tmp_path):
+    """Before: each chunk had its own deadline, started once it got a slot, so a call of 20 chunks sent one
+    at a time could take 20 times `timeout_s` and succeed. Each chunk here waits 200 ms in the server's
+    batcher (`--max-delay-ms`: never a full batch), so the call needs at least 4 s; its deadline is 1 s."""
+    slow = start_server(
+        encoder_bundle, tmp_path / "serve.log", "--max-samples-per-request", str(LIMIT), "--max-delay-ms", "200"
+    )
+    try:
+        with RewardClient(slow.target, timeout_s=1, max_in_flight=1) as client:
+            client.model_info()  # connected
+            started = time.monotonic()
+            with pytest.raises(RewardServiceError) as error:
+                client.score(["How was it?"] * (20 * LIMIT), ["Fine."] * (20 * LIMIT))
+            took = time.monotonic() - started
+    finally:
+        stop_server(slow)
     assert error.value.code == grpc.StatusCode.DEADLINE_EXCEEDED and "chunks answered" in error.value.message
-    assert took < 10  # 2 s and the cancelled chunks' clean-up
+    assert took < 3.5  # 1 s and the cancelled chunks' clean-up; the whole call would take 4 s or more
 
 
 def test_the_first_failed_chunk_cancels_the_others(server):

@@ -354,12 +354,20 @@ class _StreamSource:
         self.exhausted = False
         self._next_index = 0
         self._reading: asyncio.Future | None = None
+        self._generation = 0
 
     async def resend_then_next(self) -> AsyncIterator[tuple[int, Sequence[pb.Sample]]]:
+        """What one stream sends. A broken stream's sender may still be running when the next stream's
+        starts: only the newest takes requests from the iterator (the older stops, taking nothing)."""
+        self._generation += 1
+        mine = self._generation
         for index, samples in sorted(self.unanswered.items()):
             yield index, samples
         while not self.exhausted:
             samples = await self._next()
+            if mine != self._generation:
+                return
+            self._reading = None  # taken: the next read starts a new one
             if samples is _END:
                 self.exhausted = True
                 return
@@ -368,8 +376,8 @@ class _StreamSource:
             yield index, samples
 
     async def _next(self):
-        """The next request, or _END. Read in a task that outlives a stream broken meanwhile (shielded): a
-        request taken from the iterator is never lost, the next stream gets it."""
+        """The next request, or _END, read in a task that outlives a stream broken meanwhile (shielded): a
+        request taken from the iterator is never lost, the next stream's sender gets it."""
         if self._iterator is None:
             is_async = isinstance(self._requests, AsyncIterable)
             self._iterator = aiter(self._requests) if is_async else iter(self._requests)
@@ -378,9 +386,7 @@ class _StreamSource:
                 self._reading = asyncio.ensure_future(anext(self._iterator, _END))
             else:  # a slow generator must not block the loop
                 self._reading = asyncio.ensure_future(asyncio.to_thread(next, self._iterator, _END))
-        samples = await asyncio.shield(self._reading)
-        self._reading = None
-        return samples
+        return await asyncio.shield(self._reading)
 
 
 _END = object()
