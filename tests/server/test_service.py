@@ -143,7 +143,9 @@ def test_score_stream_ties_responses_to_requests(server, reference):
 
 
 def test_rewards_do_not_depend_on_concurrent_traffic(server, reference):
-    """Many clients, random batch sizes and lengths: every reward equals the sample scored alone."""
+    """Many clients, random batch sizes and lengths: every reward equals the sample scored alone, though the
+    engine ran them in batches of several rows (counted by the server's batch-size histogram)."""
+    before = metrics(server)
     rng = random.Random(0)
     requests = [random_texts(rng, rng.randint(1, 32)) for _ in range(48)]
     stub = server.stub()
@@ -155,6 +157,11 @@ def test_rewards_do_not_depend_on_concurrent_traffic(server, reference):
 
     with ThreadPoolExecutor(max_workers=12) as pool:
         answers = list(pool.map(send, requests))
+    after = metrics(server)
+    grown = {
+        key: after[key] - before.get(key, 0.0) for key in ("rm_batch_size_count", 'rm_batch_size_bucket{le="1.0"}')
+    }
+    assert grown["rm_batch_size_count"] - grown['rm_batch_size_bucket{le="1.0"}'] > 0  # batches of 2+ rows ran
     worst = max(
         abs(got - reference(p, r)) for texts, rewards in zip(requests, answers) for (p, r), got in zip(texts, rewards)
     )
