@@ -50,18 +50,36 @@ def test_a_request_bigger_than_the_whole_queue_is_invalid_not_retryable(encoder_
 
 
 def test_deadline_exceeded_work_is_dropped_and_the_queue_drains(encoder_bundle, tmp_path):
+    """Samples already waiting in the batcher when their call's deadline passes leave the queue unscored.
+    Token ids (no tokenization to outlast the deadline) and a poller prove they were queued: before, a
+    0.3 s deadline on text could pass while the request was still being tokenized, and the test with it."""
     server = start_server(encoder_bundle, tmp_path / "log", "--max-batch-size", "4")
+    depths: list[float] = []
+    done = threading.Event()
+
+    def poll() -> None:
+        while not done.is_set():
+            depths.append(metrics(server)["rm_queue_depth"])
+            time.sleep(0.02)
+
+    poller = threading.Thread(target=poll)
     try:
+        poller.start()
+        ids = pb.Sample(tokens=pb.TokenIds(ids=[101] + [2000 + i % 500 for i in range(200)] + [102]))
         with pytest.raises(grpc.RpcError) as error:
-            server.stub().Score(pb.ScoreRequest(samples=[text("Q", LONG)] * 2000), timeout=0.3)
+            server.stub().Score(pb.ScoreRequest(samples=[ids] * 4000), timeout=0.5)
         assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         deadline = time.monotonic() + 10
         while metrics(server)["rm_queue_depth"] > 0 and time.monotonic() < deadline:
             time.sleep(0.05)
+        done.set()
+        poller.join(10)
+        assert max(depths) > 1000  # the samples were waiting in the batcher when the deadline passed
         assert metrics(server)["rm_queue_depth"] == 0
-        assert metrics(server)["rm_samples_total"] < 2000  # the abandoned samples were never scored
+        assert metrics(server)["rm_samples_total"] < 4000  # the abandoned samples were never scored
         assert len(server.stub().Score(pb.ScoreRequest(samples=[text("Q", "fine")]), timeout=10).results) == 1
     finally:
+        done.set()
         stop_server(server)
 
 
