@@ -188,6 +188,23 @@ def test_retry_then_success_after_a_server_restart(encoder_bundle, tmp_path, ref
     assert "UNAVAILABLE (attempt 1 of 30); retrying" in caplog.text
 
 
+def test_retries_are_budgeted_across_calls():
+    """Before: every call retried up to max_attempts on its own, so 50 calls in flight against a failing
+    service sent 250 attempts (and many ranks sent that storm the moment it came back). Now one client's
+    retries within a window are at most a floor plus 20% of its calls."""
+    policy = RetryPolicy(max_attempts=5, initial_backoff_s=0.01, max_backoff_s=0.02, budget_min_per_s=1)
+
+    async def storm():
+        async with AsyncRewardClient(f"127.0.0.1:{free_port()}", retry=policy, timeout_s=30) as client:
+            return await asyncio.gather(*(client.score(["hi"], ["hello"]) for _ in range(50)), return_exceptions=True)
+
+    errors = asyncio.run(storm())
+    assert all(isinstance(e, RewardServiceError) and e.code == grpc.StatusCode.UNAVAILABLE for e in errors)
+    attempts = sum(e.attempts for e in errors)
+    assert 50 < attempts <= 50 + 10 + 0.2 * 50  # the floor (1/s over 10 s) and 20% of the calls
+    assert any("retry budget spent" in e.message for e in errors)
+
+
 def test_a_stream_broken_by_a_restart_is_reopened_and_its_unanswered_requests_resent(
     encoder_bundle, tmp_path, reference
 ):

@@ -25,7 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rm_client.channel import Security, open_aio_channel
 from rm_client.errors import RewardServiceError
-from rm_client.retry import RETRYABLE, RetryPolicy, call_with_retries
+from rm_client.retry import RETRYABLE, RetryBudget, RetryPolicy, call_with_retries
 from rm_client.samples import (
     Conversation,
     conversation_samples,
@@ -99,6 +99,7 @@ class AsyncRewardClient:
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._metadata = security.metadata()
         self.timeout_s, self.retry, self.max_in_flight = timeout_s, retry or RetryPolicy(), max_in_flight
+        self._retry_budget = RetryBudget(self.retry)  # shared by every call of this client
         self._chunk_size = chunk_size
 
     async def __aenter__(self) -> AsyncRewardClient:
@@ -116,7 +117,8 @@ class AsyncRewardClient:
         async def attempt(remaining: float | None):
             return await method(request, timeout=remaining, metadata=self._metadata, wait_for_ready=False)
 
-        return await call_with_retries(attempt, self.retry, timeout_s if timeout_s is not None else self.timeout_s)
+        timeout_s = timeout_s if timeout_s is not None else self.timeout_s
+        return await call_with_retries(attempt, self.retry, timeout_s, self._retry_budget)
 
     # --- scoring -----------------------------------------------------------------------------------------
 
@@ -280,6 +282,7 @@ class AsyncRewardClient:
                     error.code not in RETRYABLE
                     or attempt == self.retry.max_attempts
                     or (left is not None and left <= 0)
+                    or not self._retry_budget.try_retry()
                 ):
                     raise RewardServiceError(error.code, error.message, attempt) from None
                 pause = self.retry.backoff(attempt - 1)
