@@ -25,7 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rm_client.channel import Security, open_aio_channel
 from rm_client.errors import RewardServiceError
-from rm_client.retry import RETRYABLE, RetryBudget, RetryPolicy, call_with_retries
+from rm_client.retry import RetryBudget, RetryPolicy, call_with_retries, retry_pause
 from rm_client.samples import (
     Conversation,
     conversation_samples,
@@ -271,28 +271,15 @@ class AsyncRewardClient:
         timeout_s = self.timeout_s if timeout_s is USE_CLIENT_TIMEOUT else timeout_s
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         source = _StreamSource(requests)
+        self._retry_budget.record_call()
         for attempt in range(1, self.retry.max_attempts + 1):
             try:
                 async for answer in self._stream_once(source, in_flight, normalize, _left(deadline)):
                     yield answer
                 return
-            except RewardServiceError as error:
-                left = _left(deadline)
-                if (
-                    error.code not in RETRYABLE
-                    or attempt == self.retry.max_attempts
-                    or (left is not None and left <= 0)
-                    or not self._retry_budget.try_retry()
-                ):
-                    raise RewardServiceError(error.code, error.message, attempt) from None
-                pause = self.retry.backoff(attempt - 1)
-                log.warning(
-                    "stream broke with %s (attempt %d); %d requests to resend",
-                    error.code.name,
-                    attempt,
-                    len(source.unanswered),
-                )
-                await asyncio.sleep(pause if left is None else min(pause, left))
+            except RewardServiceError as error:  # reopened with what it left unanswered, as a unary call retries
+                pause = retry_pause(error.code, error.message, attempt, self.retry, deadline, self._retry_budget)
+            await asyncio.sleep(pause)
 
     async def _stream_once(
         self, source: _StreamSource, in_flight: int, normalize: bool, timeout_s: float | None

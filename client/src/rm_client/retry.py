@@ -90,16 +90,28 @@ async def call_with_retries(
         try:
             return await call(remaining)
         except grpc.RpcError as error:
-            if error.code() not in RETRYABLE or attempt == policy.max_attempts:
-                raise RewardServiceError.from_rpc_error(error, attempt) from None
-            if budget is not None and not budget.try_retry():
-                failed = RewardServiceError.from_rpc_error(error, attempt)
-                raise RewardServiceError(failed.code, f"{failed.message} (retry budget spent)", attempt) from None
-            pause = policy.backoff(attempt - 1)
-            if deadline is not None:
-                pause = min(pause, max(0.0, deadline - time.monotonic()))
-            log.warning(
-                "%s (attempt %d of %d); retrying in %.2f s", error.code().name, attempt, policy.max_attempts, pause
-            )
-            await asyncio.sleep(pause)
+            pause = retry_pause(error.code(), error.details() or "", attempt, policy, deadline, budget)
+        await asyncio.sleep(pause)
     raise AssertionError("unreachable")
+
+
+def retry_pause(
+    code: grpc.StatusCode,
+    message: str,
+    attempt: int,
+    policy: RetryPolicy,
+    deadline: float | None,
+    budget: RetryBudget | None,
+) -> float:
+    """Seconds to wait before trying again after attempt number `attempt` failed with `code`; raises
+    RewardServiceError when that failure is final (a status not worth retrying, the attempts or the client's
+    retry budget spent). The one retry rule of unary calls and streams."""
+    if code not in RETRYABLE or attempt == policy.max_attempts:
+        raise RewardServiceError(code, message, attempt) from None
+    if budget is not None and not budget.try_retry():
+        raise RewardServiceError(code, f"{message} (retry budget spent)", attempt) from None
+    pause = policy.backoff(attempt - 1)
+    if deadline is not None:
+        pause = min(pause, max(0.0, deadline - time.monotonic()))
+    log.warning("%s (attempt %d of %d); retrying in %.2f s", code.name, attempt, policy.max_attempts, pause)
+    return pause

@@ -115,12 +115,12 @@ def bounded_batches(order: list[int], lengths: list[int], batch_size: int, max_t
     rows: list[int] = []
     longest = 0
     for i in order:
-        grown = max(longest, lengths[i])
-        if rows and (len(rows) == batch_size or (max_tokens and (len(rows) + 1) * grown > max_tokens)):
+        padded = (len(rows) + 1) * max(longest, lengths[i])  # this batch's tokens with `i` in it
+        if rows and (len(rows) == batch_size or (max_tokens and padded > max_tokens)):
             batches.append(rows)
-            rows, grown = [], lengths[i]
+            rows, longest = [], 0
         rows.append(i)
-        longest = grown
+        longest = max(longest, lengths[i])
     return batches + [rows] if rows else batches
 
 
