@@ -65,7 +65,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", required=True)
     parser.add_argument("--checkpoint", required=True, help="the bundle's checkpoint, for the naive server")
-    parser.add_argument("--groups", type=int, default=48, help="groups per point (x8 samples)")
+    parser.add_argument("--groups", type=int, default=32, help="groups per point (x8 samples)")
     parser.add_argument("--concurrency", type=int, default=64, help="clients sending one sample per request")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--results", default="bench/results")

@@ -4,7 +4,7 @@
         --decoder-bundle runs/bench/smollm2-bundle
 
 Load: closed-loop async gRPC clients at several concurrencies, each sending requests of 1-32 samples
-drawn from the demo data (its real length distribution), the same 256 requests (about 4200 samples) per
+drawn from the demo data (its real length distribution), the same 128 requests (about 2100 samples) per
 point. References, on the same samples: ONNX Runtime offline (length-sorted, best batch size: the limit
 for this engine), PyTorch eager offline (same batching), a naive HTTP + JSON server scoring each request
 alone (OpenRLHF-style), and Triton's dynamic batcher through nvidia-pytriton (NeMo-Aligner-style). Then
@@ -125,7 +125,7 @@ def decoder_bench(bundle_dir: str, pairs, n_requests: int, concurrency: int, see
     for variant in [v for v in ("fp32", "int8") if v in bundle.variants]:
         print(f"decoder {variant} ...", flush=True)
         out[f"offline_ort_{variant}"] = sweeps.offline_best(
-            OnnxEngine(bundle.model_path(variant)).score, sequences[:256], pad_id, (4, 8, 16)
+            OnnxEngine(bundle.model_path(variant)).score, sequences[:128], pad_id, (8, 16)
         )
         point = serve_points(bundle_dir, variant, requests, [concurrency])[str(concurrency)]
         point.pop("_latencies")
@@ -146,9 +146,9 @@ def main() -> None:
     parser.add_argument("--bundle", default="runs/demo/bundle")
     parser.add_argument("--checkpoint", default="runs/demo/rm")
     parser.add_argument("--decoder-bundle", help="a SmolLM2 reward-model bundle (make bench builds one)")
-    parser.add_argument("--requests", type=int, default=256, help="requests of work per load point")
-    parser.add_argument("--concurrency", default="1,4,16,64")
-    parser.add_argument("--budgets", default="256,512,1024,2048,4096,16384", help="max_batch_tokens sweep")
+    parser.add_argument("--requests", type=int, default=128, help="requests of work per load point")
+    parser.add_argument("--concurrency", default="1,16,64")
+    parser.add_argument("--budgets", default="256,1024,4096,16384", help="max_batch_tokens sweep")
     parser.add_argument("--output", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -197,14 +197,14 @@ def main() -> None:
     results["single_sample"] = single_sample_overhead(args.bundle, bundle, pairs[:64], pad_id)
     print("max_batch_tokens sweep ...", flush=True)
     budgets = [b for b in map(int, args.budgets.split(",")) if b >= bundle.recipe.max_length]
-    results["budget_sweep"] = sweeps.budget_sweep(args.bundle, requests[:128], budgets, 16)
+    results["budget_sweep"] = sweeps.budget_sweep(args.bundle, requests[:64], budgets, 16)
     print("sequence length sweep ...", flush=True)
     stream = [t for s in sequences for t in s]
     results["length_sweep_fp32"] = sweeps.length_sweep(
         OnnxEngine(bundle.model_path("fp32")).score, stream, (64, 128, 256, 512), pad_id
     )
     if args.decoder_bundle:
-        results["decoder"] = decoder_bench(args.decoder_bundle, pairs, 48, 16, args.seed)
+        results["decoder"] = decoder_bench(args.decoder_bundle, pairs, 24, 16, args.seed)
     else:
         results["skipped"]["decoder"] = "no --decoder-bundle given"
     results["ratios"] = ratios(results, concurrencies)
