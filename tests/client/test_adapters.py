@@ -3,10 +3,14 @@ OpenRLHF's remote reward protocol on the server's HTTP port."""
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
+import random
 import urllib.error
 import urllib.request
 
+import numpy as np
 import pytest
 import torch
 from datasets import Dataset
@@ -14,7 +18,8 @@ from transformers import LlamaForCausalLM
 from trl import GRPOConfig, GRPOTrainer
 
 from rm_client.trl_reward import AsyncServiceReward, ServiceReward
-from tests.conftest import tiny_llama_config
+from rm_client.verl_reward import compute_score
+from tests.conftest import random_texts, tiny_llama_config
 from tests.servers import free_port, start_server, stop_server
 
 
@@ -112,26 +117,72 @@ def test_reward_functions_raise_by_default_or_return_none_when_asked(server):
         ServiceReward(server.target, on_failure="zero")
 
 
-def post(url: str, body: bytes) -> tuple[int, dict]:
+def test_verl_compute_score_called_as_verls_reward_manager_calls_it(server, reference):
+    """veRL's naive reward manager (verl/experimental/reward_loop/reward_manager/naive.py, verl 0.9.1) awaits
+    `compute_score(data_source=, solution_str=, ground_truth=, extra_info=)` once per sample, many at once,
+    adding reward_router_address and reward_model_tokenizer when it runs a reward model of its own; it
+    reads result["score"] and logs the other keys. The prompt comes from extra_info (a string, or chat
+    messages); a sample without one is refused, never scored as the response alone."""
+    texts = random_texts(random.Random(5), 48)
+
+    async def run() -> list[dict]:
+        calls = [
+            compute_score(
+                data_source="openai/gsm8k",
+                solution_str=response,
+                ground_truth="42",
+                extra_info={"split": "train", "index": i, "question": prompt, "num_turns": None},
+                target=server.target,
+            )
+            for i, (prompt, response) in enumerate(texts)
+        ]
+        as_messages = compute_score(
+            data_source="chat",
+            solution_str=texts[0][1],
+            ground_truth=None,
+            extra_info={"prompt": [{"role": "user", "content": texts[0][0]}]},
+            reward_router_address=None,
+            reward_model_tokenizer=None,
+            target=server.target,
+        )
+        return await asyncio.gather(*calls, as_messages)
+
+    results = asyncio.run(run())
+    assert all(set(r) == {"score", "rm_latency_s"} and isinstance(r["score"], float) for r in results)
+    expected = [reference(p, r) for p, r in texts]
+    np.testing.assert_allclose([r["score"] for r in results], [*expected, expected[0]], atol=1e-5)
+    with pytest.raises(ValueError, match=r"no prompt in extra_info under 'prompt' or 'question' \(it has \['index'\]"):
+        asyncio.run(compute_score("gsm8k", "42", "42", {"index": 3}, target=server.target))
+    with pytest.raises(ValueError, match="must be a string or a list of chat messages"):
+        asyncio.run(compute_score("gsm8k", "42", "42", {"prompt": [{"role": "user"}]}, target=server.target))
+
+
+def post(url: str, body: bytes) -> tuple[int, dict, dict]:
     request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=30) as answer:
-            return answer.status, json.loads(answer.read())
+            return answer.status, json.loads(answer.read()), dict(answer.headers)
     except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
+        return error.code, json.loads(error.read()), dict(error.headers)
 
 
-def test_openrlhf_remote_reward_protocol(server, reference):
-    """What OpenRLHF's remote_rm_fn posts: each query is the prompt followed by the response."""
+def test_openrlhf_remote_reward_protocol(server, reference, encoder_bundle):
+    """What OpenRLHF posts (openrlhf/utils/agent.py, one query per call; with several URLs the others get
+    empty lists): each query is the prompt followed by the response. The answer names the model."""
     prompts = ["How was the food?", "How was the trip?"]
     responses = [" It was wonderful.", " It was awful."]
     body = {"query": [p + r for p, r in zip(prompts, responses)], "prompts": prompts, "labels": ["", ""]}
-    status, answer = post(server.http_url, json.dumps(body).encode())
+    status, answer, headers = post(server.http_url, json.dumps(body).encode())
     assert status == 200, answer
     assert answer["rewards"] == answer["scores"]
     for got, prompt, response in zip(answer["rewards"], prompts, responses):
         assert got == pytest.approx(reference(prompt, response), abs=1e-5)
     assert len(answer["extra_logs"]["num_tokens"]) == 2
+    sha256 = hashlib.sha256((encoder_bundle / "bundle.json").read_bytes()).hexdigest()[:12]
+    assert answer["reward_model"] == {"name": "toy", "version": "1", "sha256": sha256}
+    assert headers["X-Reward-Model"] == f"name=toy; version=1; sha256={sha256}"
+    status, empty, _ = post(server.http_url, json.dumps({"query": [], "prompts": [], "labels": []}).encode())
+    assert status == 200 and empty == {"rewards": [], "scores": [], "extra_logs": {}}
 
 
 @pytest.mark.parametrize(
@@ -146,5 +197,5 @@ def test_openrlhf_remote_reward_protocol(server, reference):
     ],
 )
 def test_openrlhf_protocol_errors_are_clear(server, body, status, message):
-    got_status, answer = post(server.http_url, body)
+    got_status, answer, _ = post(server.http_url, body)
     assert got_status == status and message in answer["error"] and answer["code"] == "INVALID_ARGUMENT"

@@ -96,6 +96,45 @@ def test_a_date_rendering_template_renders_the_recipes_date_on_any_day(smollm2_t
     assert "Today Date: 31 Jan 2026" in smollm2_tokenizer.decode(today)
 
 
+def test_a_rendered_conversation_gets_the_ids_of_its_messages_with_or_without_its_bos(smollm2_tokenizer):
+    """vLLM-API text inputs (encode_text): veRL renders the conversation with the reward model's template and
+    strips a leading BOS (vLLM adds one back); another client keeps it. Either way the text must get the
+    ids its messages get: the template's BOS exactly once, nothing added to a template without BOS."""
+    messages = [{"role": "user", "content": "How was your weekend?"}, {"role": "assistant", "content": "Lovely!"}]
+    sample = Sample.from_text(messages[0]["content"], messages[1]["content"])
+    bos = "<|endoftext|>"
+    with_bos = InputRecipe(
+        template="chat",
+        max_length=256,
+        chat_template=DATED_TEMPLATE,
+        special_tokens={"bos_token": bos},
+        date="2026-01-31",
+    )
+    encoder = SampleEncoder(smollm2_tokenizer.backend_tokenizer, with_bos)
+    rendered = recipe_module.render_chat(DATED_TEMPLATE, messages, False, {"bos_token": bos}, "2026-01-31")
+    expected = encoder.encode(sample).ids
+    bos_id = smollm2_tokenizer.convert_tokens_to_ids(bos)
+    assert rendered.startswith(bos) and expected[0] == bos_id and expected[1] != bos_id
+    assert encoder.encode_text(rendered) == expected
+    assert encoder.encode_text(rendered[len(bos) :]) == expected  # put back once
+    assert encoder.encode_text(rendered[len(bos) :], add_special_tokens=False) == expected[1:]  # as told
+
+    no_bos = InputRecipe(template="chat", max_length=256, chat_template=smollm2_tokenizer.chat_template)
+    encoder = SampleEncoder(smollm2_tokenizer.backend_tokenizer, no_bos)
+    rendered = smollm2_tokenizer.apply_chat_template(messages, tokenize=False)
+    assert encoder.encode_text(rendered) == encoder.encode(sample).ids
+
+
+def test_a_text_for_an_encoder_gets_the_tokenizers_single_text_special_tokens(minilm_tokenizer):
+    """What vLLM feeds for a text (add_special_tokens defaults to true): [CLS] text [SEP]."""
+    encoder = SampleEncoder(minilm_tokenizer.backend_tokenizer, InputRecipe(template="pair", max_length=64))
+    assert encoder.encode_text("It was great.") == minilm_tokenizer("It was great.")["input_ids"]
+    assert (
+        encoder.encode_text("It was great.", add_special_tokens=False)
+        == minilm_tokenizer("It was great.", add_special_tokens=False)["input_ids"]
+    )
+
+
 def test_max_length_without_room_for_a_response_is_an_error(minilm_tokenizer):
     with pytest.raises(RecipeError, match="leaves no room"):
         SampleEncoder(minilm_tokenizer.backend_tokenizer, InputRecipe(template="pair", max_length=3))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import subprocess
@@ -119,6 +120,9 @@ def test_ppo_raises_the_reward_of_a_tiny_policy(word_reward_bundle, tmp_path):
         stop_server(server)
     assert after > before + 0.5, (before, after, [r["score"] for r in rows])
     assert all(np.isfinite(r["kl"]) and r["time/reward_wait"] >= 0 for r in rows)
+    manifest = (word_reward_bundle / "bundle.json").read_bytes()
+    identity = f"{json.loads(manifest)['name']} v1 sha256:{hashlib.sha256(manifest).hexdigest()[:12]}"
+    assert {r["reward_model"] for r in rows} == {identity}  # each step logs which reward model scored it
 
 
 def test_ppo_stops_loudly_when_the_reward_service_is_unreachable(tmp_path):

@@ -11,6 +11,7 @@ import threading
 import time
 
 import grpc
+import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -85,7 +86,11 @@ def test_deadline_exceeded_work_is_dropped_and_the_queue_drains(encoder_bundle, 
 
 
 def test_sigterm_drains_calls_in_flight_and_refuses_new_ones(encoder_bundle, tmp_path):
-    server = start_server(encoder_bundle, tmp_path / "log", "--max-batch-size", "1")
+    """Health turns NOT_SERVING on gRPC and 503 on the HTTP port's /health (vLLM's probe) during the drain."""
+    http_port = free_port()
+    server = start_server(encoder_bundle, tmp_path / "log", "--max-batch-size", "1", "--http-port", str(http_port))
+    http_health = f"http://127.0.0.1:{http_port}/health"
+    assert httpx.get(http_health, timeout=10).status_code == 200
     stub = server.stub()
     answers, errors = [], []
 
@@ -102,6 +107,7 @@ def test_sigterm_drains_calls_in_flight_and_refuses_new_ones(encoder_bundle, tmp
     server.process.send_signal(signal.SIGTERM)
     time.sleep(0.2)
     assert server.health() == health_pb2.HealthCheckResponse.NOT_SERVING
+    assert httpx.get(http_health, timeout=10).status_code == 503
     with pytest.raises(grpc.RpcError) as refused:
         server.stub().Score(pb.ScoreRequest(samples=[text("Q", "fine")]), timeout=5)
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import hashlib
 import json
 import random
 import shutil
@@ -112,9 +113,14 @@ def test_versions_switch_under_load_without_failed_or_mixed_calls(encoder_bundle
     assert set(versions) == {"1", "2"}, versions
     first_v2 = versions.index("2")
     assert versions[first_v2:].count("1") <= 4  # only calls already started on version 1 finish there
+    shas = {
+        v: hashlib.sha256((b / "bundle.json").read_bytes()).hexdigest()[:12]
+        for v, b in (("1", encoder_bundle), ("2", second_bundle))
+    }
     for request, response in answers:  # every sample of a call scored by the version the call reports
         expected = [references[response.model_version](p, r) for p, r in request]
         np.testing.assert_allclose([r.reward for r in response.results], expected, atol=1e-5)
+        assert response.model_sha256 == shas[response.model_version]  # and names its exact bundle
     assert [(m.name, m.version) for m in info.loaded] == [("toy", "2")]  # version 1 unloaded
 
 

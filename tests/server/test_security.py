@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import functools
 import ipaddress
 import json
 import subprocess
@@ -12,6 +13,7 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import httpx
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -154,6 +156,13 @@ def test_the_right_token_is_accepted_on_grpc_and_http(token_server):
     request = urllib.request.Request(token_server.http_url, data=body, headers={"Authorization": "Bearer s3cret-token"})
     with urllib.request.urlopen(request, timeout=10) as answer:
         assert len(json.loads(answer.read())["rewards"]) == 1
+    base = token_server.http_url.removesuffix("/get_reward")  # vLLM's routes: the same token, but not for probes
+    for path, body in (("/classify", {"input": "Hi"}), ("/pooling", {"input": "Hi"}), ("/v1/models", None)):
+        send = httpx.get if body is None else functools.partial(httpx.post, json=body)
+        refused = send(base + path, headers={"Authorization": "Bearer wrong"}, timeout=10)
+        assert refused.status_code == 401 and "bearer token" in refused.json()["error"]["message"]
+        assert send(base + path, headers={"Authorization": "Bearer s3cret-token"}, timeout=10).status_code == 200
+    assert httpx.get(base + "/health", timeout=10).status_code == 200
 
 
 def test_health_can_require_the_token_too(encoder_bundle, tmp_path):
@@ -240,6 +249,8 @@ def test_the_openrlhf_port_uses_the_grpc_ports_tls(encoder_bundle, tmp_path, pki
         assert len(answer["rewards"]) == 1
         with pytest.raises((urllib.error.URLError, ConnectionError)):  # plaintext is not served
             urllib.request.urlopen(f"http://localhost:{http_port}/get_reward", data=body, timeout=10)
-        assert f"OpenRLHF HTTP https://127.0.0.1:{http_port}" in server.log()
+        assert f"HTTP (OpenRLHF, vLLM API) https://127.0.0.1:{http_port}" in server.log()
+        vllm = httpx.post(f"https://localhost:{http_port}/classify", json={"input": "Lovely."}, verify=context)
+        assert vllm.status_code == 200 and len(vllm.json()["data"]) == 1
     finally:
         stop_server(server)

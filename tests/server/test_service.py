@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import urllib.request
@@ -104,8 +105,9 @@ def test_overlong_samples_are_truncated_or_refused_in_strict_mode(server):
     assert "sample 1: longer than the model's maximum of 256 tokens" in error.value.details()
 
 
-def test_compare_and_rank(server, reference):
+def test_compare_and_rank(server, reference, encoder_bundle):
     stub = server.stub()
+    sha256 = hashlib.sha256((encoder_bundle / "bundle.json").read_bytes()).hexdigest()[:12]
     prompt, good, bad = "How was the food?", "The food was excellent.", "The food was awful."
     compared = stub.Compare(pb.CompareRequest(prompt=prompt, response_a=good, response_b=bad))
     expected = 1 / (1 + np.exp(-(reference(prompt, good) - reference(prompt, bad))))
@@ -117,6 +119,9 @@ def test_compare_and_rank(server, reference):
     assert list(ranked.order) == sorted(range(3), key=lambda i: -expected_rewards[i])
     assert list(ranked.order)[0] == 1
     assert list(ranked.rewards) == pytest.approx(expected_rewards, abs=1e-5)
+    assert compared.model_sha256 == ranked.model_sha256 == sha256  # the bundle that scored, in every answer
+    info = stub.GetModelInfo(pb.GetModelInfoRequest())
+    assert info.model_sha256 == sha256 and [m.model_sha256 for m in info.loaded] == [sha256]
 
 
 def test_model_info_describes_the_bundle(server, encoder_bundle):

@@ -62,8 +62,17 @@ class Ranking:
     rewards: np.ndarray
 
 
+def model_identity(response: pb.ScoreResponse) -> str:
+    """`name vVERSION sha256:PREFIX`: which model scored an answer (the server sets all three)."""
+    return f"{response.model_name} v{response.model_version} sha256:{response.model_sha256}"
+
+
 class AsyncRewardClient:
     """asyncio client; open it with `async with` or call `close()`."""
+
+    last_models: tuple[str, ...] = ()
+    """The models (`model_identity`) that answered the latest `score*` call: one, or several when a new
+    version took over during the call; a trainer logs it with each step's rewards."""
 
     def __init__(
         self,
@@ -160,6 +169,7 @@ class AsyncRewardClient:
             return np.empty(0, dtype=np.float32)
         deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
         gate, failed = asyncio.Semaphore(self.max_in_flight), asyncio.Event()
+        models: set[str] = set()
 
         async def one(chunk: Sequence[pb.Sample]) -> list[float]:
             request = pb.ScoreRequest(
@@ -183,6 +193,7 @@ class AsyncRewardClient:
                 raise RewardServiceError(
                     grpc.StatusCode.INTERNAL, f"server answered {len(response.results)} results for {len(chunk)}"
                 )
+            models.add(model_identity(response))
             return [r.reward for r in response.results]
 
         tasks: list[asyncio.Task] = []
@@ -203,6 +214,7 @@ class AsyncRewardClient:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+        self.last_models = tuple(sorted(models))
         return np.array([r for part in parts for r in part], dtype=np.float32)
 
     async def chunk_size(self, timeout_s: float | None = None) -> int:
@@ -420,6 +432,10 @@ class RewardClient:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join()
             self._loop.close()
+
+    @property
+    def last_models(self) -> tuple[str, ...]:
+        return self._client.last_models
 
     def score(self, prompts: Sequence[str], responses: Sequence[str], **kw: Any) -> np.ndarray:
         return self._run(self._client.score(prompts, responses, **kw))

@@ -164,6 +164,8 @@ class SampleEncoder:
         if recipe.template == "chat" and not recipe.chat_template:
             raise RecipeError("recipe template 'chat' needs a chat_template")
         self._before, self._between, self._after = self._special_ids()
+        self._text_before, self._text_after = self._single_text_special_ids()
+        self._template_bos = self._template_bos_token()
         self._eos = []
         if recipe.append_eos:
             eos_id = self.tokenizer.token_to_id(recipe.eos_token or "")
@@ -178,16 +180,54 @@ class SampleEncoder:
         """The special ids the tokenizer's template puts before, between and after prompt and response."""
         if self.recipe.template == "chat":  # the chat template writes its own special tokens
             return [], [], []
-        a = self.tokenizer.encode("a", add_special_tokens=False)
         if self.recipe.template == "concat":
-            ids = self.tokenizer.post_process(a, add_special_tokens=True).ids
-            ia = ids.index(a.ids[0])
-            return ids[:ia], [], ids[ia + len(a.ids) :]
+            before, after = self._single_text_special_ids()
+            return before, [], after
+        a = self.tokenizer.encode("a", add_special_tokens=False)
         b = self.tokenizer.encode("b", add_special_tokens=False)
         ids = self.tokenizer.post_process(a, b, add_special_tokens=True).ids
         ia = ids.index(a.ids[0])
         ib = ids.index(b.ids[0], ia + len(a.ids))
         return ids[:ia], ids[ia + len(a.ids) : ib], ids[ib + len(b.ids) :]
+
+    def _single_text_special_ids(self) -> tuple[list[int], list[int]]:
+        """The special ids the tokenizer puts before and after one text ([CLS] and [SEP] for BERT)."""
+        a = self.tokenizer.encode("a", add_special_tokens=False)
+        ids = self.tokenizer.post_process(a, add_special_tokens=True).ids
+        ia = ids.index(a.ids[0])
+        return ids[:ia], ids[ia + len(a.ids) :]
+
+    def _template_bos_token(self) -> tuple[str, int] | None:
+        """(BOS text, id) where the chat template starts every conversation with BOS (Llama-3, Gemma)."""
+        special = self.recipe.special_tokens or {}
+        bos = special.get("bos_token")
+        bos_id = self.tokenizer.token_to_id(bos) if bos else None
+        if bos_id is None or self.recipe.template != "chat":
+            return None
+        probe = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+        try:
+            rendered = render_chat(self.recipe.chat_template, probe, False, special, self.recipe.date)
+        except (RecipeError, jinja2.TemplateError):
+            return None
+        return (bos, bos_id) if rendered.startswith(bos) else None
+
+    def encode_text(self, text: str, add_special_tokens: bool | None = None) -> list[int]:
+        """Ids of a model input already rendered as one text (veRL sends chat-templated strings to vLLM's
+        /classify), not truncated.
+
+        Unless told (`add_special_tokens`, vLLM's field), the recipe decides the special tokens: for `chat`,
+        none beyond what the text holds (the template wrote them), except the template's leading BOS, put
+        back once where the text lacks it (veRL strips it because vLLM adds one): a conversation rendered by
+        the bundle's template gets the very ids its messages get, with or without its BOS. For `pair` and
+        `concat`, the tokenizer's single-text ones (what vLLM adds: [CLS] text [SEP] for BERT), with the
+        recipe's EOS before them where it appends one."""
+        (encoding,) = self._tokenize(text)
+        if add_special_tokens is None and self.recipe.template == "chat":
+            bos = self._template_bos
+            return [bos[1], *encoding.ids] if bos and not text.startswith(bos[0]) else list(encoding.ids)
+        if add_special_tokens is False:
+            return list(encoding.ids)
+        return self._text_before + encoding.ids + self._eos + self._text_after
 
     def encode(self, sample: Sample) -> EncodedSample:
         if self.recipe.template == "chat":

@@ -7,7 +7,7 @@ import numpy as np
 from rm_contract.pb import reward_pb2 as pb
 from rm_contract.recipe import Message, RecipeError, Sample
 from rm_server.errors import InvalidRequest
-from rm_server.models import EnsembleScores
+from rm_server.models import EnsembleScores, ModelIdentity
 from rm_server.scoring import SampleInput, ScoreOutcome, TokenInput
 
 MAX_MESSAGES_PER_CONVERSATION = 1024
@@ -41,15 +41,16 @@ def samples_from_request(request: pb.ScoreRequest) -> list[SampleInput]:
     return [sample_from_pb(i, s) for i, s in enumerate(request.samples)]
 
 
-def score_response(request_id: str, outcome: ScoreOutcome, name: str, version: str) -> pb.ScoreResponse:
+def score_response(request_id: str, outcome: ScoreOutcome, model: ModelIdentity) -> pb.ScoreResponse:
     t = outcome.timing
     return pb.ScoreResponse(
         request_id=request_id,
         results=[
             pb.SampleResult(reward=r.reward, num_tokens=r.num_tokens, truncated=r.truncated) for r in outcome.results
         ],
-        model_name=name,
-        model_version=version,
+        model_name=model.name,
+        model_version=model.version,
+        model_sha256=model.sha256,
         timing=pb.Timing(
             queue_ms=t.queue_ms, tokenization_ms=t.tokenization_ms, inference_ms=t.inference_ms, total_ms=t.total_ms
         ),
@@ -58,7 +59,7 @@ def score_response(request_id: str, outcome: ScoreOutcome, name: str, version: s
 
 
 def ensemble_response(
-    request_id: str, scores: EnsembleScores, rewards: np.ndarray, name: str, version: str, total_ms: float
+    request_id: str, scores: EnsembleScores, rewards: np.ndarray, total_ms: float
 ) -> pb.ScoreResponse:
     """The selected reduction as `reward`, with every member's normalized reward beside it."""
     mean, std, low = scores.mean, scores.std, scores.min
@@ -75,8 +76,9 @@ def ensemble_response(
             )
             for i in range(len(rewards))
         ],
-        model_name=name,
-        model_version=version,
+        model_name=scores.identity.name,
+        model_version=scores.identity.version,
+        model_sha256=scores.identity.sha256,
         timing=pb.Timing(total_ms=total_ms),
         normalized=True,
     )

@@ -26,10 +26,10 @@ from grpc_reflection.v1alpha import reflection
 from rm_contract.bundle import BundleError, load_bundle
 from rm_contract.config_cli import ConfigError, option, parse_config
 from rm_contract.pb import reward_pb2, reward_pb2_grpc
+from rm_server.http_server import HttpServer
 from rm_server.malformed import MalformedRequestInterceptor
 from rm_server.metrics import ServiceMetrics
 from rm_server.models import ModelRegistry, ModelSettings
-from rm_server.openrlhf_http import OpenRLHFEndpoint
 from rm_server.security import (
     HEALTH_METHODS,
     BearerTokenInterceptor,
@@ -72,7 +72,8 @@ class ServerConfig(ModelSettings):
     metrics_port: int = option(9090, "Prometheus /metrics port (-1: no metrics endpoint).")
     http_port: int = option(
         -1,
-        "OpenRLHF-compatible HTTP reward endpoint (POST /get_reward) on `host`: -1 off, 0 a free port.",
+        "HTTP port on `host` for OpenRLHF (POST /get_reward) and vLLM's pooling API (POST /classify, /pooling; "
+        "GET /v1/models, /health): -1 off, 0 a free port.",
     )
     tls_cert: str | None = option(None, "PEM certificate chain of the server: serve gRPC over TLS (with --tls-key).")
     tls_key: str | None = option(None, "PEM private key of --tls-cert.")
@@ -132,7 +133,7 @@ class RewardServer:
         self.port = 0
         self._metrics_http = None
         self._poller: asyncio.Task | None = None
-        self.http: OpenRLHFEndpoint | None = None
+        self.http: HttpServer | None = None
 
     async def start(self) -> None:
         config = self.config
@@ -167,10 +168,11 @@ class RewardServer:
             self._metrics_http = self.metrics.serve(config.metrics_host, config.metrics_port)
         self.metrics.model.info({"variant": config.variant, "providers": config.providers})
         self.metrics.queue_depth.set_function(lambda: self.registry.queue_depth)
+        self.metrics.cache_bytes.set_function(lambda: self.registry.cache_bytes)
         await self.server.start()
         await self._load_models()
         if config.http_port >= 0:
-            self.http = OpenRLHFEndpoint(self.service, config.max_message_mb, self.token)
+            self.http = HttpServer(self.service, config.max_message_mb, self.token)
             tls = http_ssl_context(config.tls_cert, config.tls_key, config.tls_client_ca) if config.tls_cert else None
             await self.http.start(config.host, config.http_port, tls)
         self.service.ready = True
@@ -181,9 +183,13 @@ class RewardServer:
         metrics_at = f"{config.metrics_host}:{config.metrics_port}" if config.metrics_port >= 0 else "off"
         scheme = "https" if config.tls_cert else "http"
         http_at = f"{scheme}://{config.host}:{self.http.port}" if self.http else "off"
-        models = ", ".join(f"{n} v{v}" for n, v, serving, _ in self.registry.loaded() if serving)
+        models = ", ".join(
+            f"{n} v{v}" + (f" (sha256 {sha256})" if sha256 else "")
+            for n, v, serving, _, sha256 in self.registry.loaded()
+            if serving
+        )
         log.info(
-            "serving %s (%s) on %s:%d (%s, %s); metrics %s; OpenRLHF HTTP %s",
+            "serving %s (%s) on %s:%d (%s, %s); metrics %s; HTTP (OpenRLHF, vLLM API) %s",
             models,
             config.variant,
             config.host,

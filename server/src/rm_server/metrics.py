@@ -48,6 +48,14 @@ class ServiceMetrics:
             "rm_requests", "RPCs answered, by method and gRPC status code", ["method", "code"], registry=r
         )
         self.samples = Counter("rm_samples", "Samples scored", registry=r)
+        self.cache_lookups = Counter(
+            "rm_cache_lookups",
+            "Samples looked up in the reward cache (--cache-mb): hit, merged (an identical sample was being "
+            "computed) or miss",
+            ["result"],
+            registry=r,
+        )
+        self.cache_bytes = Gauge("rm_cache_bytes", "Memory held by the reward caches of the loaded models", registry=r)
         self.tokens = Counter("rm_tokens", "Tokens scored (real, not padding)", registry=r)
         self.truncated = Counter("rm_truncated_samples", "Samples truncated to the maximum length", registry=r)
         self.latency = Histogram(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import json
 import logging
 import threading
@@ -25,10 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
-from rm_contract.bundle import VARIANTS, Bundle, BundleError, load_bundle
+from rm_contract.bundle import MANIFEST, VARIANTS, Bundle, BundleError, load_bundle, sha256_of
 from rm_contract.config_cli import ConfigError, option
 from rm_contract.padding import pad_batch
 from rm_server.batcher import Batcher, BatcherConfig, BatchingOptions, budget_from_memory
+from rm_server.cache import RewardCache
 from rm_server.engine import OnnxEngine, free_gpu_memory
 from rm_server.errors import InvalidRequest, ModelNotFound
 from rm_server.logsafe import loggable
@@ -39,6 +41,26 @@ log = logging.getLogger("rm_server")
 _GPU_SIZING = threading.Lock()
 """Models measure free GPU memory and claim their budgets one at a time (see `LoadedModel._gpu_budget`)."""
 ENSEMBLE_FILE = "ensemble.json"
+SHA256_PREFIX = 12
+"""Hex digits of a model's sha256 shown in answers: enough to tell any two bundles apart."""
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """Which model scored an answer: name, version and the sha256 of its bundle.json (which lists the sha256
+    of every file, so it names the weights, tokenizer and recipe); an ensemble's is that of its members'."""
+
+    name: str
+    version: str
+    sha256: str
+
+    @property
+    def http_headers(self) -> dict[str, str]:
+        """Set on every HTTP answer it scored, so a trainer's logs can show which model gave a reward."""
+        return {"X-Reward-Model": f"name={self.name}; version={self.version}; sha256={self.sha256}"}
+
+    def as_dict(self) -> dict[str, str]:
+        return dataclasses.asdict(self)
 
 
 @dataclass(frozen=True)
@@ -55,6 +77,11 @@ class ModelSettings(BatchingOptions):
         "client splits them by the limit GetModelInfo reports).",
     )
     verify: bool = option(True, "Check every bundle file's sha256 before loading.")
+    cache_mb: float = option(
+        0,
+        "Exact reward cache per loaded model version, in MiB (0: off): rewards by token ids, identical samples "
+        "in flight computed once.",
+    )
 
     def validate(self) -> None:
         if self.variant not in VARIANTS:
@@ -66,6 +93,8 @@ class ModelSettings(BatchingOptions):
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
         if self.max_delay_ms < 0:
             raise ConfigError("--max-delay-ms must not be negative")
+        if not 0 <= self.cache_mb < float("inf"):
+            raise ConfigError("--cache-mb must be a number of MiB >= 0 (0: no cache)")
         if not self.provider_list:
             raise ConfigError("--providers must name at least one execution provider: tensorrt, cuda or cpu")
 
@@ -107,6 +136,7 @@ class LoadedModel:
             first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise BundleError(f"{path}: ONNX Runtime cannot load it: {first_line[:500]}") from None
         self.encoder = bundle.sample_encoder()  # parsing tokenizer.json takes seconds for large vocabularies
+        self.identity = ModelIdentity(name, version, sha256_of(bundle.directory / MANIFEST)[:SHA256_PREFIX])
         self.inflight = 0
         self._metrics = metrics
 
@@ -135,8 +165,15 @@ class LoadedModel:
         self.engine.reserve(config.max_batch_tokens, config.max_batch_size)
         self.batcher = Batcher(self.engine, config, on_batch=self._metrics.record_batch)
         settings = self.settings
+        cache = RewardCache(int(settings.cache_mb * 2**20), self._metrics.cache_lookups) if settings.cache_mb else None
         self.scorer = Scorer(
-            self.bundle, self.encoder, settings.variant, self.batcher, settings.limits, settings.tokenizer_threads
+            self.bundle,
+            self.encoder,
+            settings.variant,
+            self.batcher,
+            settings.limits,
+            settings.tokenizer_threads,
+            cache,
         )
         self.batcher.start()
         await asyncio.to_thread(self._check_reference, config.pad_id)
@@ -206,6 +243,7 @@ class EnsembleScores:
     members: np.ndarray
     num_tokens: list[int]
     truncated: list[bool]
+    identity: ModelIdentity
 
     @property
     def mean(self) -> np.ndarray:
@@ -238,17 +276,23 @@ class Ensemble:
     version: str = "1"
     inflight: int = 0
 
-    async def score(self, registry: ModelRegistry, inputs: list[SampleInput], strict: bool) -> EnsembleScores:
+    async def score(
+        self, registry: ModelRegistry, inputs: list[SampleInput], strict: bool, max_tokens: int | None = None
+    ) -> EnsembleScores:
         """Each member's rewards normalized with its own bundle statistics, so members on different scales
         weigh equally."""
         async with AsyncExitStack() as stack:
             models = [await stack.enter_async_context(registry.use(m, "")) for m in self.members]
-            outcomes = await asyncio.gather(*(m.scorer.score(inputs, normalize=True, strict=strict) for m in models))
+            outcomes = await asyncio.gather(
+                *(m.scorer.score(inputs, normalize=True, strict=strict, max_tokens=max_tokens) for m in models)
+            )
         first = outcomes[0].results
+        members = ",".join(f"{m.name}:{m.version}:{m.identity.sha256}" for m in models)
         return EnsembleScores(
             np.array([[r.reward for r in o.results] for o in outcomes]),
             [r.num_tokens for r in first],
             [any(o.results[i].truncated for o in outcomes) for i in range(len(first))],
+            ModelIdentity(self.name, self.version, hashlib.sha256(members.encode()).hexdigest()[:SHA256_PREFIX]),
         )
 
 
@@ -307,15 +351,28 @@ class ModelRegistry:
             model.inflight -= 1
 
     @property
+    def cache_bytes(self) -> int:
+        return sum(
+            m.scorer.cache.bytes
+            for versions in list(self.versions.values())
+            for m in list(versions.values())
+            if getattr(m, "scorer", None) and m.scorer.cache is not None
+        )
+
+    @property
     def queue_depth(self) -> int:
         # read from the metrics thread while reloads change the dicts: iterate over copies (list() of a dict
         # view is one step under the GIL)
         return sum(m.batcher.queue_depth for versions in list(self.versions.values()) for m in list(versions.values()))
 
-    def loaded(self) -> list[tuple[str, str, bool, list[str]]]:
-        """(name, version, is_serving_version, ensemble members) for everything held."""
-        out = [(n, v, self.serving.get(n) == v, []) for n, vs in self.versions.items() for v in vs]
-        return out + [(e.name, e.version, True, list(e.members)) for e in self.ensembles.values()]
+    def loaded(self) -> list[tuple[str, str, bool, list[str], str]]:
+        """(name, version, is_serving_version, ensemble members, sha256 prefix) for everything held."""
+        out = [
+            (name, version, self.serving.get(name) == version, [], model.identity.sha256)
+            for name, versions in self.versions.items()
+            for version, model in versions.items()
+        ]
+        return out + [(e.name, e.version, True, list(e.members), "") for e in self.ensembles.values()]
 
     # --- loading ------------------------------------------------------------------------------------------
 

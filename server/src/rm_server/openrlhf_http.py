@@ -1,8 +1,10 @@
 """OpenRLHF's remote reward protocol on an optional HTTP port, backed by the same batcher as gRPC.
 
-OpenRLHF (`--remote_rm_url http://HOST:PORT/get_reward`) posts `{"query": [...], "prompts": [...],
-"labels": [...]}` where each query is the prompt followed by the generated response; the answer is
-`{"rewards": [...], "scores": [...], "extra_logs": {...}}`, one entry per query. The response is what
+OpenRLHF (`--reward.remote_url http://HOST:PORT/get_reward`; `--remote_rm_url` before 0.10.2) posts
+`{"query": [...], "prompts": [...], "labels": [...]}` where each query is the prompt followed by the
+generated response (one query per call since OpenRLHF's agent executor; with several URLs, the others get
+empty lists); the answer is `{"rewards": [...], "scores": [...], "extra_logs": {...}, "reward_model":
+{name, version, sha256}}`, one entry per query, with the same model in an `X-Reward-Model` header. The response is what
 follows the prompt in its query; the bundle's input recipe then formats (prompt, response) exactly as for
 gRPC, so send raw prompts (no chat template applied on the OpenRLHF side) to chat-template bundles.
 With a bearer token configured, requests need `Authorization: Bearer <token>` (401 otherwise).
@@ -12,15 +14,14 @@ Errors: 400 for bad input, 503 (with Retry-After) when the queue is full or the 
 
 from __future__ import annotations
 
-import ssl
-
 import grpc
 from aiohttp import web
 
 from rm_contract.recipe import Sample
 from rm_server.errors import InvalidRequest
+from rm_server.models import ModelIdentity
 from rm_server.scoring import Limits
-from rm_server.security import token_matches
+from rm_server.security import authorized
 from rm_server.service import RewardService, new_request_id
 
 HTTP_STATUS = {
@@ -61,32 +62,17 @@ def split_queries(body: object, limits: Limits) -> list[Sample]:
     return samples
 
 
-class OpenRLHFEndpoint:
-    def __init__(self, service: RewardService, max_body_mb: int, token: str | None = None):
-        self.service = service
-        self.token = token
-        self.app = web.Application(client_max_size=max_body_mb * 1024 * 1024)
-        self.app.router.add_post(PATH, self.get_reward)
-        self._runner: web.AppRunner | None = None
-        self.port = 0
+def add_routes(app: web.Application, service: RewardService, token: str | None) -> None:
+    app.router.add_post(PATH, OpenRLHFRoute(service, token).get_reward)
 
-    async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None = None) -> None:
-        """Serve on host:port; HTTPS with `ssl_context` (the gRPC port's TLS settings, so a bearer token
-        never crosses in clear on one port while the other is encrypted)."""
-        # a client that hangs up cancels its handler, so its request stops tokenizing (as gRPC cancels)
-        self._runner = web.AppRunner(self.app, access_log=None, handler_cancellation=True)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port, ssl_context=ssl_context)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # the chosen port when asked for 0
 
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
+class OpenRLHFRoute:
+    def __init__(self, service: RewardService, token: str | None):
+        self.service, self.token = service, token
 
     async def get_reward(self, request: web.Request) -> web.Response:
         request_id = request.headers.get("x-request-id") or new_request_id()
-        if self.token and not token_matches(request.headers.get("Authorization"), self.token):
+        if not authorized(request.headers, self.token):
             body = {"error": "missing or invalid bearer token (Authorization header)", "code": "UNAUTHENTICATED"}
             return web.json_response(body, status=401, headers={"WWW-Authenticate": "Bearer"})
         try:
@@ -98,11 +84,18 @@ class OpenRLHFEndpoint:
             status = HTTP_STATUS.get(code, 500)
             headers = {"Retry-After": "1"} if status == 503 else None
             return web.json_response({"error": result, "code": code.name}, status=status, headers=headers)
-        return web.json_response(result)
+        body, model = result
+        return web.json_response(body, headers=model.http_headers if model else None)
 
-    async def _score(self, body: object) -> dict:
+    async def _score(self, body: object) -> tuple[dict, ModelIdentity | None]:
         samples = split_queries(body, self.service.registry.settings.limits)
-        if not samples:
-            return {"rewards": [], "scores": [], "extra_logs": {}}
+        if not samples:  # OpenRLHF sends empty lists to all but the first of several URLs
+            return {"rewards": [], "scores": [], "extra_logs": {}}, None
         scored = await self.service.rewards_of(samples)  # the default model
-        return {"rewards": scored.rewards, "scores": scored.rewards, "extra_logs": {"num_tokens": scored.num_tokens}}
+        body = {
+            "rewards": scored.rewards,
+            "scores": scored.rewards,
+            "extra_logs": {"num_tokens": scored.num_tokens},
+            "reward_model": scored.model.as_dict(),
+        }
+        return body, scored.model

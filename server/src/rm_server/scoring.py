@@ -6,6 +6,7 @@ import asyncio
 import math
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -13,7 +14,8 @@ import numpy as np
 
 from rm_contract.bundle import Bundle
 from rm_contract.recipe import EncodedSample, RecipeError, Sample, SampleEncoder
-from rm_server.batcher import Batcher
+from rm_server.batcher import Batcher, JobResult
+from rm_server.cache import RewardCache
 from rm_server.errors import InvalidRequest, QueueFull
 
 
@@ -24,7 +26,16 @@ class TokenInput:
     ids: tuple[int, ...]
 
 
-SampleInput = Sample | TokenInput
+@dataclass(frozen=True)
+class TextInput:
+    """A model input already rendered as one text (a chat-templated string, as veRL sends to vLLM):
+    tokenized as it is (`SampleEncoder.encode_text`), then truncated like token ids."""
+
+    text: str
+    add_special_tokens: bool | None = None
+
+
+SampleInput = Sample | TokenInput | TextInput
 
 
 @dataclass(frozen=True)
@@ -80,8 +91,10 @@ class Scorer:
         batcher: Batcher,
         limits: Limits,
         tokenizer_threads: int = 2,
+        cache: RewardCache | None = None,
     ):
         self.bundle = bundle
+        self.cache = cache
         self.variant = variant
         self.batcher = batcher
         self.limits = limits
@@ -102,27 +115,46 @@ class Scorer:
         # end their calls with a bare CancelledError, which gRPC answers with no status at all
         self._tokenize_pool.shutdown(wait=False)
 
-    async def score(self, inputs: list[SampleInput], normalize: bool = False, strict: bool = False) -> ScoreOutcome:
+    async def score(
+        self, inputs: list[SampleInput], normalize: bool = False, strict: bool = False, max_tokens: int | None = None
+    ) -> ScoreOutcome:
+        """Rewards of `inputs` in order. Over-long inputs are truncated by the recipe's policy, or refused with
+        `strict`; `max_tokens` (vLLM's truncate_prompt_tokens) then keeps at most that many ids, the last."""
         started = time.perf_counter()
         self.limits.check_count(len(inputs))
+        if max_tokens is not None and not 1 <= max_tokens <= self.max_length:
+            raise InvalidRequest(
+                f"truncate_prompt_tokens={max_tokens}: must be -1 (the model's maximum) or 1 to the model's maximum "
+                f"of {self.max_length} tokens"
+            )
         self._admit(len(inputs))
         gone = threading.Event()
         try:
             loop = asyncio.get_running_loop()
-            encoded = await loop.run_in_executor(self._tokenize_pool, self._encode_all, inputs, strict, gone)
+            encoded = await loop.run_in_executor(
+                self._tokenize_pool, self._encode_all, inputs, strict, max_tokens, gone
+            )
             tokenized = time.perf_counter()
-            result = await self.batcher.score([e.ids for e in encoded])
+            sequences = [e.ids for e in encoded]
+            batched = JobResult(np.empty(0, np.float32), 0.0, 0.0)
+
+            async def compute(todo: list[Sequence[int]]) -> np.ndarray:
+                nonlocal batched
+                batched = await self.batcher.score(todo)
+                return batched.rewards
+
+            raw = await (compute(sequences) if self.cache is None else self.cache.rewards(sequences, compute))
         finally:
             gone.set()  # a call cancelled or past its deadline stops tokenizing at its next sample
             self.admitted -= len(inputs)
-        rewards = result.rewards.astype(np.float64)
+        rewards = raw.astype(np.float64)
         if normalize:
             rewards = (rewards - self.norm_mean) / self.norm_std
         results = [SampleScore(float(r), len(e.ids), e.truncated) for r, e in zip(rewards, encoded)]
         timing = Timing(
-            queue_ms=1000 * result.queue_s,
+            queue_ms=1000 * batched.queue_s,
             tokenization_ms=1000 * (tokenized - started),
-            inference_ms=1000 * result.inference_s,
+            inference_ms=1000 * batched.inference_s,
             total_ms=1000 * (time.perf_counter() - started),
         )
         return ScoreOutcome(results, timing, normalize)
@@ -137,43 +169,59 @@ class Scorer:
             )
         self.admitted += samples
 
-    def _encode_all(self, inputs: list[SampleInput], strict: bool, gone: threading.Event) -> list[EncodedSample]:
+    def _encode_all(
+        self, inputs: list[SampleInput], strict: bool, max_tokens: int | None, gone: threading.Event
+    ) -> list[EncodedSample]:
         encoded = []
         for i, sample in enumerate(inputs):
             if gone.is_set():  # nobody waits for the answer: free the tokenizer thread for the others
                 raise RequestGone
-            encoded.append(self._encode(i, sample, strict))
+            one = self._encode(i, sample, strict)
+            if max_tokens is not None and len(one.ids) > max_tokens:
+                one = EncodedSample(self._keep_end(one.ids, max_tokens), True)
+            encoded.append(one)
         return encoded
 
     def _encode(self, index: int, sample: SampleInput, strict: bool) -> EncodedSample:
         if isinstance(sample, TokenInput):
             encoded = self._encode_ids(index, sample.ids)
+        elif isinstance(sample, TextInput):
+            self._check_chars(index, len(sample.text))
+            encoded = self._encode_ids(index, self.encoder.encode_text(sample.text, sample.add_special_tokens))
         else:
-            chars = sum(len(m.content) for m in sample.prompt + sample.response)
-            if chars > self.limits.max_chars_per_sample:
-                raise InvalidRequest(
-                    f"sample {index}: {chars} characters; at most {self.limits.max_chars_per_sample} are accepted"
-                )
+            self._check_chars(index, sum(len(m.content) for m in sample.prompt + sample.response))
             try:
                 encoded = self.encoder.encode(sample)
             except RecipeError as e:
                 raise InvalidRequest(f"sample {index}: {e}") from None
         if strict and encoded.truncated:
             raise InvalidRequest(
-                f"sample {index}: longer than the model's maximum of {self.max_length} tokens (strict truncation)"
+                f"sample {index}: longer than the model's maximum of {self.max_length} tokens, and the request "
+                "forbids truncation (gRPC: TRUNCATION_POLICY_STRICT; vLLM API: no truncate_prompt_tokens given)"
             )
         return encoded
 
-    def _encode_ids(self, index: int, ids: tuple[int, ...]) -> EncodedSample:
+    def _check_chars(self, index: int, chars: int) -> None:
+        if chars > self.limits.max_chars_per_sample:
+            raise InvalidRequest(
+                f"sample {index}: {chars} characters; at most {self.limits.max_chars_per_sample} are accepted"
+            )
+
+    def _encode_ids(self, index: int, ids: Sequence[int]) -> EncodedSample:
         if not ids:
             raise InvalidRequest(f"sample {index}: empty token ids")
         bad = next((t for t in ids if t >= self.vocab_size), None)
         if bad is not None:
             raise InvalidRequest(f"sample {index}: token id {bad} is outside the vocabulary [0, {self.vocab_size})")
-        if len(ids) > self.max_length:  # keep the end (the response; a decoder's pooled last token)
-            head = list(ids[:1]) if self.keep_first_id else []  # and a cls-pooled encoder's pooled first token
-            return EncodedSample(head + list(ids[len(ids) - self.max_length + len(head) :]), True)
+        if len(ids) > self.max_length:
+            return EncodedSample(self._keep_end(ids, self.max_length), True)
         return EncodedSample(list(ids), False)
+
+    def _keep_end(self, ids: Sequence[int], keep: int) -> list[int]:
+        """The last `keep` ids (the response; a decoder's pooled last token), and a cls-pooled encoder's
+        pooled first id in the place of the oldest of them."""
+        head = list(ids[:1]) if self.keep_first_id else []
+        return head + list(ids[len(ids) - keep + len(head) :])
 
 
 class RequestGone(Exception):

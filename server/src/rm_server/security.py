@@ -10,7 +10,7 @@ from __future__ import annotations
 import hmac
 import os
 import ssl
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from pathlib import Path
 
 import grpc
@@ -92,3 +92,8 @@ def _refusal(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     without a token), with no deserializer; responses keep the method's shape."""
     make = grpc.stream_stream_rpc_method_handler if handler.response_streaming else grpc.stream_unary_rpc_method_handler
     return make(_deny, request_deserializer=None, response_serializer=handler.response_serializer)
+
+
+def authorized(headers: Mapping[str, str], token: str | None) -> bool:
+    """An HTTP request is let in: no token configured, or its `Authorization: Bearer <token>` matches."""
+    return not token or token_matches(headers.get("Authorization"), token)

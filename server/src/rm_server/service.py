@@ -22,8 +22,8 @@ from rm_server.convert import ensemble_response, samples_from_request, score_res
 from rm_server.errors import AdminDisabled, InvalidRequest, NotReady, RewardServiceError, status_of
 from rm_server.logsafe import RefusalLog, loggable
 from rm_server.metrics import ServiceMetrics
-from rm_server.models import Ensemble, ModelRegistry
-from rm_server.scoring import preference_probability
+from rm_server.models import Ensemble, ModelIdentity, ModelRegistry
+from rm_server.scoring import SampleInput, preference_probability
 
 log = logging.getLogger("rm_server")
 STREAM_INFLIGHT = 64
@@ -49,11 +49,10 @@ def new_request_id() -> str:
 
 
 @dataclass(frozen=True)
-class TextRewards:
+class Rewards:
     rewards: list[float]
     num_tokens: list[int]
-    name: str
-    version: str
+    model: ModelIdentity
 
 
 REDUCTIONS = {
@@ -125,7 +124,7 @@ class RewardService(reward_pb2_grpc.RewardServiceServicer):
                 scores = await model.score(self.registry, inputs, strict)
                 rewards = scores.reduce(REDUCTIONS[request.ensemble_reduce], request.ensemble_k or 1.0)
                 elapsed_ms = 1000 * (time.perf_counter() - started)
-                return ensemble_response(request_id, scores, rewards, model.name, model.version, elapsed_ms)
+                return ensemble_response(request_id, scores, rewards, elapsed_ms)
             outcome = await model.scorer.score(inputs, request.normalize, strict)
         self.metrics.latency.labels("queue").observe(outcome.timing.queue_ms / 1000)
         self.metrics.latency.labels("tokenization").observe(outcome.timing.tokenization_ms / 1000)
@@ -134,16 +133,23 @@ class RewardService(reward_pb2_grpc.RewardServiceServicer):
         log.debug(
             "request %s: %d samples in %.1f ms", loggable(request_id), len(outcome.results), outcome.timing.total_ms
         )
-        return score_response(request_id, outcome, model.name, model.version)
+        return score_response(request_id, outcome, model.identity)
 
-    async def rewards_of(self, samples: list[Sample], model_name: str = "", version: str = "") -> TextRewards:
-        """Rewards of text samples (an ensemble's mean for ensembles), with token counts and the model."""
+    async def rewards_of(
+        self,
+        samples: list[SampleInput],
+        model_name: str = "",
+        version: str = "",
+        strict: bool = False,
+        max_tokens: int | None = None,
+    ) -> Rewards:
+        """Rewards (an ensemble's mean for ensembles), with token counts and the model that gave them."""
         async with self.registry.use(model_name, version) as model:
             if isinstance(model, Ensemble):
-                scores = await model.score(self.registry, samples, False)
-                return TextRewards(scores.mean.tolist(), scores.num_tokens, model.name, model.version)
-            results = (await model.scorer.score(samples)).results
-            return TextRewards([r.reward for r in results], [r.num_tokens for r in results], model.name, model.version)
+                scores = await model.score(self.registry, samples, strict, max_tokens)
+                return Rewards(scores.mean.tolist(), scores.num_tokens, scores.identity)
+            results = (await model.scorer.score(samples, strict=strict, max_tokens=max_tokens)).results
+            return Rewards([r.reward for r in results], [r.num_tokens for r in results], model.identity)
 
     @rpc
     async def Score(self, request, context, request_id):
@@ -210,8 +216,9 @@ class RewardService(reward_pb2_grpc.RewardServiceServicer):
             probability_a_preferred=preference_probability(reward_a, reward_b),
             reward_a=reward_a,
             reward_b=reward_b,
-            model_name=scored.name,
-            model_version=scored.version,
+            model_name=scored.model.name,
+            model_version=scored.model.version,
+            model_sha256=scored.model.sha256,
         )
 
     @rpc
@@ -226,7 +233,11 @@ class RewardService(reward_pb2_grpc.RewardServiceServicer):
         rewards = np.array(scored.rewards)
         order = np.argsort(-rewards, kind="stable")
         return pb.RankResponse(
-            order=order.tolist(), rewards=rewards.tolist(), model_name=scored.name, model_version=scored.version
+            order=order.tolist(),
+            rewards=rewards.tolist(),
+            model_name=scored.model.name,
+            model_version=scored.model.version,
+            model_sha256=scored.model.sha256,
         )
 
     @rpc
@@ -239,8 +250,9 @@ class RewardService(reward_pb2_grpc.RewardServiceServicer):
                 is_default_version=serving,
                 is_default_model=name == self.registry.default_model,
                 members=members,
+                model_sha256=sha256,
             )
-            for name, version, serving, members in self.registry.loaded()
+            for name, version, serving, members, sha256 in self.registry.loaded()
         ]
         if isinstance(model, Ensemble):
             return pb.ModelInfo(name=model.name, version=model.version, pooling="ensemble", loaded=loaded)
@@ -261,6 +273,7 @@ class RewardService(reward_pb2_grpc.RewardServiceServicer):
             max_samples_per_request=model.settings.limits.max_samples_per_request,
             bundle_json=json.dumps(manifest),
             loaded=loaded,
+            model_sha256=model.identity.sha256,
         )
 
     @rpc

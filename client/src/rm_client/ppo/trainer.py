@@ -149,6 +149,7 @@ class PPOTrainer:
             **stats,
             **{f"time/{k}": round(v, 4) for k, v in timings.items()},
             "reward_wait_fraction": timings["reward_wait"] / timings["step"],
+            "reward_model": ", ".join(self.client.last_models),
             "example": {"prompt": prompts[0].for_service(), "response": texts[0], "score": raw_scores[0].item()},
         }
 

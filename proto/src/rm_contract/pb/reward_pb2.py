@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16reward/v1/reward.proto\x12\treward.v1\"(\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\",\n\x08TextPair\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x10\n\x08response\x18\x02 \x01(\t\"4\n\x0c\x43onversation\x12$\n\x08messages\x18\x01 \x03(\x0b\x32\x12.reward.v1.Message\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x8e\x01\n\x06Sample\x12#\n\x04text\x18\x01 \x01(\x0b\x32\x13.reward.v1.TextPairH\x00\x12/\n\x0c\x63onversation\x18\x02 \x01(\x0b\x32\x17.reward.v1.ConversationH\x00\x12%\n\x06tokens\x18\x03 \x01(\x0b\x32\x13.reward.v1.TokenIdsH\x00\x42\x07\n\x05input\"\xf8\x01\n\x0cScoreRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\"\n\x07samples\x18\x02 \x03(\x0b\x32\x11.reward.v1.Sample\x12\x11\n\tnormalize\x18\x03 \x01(\x08\x12/\n\ntruncation\x18\x04 \x01(\x0e\x32\x1b.reward.v1.TruncationPolicy\x12\r\n\x05model\x18\x05 \x01(\t\x12\x15\n\rmodel_version\x18\x06 \x01(\t\x12\x32\n\x0f\x65nsemble_reduce\x18\x07 \x01(\x0e\x32\x19.reward.v1.EnsembleReduce\x12\x12\n\nensemble_k\x18\x08 \x01(\x01\"H\n\rEnsembleStats\x12\x0c\n\x04mean\x18\x01 \x01(\x02\x12\x0b\n\x03std\x18\x02 \x01(\x02\x12\x0b\n\x03min\x18\x03 \x01(\x02\x12\x0f\n\x07members\x18\x04 \x03(\x02\"[\n\x06Timing\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x17\n\x0ftokenization_ms\x18\x02 \x01(\x01\x12\x14\n\x0cinference_ms\x18\x03 \x01(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\"q\n\x0cSampleResult\x12\x0e\n\x06reward\x18\x01 \x01(\x02\x12\x12\n\nnum_tokens\x18\x02 \x01(\r\x12\x11\n\ttruncated\x18\x03 \x01(\x08\x12*\n\x08\x65nsemble\x18\x04 \x01(\x0b\x32\x18.reward.v1.EnsembleStats\"\xd0\x01\n\rScoreResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12(\n\x07results\x18\x02 \x03(\x0b\x32\x17.reward.v1.SampleResult\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12!\n\x06timing\x18\x05 \x01(\x0b\x32\x11.reward.v1.Timing\x12\x12\n\nnormalized\x18\x06 \x01(\x08\x12\x1f\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x10.reward.v1.Error\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"n\n\x0e\x43ompareRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x12\n\nresponse_a\x18\x02 \x01(\t\x12\x12\n\nresponse_b\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x15\n\rmodel_version\x18\x05 \x01(\t\"\x81\x01\n\x0f\x43ompareResponse\x12\x1f\n\x17probability_a_preferred\x18\x01 \x01(\x01\x12\x10\n\x08reward_a\x18\x02 \x01(\x02\x12\x10\n\x08reward_b\x18\x03 \x01(\x02\x12\x12\n\nmodel_name\x18\x04 \x01(\t\x12\x15\n\rmodel_version\x18\x05 \x01(\t\"V\n\x0bRankRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x11\n\tresponses\x18\x02 \x03(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\"Y\n\x0cRankResponse\x12\r\n\x05order\x18\x01 \x03(\r\x12\x0f\n\x07rewards\x18\x02 \x03(\x02\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\";\n\x13GetModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"R\n\x12NormalizationStats\x12\x0c\n\x04mean\x18\x01 \x01(\x01\x12\x0b\n\x03std\x18\x02 \x01(\x01\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\"\xf2\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\nmax_length\x18\x03 \x01(\r\x12\x0f\n\x07pooling\x18\x04 \x01(\t\x12\x34\n\rnormalization\x18\x05 \x01(\x0b\x32\x1d.reward.v1.NormalizationStats\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x1f\n\x17max_samples_per_request\x18\x07 \x01(\r\x12\x13\n\x0b\x62undle_json\x18\x08 \x01(\t\x12&\n\x06loaded\x18\t \x03(\x0b\x32\x16.reward.v1.LoadedModel\"s\n\x0bLoadedModel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x1a\n\x12is_default_version\x18\x03 \x01(\x08\x12\x18\n\x10is_default_model\x18\x04 \x01(\x08\x12\x0f\n\x07members\x18\x05 \x03(\t\"\x15\n\x13ReloadModelsRequest\"J\n\x14ReloadModelsResponse\x12\x0e\n\x06loaded\x18\x01 \x03(\t\x12\x10\n\x08unloaded\x18\x02 \x03(\t\x12\x10\n\x08rejected\x18\x03 \x03(\t*s\n\x10TruncationPolicy\x12!\n\x1dTRUNCATION_POLICY_UNSPECIFIED\x10\x00\x12\x1e\n\x1aTRUNCATION_POLICY_TRUNCATE\x10\x01\x12\x1c\n\x18TRUNCATION_POLICY_STRICT\x10\x02*\x8a\x01\n\x0e\x45nsembleReduce\x12\x1f\n\x1b\x45NSEMBLE_REDUCE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x45NSEMBLE_REDUCE_MEAN\x10\x01\x12$\n ENSEMBLE_REDUCE_MEAN_MINUS_K_STD\x10\x02\x12\x17\n\x13\x45NSEMBLE_REDUCE_MIN\x10\x03\x32\xa3\x03\n\rRewardService\x12:\n\x05Score\x12\x17.reward.v1.ScoreRequest\x1a\x18.reward.v1.ScoreResponse\x12\x44\n\x0bScoreStream\x12\x17.reward.v1.ScoreRequest\x1a\x18.reward.v1.ScoreResponse(\x01\x30\x01\x12@\n\x07\x43ompare\x12\x19.reward.v1.CompareRequest\x1a\x1a.reward.v1.CompareResponse\x12\x37\n\x04Rank\x12\x16.reward.v1.RankRequest\x1a\x17.reward.v1.RankResponse\x12\x44\n\x0cGetModelInfo\x12\x1e.reward.v1.GetModelInfoRequest\x1a\x14.reward.v1.ModelInfo\x12O\n\x0cReloadModels\x12\x1e.reward.v1.ReloadModelsRequest\x1a\x1f.reward.v1.ReloadModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16reward/v1/reward.proto\x12\treward.v1\"(\n\x07Message\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\",\n\x08TextPair\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x10\n\x08response\x18\x02 \x01(\t\"4\n\x0c\x43onversation\x12$\n\x08messages\x18\x01 \x03(\x0b\x32\x12.reward.v1.Message\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"\x8e\x01\n\x06Sample\x12#\n\x04text\x18\x01 \x01(\x0b\x32\x13.reward.v1.TextPairH\x00\x12/\n\x0c\x63onversation\x18\x02 \x01(\x0b\x32\x17.reward.v1.ConversationH\x00\x12%\n\x06tokens\x18\x03 \x01(\x0b\x32\x13.reward.v1.TokenIdsH\x00\x42\x07\n\x05input\"\xf8\x01\n\x0cScoreRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\"\n\x07samples\x18\x02 \x03(\x0b\x32\x11.reward.v1.Sample\x12\x11\n\tnormalize\x18\x03 \x01(\x08\x12/\n\ntruncation\x18\x04 \x01(\x0e\x32\x1b.reward.v1.TruncationPolicy\x12\r\n\x05model\x18\x05 \x01(\t\x12\x15\n\rmodel_version\x18\x06 \x01(\t\x12\x32\n\x0f\x65nsemble_reduce\x18\x07 \x01(\x0e\x32\x19.reward.v1.EnsembleReduce\x12\x12\n\nensemble_k\x18\x08 \x01(\x01\"H\n\rEnsembleStats\x12\x0c\n\x04mean\x18\x01 \x01(\x02\x12\x0b\n\x03std\x18\x02 \x01(\x02\x12\x0b\n\x03min\x18\x03 \x01(\x02\x12\x0f\n\x07members\x18\x04 \x03(\x02\"[\n\x06Timing\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x17\n\x0ftokenization_ms\x18\x02 \x01(\x01\x12\x14\n\x0cinference_ms\x18\x03 \x01(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\"q\n\x0cSampleResult\x12\x0e\n\x06reward\x18\x01 \x01(\x02\x12\x12\n\nnum_tokens\x18\x02 \x01(\r\x12\x11\n\ttruncated\x18\x03 \x01(\x08\x12*\n\x08\x65nsemble\x18\x04 \x01(\x0b\x32\x18.reward.v1.EnsembleStats\"\xe6\x01\n\rScoreResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12(\n\x07results\x18\x02 \x03(\x0b\x32\x17.reward.v1.SampleResult\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12!\n\x06timing\x18\x05 \x01(\x0b\x32\x11.reward.v1.Timing\x12\x12\n\nnormalized\x18\x06 \x01(\x08\x12\x1f\n\x05\x65rror\x18\x07 \x01(\x0b\x32\x10.reward.v1.Error\x12\x14\n\x0cmodel_sha256\x18\x08 \x01(\t\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"n\n\x0e\x43ompareRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x12\n\nresponse_a\x18\x02 \x01(\t\x12\x12\n\nresponse_b\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\x12\x15\n\rmodel_version\x18\x05 \x01(\t\"\x97\x01\n\x0f\x43ompareResponse\x12\x1f\n\x17probability_a_preferred\x18\x01 \x01(\x01\x12\x10\n\x08reward_a\x18\x02 \x01(\x02\x12\x10\n\x08reward_b\x18\x03 \x01(\x02\x12\x12\n\nmodel_name\x18\x04 \x01(\t\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12\x14\n\x0cmodel_sha256\x18\x06 \x01(\t\"V\n\x0bRankRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x11\n\tresponses\x18\x02 \x03(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\"o\n\x0cRankResponse\x12\r\n\x05order\x18\x01 \x03(\r\x12\x0f\n\x07rewards\x18\x02 \x03(\x02\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\x12\x14\n\x0cmodel_sha256\x18\x05 \x01(\t\";\n\x13GetModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\"R\n\x12NormalizationStats\x12\x0c\n\x04mean\x18\x01 \x01(\x01\x12\x0b\n\x03std\x18\x02 \x01(\x01\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\"\x88\x02\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\nmax_length\x18\x03 \x01(\r\x12\x0f\n\x07pooling\x18\x04 \x01(\t\x12\x34\n\rnormalization\x18\x05 \x01(\x0b\x32\x1d.reward.v1.NormalizationStats\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x1f\n\x17max_samples_per_request\x18\x07 \x01(\r\x12\x13\n\x0b\x62undle_json\x18\x08 \x01(\t\x12&\n\x06loaded\x18\t \x03(\x0b\x32\x16.reward.v1.LoadedModel\x12\x14\n\x0cmodel_sha256\x18\n \x01(\t\"\x89\x01\n\x0bLoadedModel\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x1a\n\x12is_default_version\x18\x03 \x01(\x08\x12\x18\n\x10is_default_model\x18\x04 \x01(\x08\x12\x0f\n\x07members\x18\x05 \x03(\t\x12\x14\n\x0cmodel_sha256\x18\x06 \x01(\t\"\x15\n\x13ReloadModelsRequest\"J\n\x14ReloadModelsResponse\x12\x0e\n\x06loaded\x18\x01 \x03(\t\x12\x10\n\x08unloaded\x18\x02 \x03(\t\x12\x10\n\x08rejected\x18\x03 \x03(\t*s\n\x10TruncationPolicy\x12!\n\x1dTRUNCATION_POLICY_UNSPECIFIED\x10\x00\x12\x1e\n\x1aTRUNCATION_POLICY_TRUNCATE\x10\x01\x12\x1c\n\x18TRUNCATION_POLICY_STRICT\x10\x02*\x8a\x01\n\x0e\x45nsembleReduce\x12\x1f\n\x1b\x45NSEMBLE_REDUCE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x45NSEMBLE_REDUCE_MEAN\x10\x01\x12$\n ENSEMBLE_REDUCE_MEAN_MINUS_K_STD\x10\x02\x12\x17\n\x13\x45NSEMBLE_REDUCE_MIN\x10\x03\x32\xa3\x03\n\rRewardService\x12:\n\x05Score\x12\x17.reward.v1.ScoreRequest\x1a\x18.reward.v1.ScoreResponse\x12\x44\n\x0bScoreStream\x12\x17.reward.v1.ScoreRequest\x1a\x18.reward.v1.ScoreResponse(\x01\x30\x01\x12@\n\x07\x43ompare\x12\x19.reward.v1.CompareRequest\x1a\x1a.reward.v1.CompareResponse\x12\x37\n\x04Rank\x12\x16.reward.v1.RankRequest\x1a\x17.reward.v1.RankResponse\x12\x44\n\x0cGetModelInfo\x12\x1e.reward.v1.GetModelInfoRequest\x1a\x14.reward.v1.ModelInfo\x12O\n\x0cReloadModels\x12\x1e.reward.v1.ReloadModelsRequest\x1a\x1f.reward.v1.ReloadModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'reward.v1.reward_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TRUNCATIONPOLICY']._serialized_start=2162
-  _globals['_TRUNCATIONPOLICY']._serialized_end=2277
-  _globals['_ENSEMBLEREDUCE']._serialized_start=2280
-  _globals['_ENSEMBLEREDUCE']._serialized_end=2418
+  _globals['_TRUNCATIONPOLICY']._serialized_start=2273
+  _globals['_TRUNCATIONPOLICY']._serialized_end=2388
+  _globals['_ENSEMBLEREDUCE']._serialized_start=2391
+  _globals['_ENSEMBLEREDUCE']._serialized_end=2529
   _globals['_MESSAGE']._serialized_start=37
   _globals['_MESSAGE']._serialized_end=77
   _globals['_TEXTPAIR']._serialized_start=79
@@ -54,29 +54,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLERESULT']._serialized_start=767
   _globals['_SAMPLERESULT']._serialized_end=880
   _globals['_SCORERESPONSE']._serialized_start=883
-  _globals['_SCORERESPONSE']._serialized_end=1091
-  _globals['_ERROR']._serialized_start=1093
-  _globals['_ERROR']._serialized_end=1131
-  _globals['_COMPAREREQUEST']._serialized_start=1133
-  _globals['_COMPAREREQUEST']._serialized_end=1243
-  _globals['_COMPARERESPONSE']._serialized_start=1246
-  _globals['_COMPARERESPONSE']._serialized_end=1375
-  _globals['_RANKREQUEST']._serialized_start=1377
-  _globals['_RANKREQUEST']._serialized_end=1463
-  _globals['_RANKRESPONSE']._serialized_start=1465
-  _globals['_RANKRESPONSE']._serialized_end=1554
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1556
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1615
-  _globals['_NORMALIZATIONSTATS']._serialized_start=1617
-  _globals['_NORMALIZATIONSTATS']._serialized_end=1699
-  _globals['_MODELINFO']._serialized_start=1702
-  _globals['_MODELINFO']._serialized_end=1944
-  _globals['_LOADEDMODEL']._serialized_start=1946
-  _globals['_LOADEDMODEL']._serialized_end=2061
-  _globals['_RELOADMODELSREQUEST']._serialized_start=2063
-  _globals['_RELOADMODELSREQUEST']._serialized_end=2084
-  _globals['_RELOADMODELSRESPONSE']._serialized_start=2086
-  _globals['_RELOADMODELSRESPONSE']._serialized_end=2160
-  _globals['_REWARDSERVICE']._serialized_start=2421
-  _globals['_REWARDSERVICE']._serialized_end=2840
+  _globals['_SCORERESPONSE']._serialized_end=1113
+  _globals['_ERROR']._serialized_start=1115
+  _globals['_ERROR']._serialized_end=1153
+  _globals['_COMPAREREQUEST']._serialized_start=1155
+  _globals['_COMPAREREQUEST']._serialized_end=1265
+  _globals['_COMPARERESPONSE']._serialized_start=1268
+  _globals['_COMPARERESPONSE']._serialized_end=1419
+  _globals['_RANKREQUEST']._serialized_start=1421
+  _globals['_RANKREQUEST']._serialized_end=1507
+  _globals['_RANKRESPONSE']._serialized_start=1509
+  _globals['_RANKRESPONSE']._serialized_end=1620
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1622
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1681
+  _globals['_NORMALIZATIONSTATS']._serialized_start=1683
+  _globals['_NORMALIZATIONSTATS']._serialized_end=1765
+  _globals['_MODELINFO']._serialized_start=1768
+  _globals['_MODELINFO']._serialized_end=2032
+  _globals['_LOADEDMODEL']._serialized_start=2035
+  _globals['_LOADEDMODEL']._serialized_end=2172
+  _globals['_RELOADMODELSREQUEST']._serialized_start=2174
+  _globals['_RELOADMODELSREQUEST']._serialized_end=2195
+  _globals['_RELOADMODELSRESPONSE']._serialized_start=2197
+  _globals['_RELOADMODELSRESPONSE']._serialized_end=2271
+  _globals['_REWARDSERVICE']._serialized_start=2532
+  _globals['_REWARDSERVICE']._serialized_end=2951
 # @@protoc_insertion_point(module_scope)

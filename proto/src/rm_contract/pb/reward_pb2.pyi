@@ -122,7 +122,7 @@ class SampleResult(_message.Message):
     def __init__(self, reward: _Optional[float] = ..., num_tokens: _Optional[int] = ..., truncated: _Optional[bool] = ..., ensemble: _Optional[_Union[EnsembleStats, _Mapping]] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
-    __slots__ = ("request_id", "results", "model_name", "model_version", "timing", "normalized", "error")
+    __slots__ = ("request_id", "results", "model_name", "model_version", "timing", "normalized", "error", "model_sha256")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -130,6 +130,7 @@ class ScoreResponse(_message.Message):
     TIMING_FIELD_NUMBER: _ClassVar[int]
     NORMALIZED_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     results: _containers.RepeatedCompositeFieldContainer[SampleResult]
     model_name: str
@@ -137,7 +138,8 @@ class ScoreResponse(_message.Message):
     timing: Timing
     normalized: bool
     error: Error
-    def __init__(self, request_id: _Optional[str] = ..., results: _Optional[_Iterable[_Union[SampleResult, _Mapping]]] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., normalized: _Optional[bool] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+    model_sha256: str
+    def __init__(self, request_id: _Optional[str] = ..., results: _Optional[_Iterable[_Union[SampleResult, _Mapping]]] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., normalized: _Optional[bool] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., model_sha256: _Optional[str] = ...) -> None: ...
 
 class Error(_message.Message):
     __slots__ = ("code", "message")
@@ -162,18 +164,20 @@ class CompareRequest(_message.Message):
     def __init__(self, prompt: _Optional[str] = ..., response_a: _Optional[str] = ..., response_b: _Optional[str] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class CompareResponse(_message.Message):
-    __slots__ = ("probability_a_preferred", "reward_a", "reward_b", "model_name", "model_version")
+    __slots__ = ("probability_a_preferred", "reward_a", "reward_b", "model_name", "model_version", "model_sha256")
     PROBABILITY_A_PREFERRED_FIELD_NUMBER: _ClassVar[int]
     REWARD_A_FIELD_NUMBER: _ClassVar[int]
     REWARD_B_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
     probability_a_preferred: float
     reward_a: float
     reward_b: float
     model_name: str
     model_version: str
-    def __init__(self, probability_a_preferred: _Optional[float] = ..., reward_a: _Optional[float] = ..., reward_b: _Optional[float] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
+    model_sha256: str
+    def __init__(self, probability_a_preferred: _Optional[float] = ..., reward_a: _Optional[float] = ..., reward_b: _Optional[float] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., model_sha256: _Optional[str] = ...) -> None: ...
 
 class RankRequest(_message.Message):
     __slots__ = ("prompt", "responses", "model", "model_version")
@@ -188,16 +192,18 @@ class RankRequest(_message.Message):
     def __init__(self, prompt: _Optional[str] = ..., responses: _Optional[_Iterable[str]] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
 
 class RankResponse(_message.Message):
-    __slots__ = ("order", "rewards", "model_name", "model_version")
+    __slots__ = ("order", "rewards", "model_name", "model_version", "model_sha256")
     ORDER_FIELD_NUMBER: _ClassVar[int]
     REWARDS_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
     order: _containers.RepeatedScalarFieldContainer[int]
     rewards: _containers.RepeatedScalarFieldContainer[float]
     model_name: str
     model_version: str
-    def __init__(self, order: _Optional[_Iterable[int]] = ..., rewards: _Optional[_Iterable[float]] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
+    model_sha256: str
+    def __init__(self, order: _Optional[_Iterable[int]] = ..., rewards: _Optional[_Iterable[float]] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., model_sha256: _Optional[str] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
     __slots__ = ("model", "model_version")
@@ -220,7 +226,7 @@ class NormalizationStats(_message.Message):
     def __init__(self, mean: _Optional[float] = ..., std: _Optional[float] = ..., size: _Optional[int] = ..., description: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "max_length", "pooling", "normalization", "dtype", "max_samples_per_request", "bundle_json", "loaded")
+    __slots__ = ("name", "version", "max_length", "pooling", "normalization", "dtype", "max_samples_per_request", "bundle_json", "loaded", "model_sha256")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -230,6 +236,7 @@ class ModelInfo(_message.Message):
     MAX_SAMPLES_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     BUNDLE_JSON_FIELD_NUMBER: _ClassVar[int]
     LOADED_FIELD_NUMBER: _ClassVar[int]
+    MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     max_length: int
@@ -239,21 +246,24 @@ class ModelInfo(_message.Message):
     max_samples_per_request: int
     bundle_json: str
     loaded: _containers.RepeatedCompositeFieldContainer[LoadedModel]
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., max_length: _Optional[int] = ..., pooling: _Optional[str] = ..., normalization: _Optional[_Union[NormalizationStats, _Mapping]] = ..., dtype: _Optional[str] = ..., max_samples_per_request: _Optional[int] = ..., bundle_json: _Optional[str] = ..., loaded: _Optional[_Iterable[_Union[LoadedModel, _Mapping]]] = ...) -> None: ...
+    model_sha256: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., max_length: _Optional[int] = ..., pooling: _Optional[str] = ..., normalization: _Optional[_Union[NormalizationStats, _Mapping]] = ..., dtype: _Optional[str] = ..., max_samples_per_request: _Optional[int] = ..., bundle_json: _Optional[str] = ..., loaded: _Optional[_Iterable[_Union[LoadedModel, _Mapping]]] = ..., model_sha256: _Optional[str] = ...) -> None: ...
 
 class LoadedModel(_message.Message):
-    __slots__ = ("name", "version", "is_default_version", "is_default_model", "members")
+    __slots__ = ("name", "version", "is_default_version", "is_default_model", "members", "model_sha256")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     IS_DEFAULT_VERSION_FIELD_NUMBER: _ClassVar[int]
     IS_DEFAULT_MODEL_FIELD_NUMBER: _ClassVar[int]
     MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     is_default_version: bool
     is_default_model: bool
     members: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., is_default_version: _Optional[bool] = ..., is_default_model: _Optional[bool] = ..., members: _Optional[_Iterable[str]] = ...) -> None: ...
+    model_sha256: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., is_default_version: _Optional[bool] = ..., is_default_model: _Optional[bool] = ..., members: _Optional[_Iterable[str]] = ..., model_sha256: _Optional[str] = ...) -> None: ...
 
 class ReloadModelsRequest(_message.Message):
     __slots__ = ()

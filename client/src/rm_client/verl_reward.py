@@ -1,0 +1,92 @@
+"""veRL's custom reward function, scored by rm-serve over gRPC: `compute_score`.
+
+veRL's reward loop calls `await compute_score(data_source=..., solution_str=..., ground_truth=...,
+extra_info=..., **reward_kwargs)` once per sample, many samples at once, and takes a float or a dict with
+"score" (its other keys are logged as reward_extra_info). rm-serve batches the concurrent single-sample
+calls across workers. veRL passes the decoded response but not the prompt: it is read from `extra_info`
+under `prompt_key` (default: the first of "prompt" and "question" present, the keys veRL's example datasets
+write); a string is scored as (prompt, response) with the bundle's recipe, a list of chat messages as a
+conversation with the response appended as the assistant's message. A sample without a prompt raises: a
+reward for the response alone would be a wrong reward, silently trained on.
+
+Config (veRL's `reward.custom_reward_function`; before its 2026 config move, the top-level
+`custom_reward_function`), with the path printed by
+`python -c "import rm_client.verl_reward as m; print(m.__file__)"`:
+
+    reward:
+      custom_reward_function:
+        path: /usr/lib/python3.11/site-packages/rm_client/verl_reward.py
+        name: compute_score
+        reward_kwargs:
+          target: rm-serve.rlhf.svc:50051
+          timeout_s: 180
+
+Failures (after the client's retries within `timeout_s`) raise `RewardServiceError`, which stops the step
+rather than training on a missing reward.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from rm_client.client import AsyncRewardClient
+
+PROMPT_KEYS = ("prompt", "question")
+_clients: dict[tuple, AsyncRewardClient] = {}
+"""One client (one gRPC channel) per target, options and event loop: veRL calls once per sample."""
+
+
+async def compute_score(
+    data_source: str | None,
+    solution_str: str,
+    ground_truth: Any = None,
+    extra_info: Mapping[str, Any] | None = None,
+    *,
+    target: str = "localhost:50051",
+    prompt_key: str | None = None,
+    model: str = "",
+    normalize: bool = False,
+    timeout_s: float = 180.0,
+    **trainer_kwargs: Any,
+) -> dict[str, float]:
+    """The reward of `solution_str` given the prompt in `extra_info`, as {"score": reward, "rm_latency_s": s}.
+    `trainer_kwargs` takes what veRL passes for its own reward models (reward_router_address,
+    reward_model_tokenizer), unused here."""
+    prompt = prompt_of(extra_info, prompt_key)
+    client = _client(target, model, timeout_s)
+    started = time.perf_counter()
+    if isinstance(prompt, str):
+        rewards = await client.score([prompt], [solution_str], normalize=normalize)
+    else:
+        conversation = [*prompt, {"role": "assistant", "content": solution_str}]
+        rewards = await client.score_conversations([conversation], normalize=normalize)
+    return {"score": float(rewards[0]), "rm_latency_s": time.perf_counter() - started}
+
+
+def prompt_of(extra_info: Mapping[str, Any] | None, prompt_key: str | None = None) -> str | list[dict]:
+    """The sample's prompt: a string, or chat messages ({"role", "content"} mappings)."""
+    info = extra_info or {}
+    keys = (prompt_key,) if prompt_key else PROMPT_KEYS
+    key = next((k for k in keys if k in info), None)
+    if key is None:
+        raise ValueError(
+            f"no prompt in extra_info under {' or '.join(map(repr, keys))} (it has {sorted(info) or 'no keys'}): "
+            "write the prompt into each row's extra_info, or name its key with reward_kwargs.prompt_key"
+        )
+    prompt = info[key]
+    if isinstance(prompt, str):
+        return prompt
+    messages = list(prompt) if isinstance(prompt, list | tuple) else None
+    if not messages or not all(isinstance(m, Mapping) and "role" in m and "content" in m for m in messages):
+        raise ValueError(f"extra_info[{key!r}] must be a string or a list of chat messages with role and content")
+    return [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
+
+
+def _client(target: str, model: str, timeout_s: float) -> AsyncRewardClient:
+    key = (target, model, timeout_s, asyncio.get_running_loop())
+    if key not in _clients:
+        _clients[key] = AsyncRewardClient(target, model=model, timeout_s=timeout_s)
+    return _clients[key]

@@ -1,0 +1,324 @@
+"""vLLM's pooling API on the HTTP port, for a single-label reward model: what veRL's reward loop, per-sample
+remote-reward callers and any vLLM client send, with vLLM's request, response and error shapes (upstream:
+vllm/entrypoints/pooling/classify/protocol.py, pooling/pooling/protocol.py, openai/engine/protocol.py).
+
+- `POST /classify`: `input` (a string, a list of strings, token ids or a list of token-id lists) or
+  `messages` (one conversation ending with the assistant's response, encoded by the bundle's recipe as a
+  gRPC Conversation is); `model` (optional: a loaded model's name), `use_activation` (false: the raw
+  reward; true or absent, vLLM's default for one label: sigmoid(reward); the legacy `activation` is read
+  too), `truncate_prompt_tokens` (absent: an input over the model's maximum is refused, as vLLM does; -1:
+  cut to the maximum; k: keep the last k ids), `add_special_tokens`, `request_id`. Answer: `data[i].probs
+  == [reward]`, `num_classes` 1.
+- `POST /pooling`: the same inputs, task absent or "classify"; `data[i].data == [reward]`.
+- `GET /v1/models`: the models served, with their max length and identity; `GET /health`: 200 once ready.
+
+A text input is the model's whole input, tokenized as it is (`SampleEncoder.encode_text`: a conversation
+rendered by the bundle's chat template, with or without its BOS, gets the ids of the same `messages`).
+Every answer names the model in `reward_model` and in an `X-Reward-Model` header. Errors are vLLM's
+(>= 0.10.1) `{"error": {"message", "type", "param", "code"}}`: 400 BadRequestError, 401 (bearer token),
+404 NotFoundError (model), 503 ServiceUnavailableError with Retry-After (queue full, not ready), 500.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+from aiohttp import web
+
+from rm_contract.recipe import Message, RecipeError, Sample
+from rm_server.convert import MAX_MESSAGES_PER_CONVERSATION
+from rm_server.errors import InvalidRequest
+from rm_server.models import Ensemble
+from rm_server.scoring import Limits, SampleInput, TextInput, TokenInput
+from rm_server.security import authorized
+from rm_server.service import Rewards, RewardService, new_request_id
+
+ERRORS = {  # gRPC status -> (HTTP status, vLLM's error type)
+    grpc.StatusCode.INVALID_ARGUMENT: (400, "BadRequestError"),
+    grpc.StatusCode.NOT_FOUND: (404, "NotFoundError"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (503, "ServiceUnavailableError"),
+    grpc.StatusCode.UNAVAILABLE: (503, "ServiceUnavailableError"),
+}
+INPUT_SHAPES = "a string, a list of strings, a list of token ids or a list of lists of token ids"
+
+
+class BadField(InvalidRequest):
+    """Bad input in one named field (vLLM's `param`)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class PoolingRequest:
+    model: str
+    inputs: list[SampleInput]
+    use_activation: bool
+    strict: bool
+    max_tokens: int | None
+
+
+def add_routes(app: web.Application, service: RewardService, token: str | None) -> None:
+    routes = VllmRoutes(service, token)
+    app.router.add_post("/classify", routes.classify)
+    app.router.add_post("/pooling", routes.pooling)
+    app.router.add_get("/v1/models", routes.models)
+    app.router.add_get("/health", routes.health)
+
+
+def error_response(status: int, kind: str, message: str, param: str | None = None) -> web.Response:
+    body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
+    return web.json_response(body, status=status, headers={"Retry-After": "1"} if status == 503 else None)
+
+
+class VllmRoutes:
+    def __init__(self, service: RewardService, token: str | None):
+        self.service, self.token = service, token
+        self.created = int(time.time())
+
+    async def classify(self, request: web.Request) -> web.Response:
+        return await self._score(request, "Classify", classify_body)
+
+    async def pooling(self, request: web.Request) -> web.Response:
+        return await self._score(request, "Pooling", pooling_body)
+
+    async def _score(self, request: web.Request, method: str, answer: Callable[..., dict]) -> web.Response:
+        if not authorized(request.headers, self.token):
+            return error_response(401, "Unauthorized", "missing or invalid bearer token (Authorization header)")
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        request_id = request.headers.get("X-Request-Id") or _request_id_of(body)
+        parsed: list[PoolingRequest] = []
+        param: list[str] = []  # the field an error is about, vLLM's `param`
+
+        async def work() -> Rewards:
+            try:
+                parsed.append(parse_request(body, self.service.registry.settings.limits, pooling=method == "Pooling"))
+            except BadField as e:
+                param.append(e.param)
+                raise
+            r = parsed[0]
+            return await self.service.rewards_of(r.inputs, r.model, "", r.strict, r.max_tokens)
+
+        code, result = await self.service.answer(method, request_id, work())
+        if code == grpc.StatusCode.OK:
+            return web.json_response(answer(request_id, parsed[0], result), headers=result.model.http_headers)
+        status, kind = ERRORS.get(code, (500, "InternalServerError"))
+        if code == grpc.StatusCode.NOT_FOUND:
+            param.append("model")
+        return error_response(status, kind, result, (param or [None])[0])
+
+    async def models(self, request: web.Request) -> web.Response:
+        if not authorized(request.headers, self.token):
+            return error_response(401, "Unauthorized", "missing or invalid bearer token (Authorization header)")
+        cards = []
+        for name, version, serving, _, sha256 in self.service.registry.loaded():
+            if not serving:
+                continue
+            model = self.service.registry.resolve(name, version)
+            max_length = None if isinstance(model, Ensemble) else model.bundle.recipe.max_length
+            cards.append(
+                {
+                    "id": name,
+                    "object": "model",
+                    "created": self.created,
+                    "owned_by": "rewardserve",
+                    "root": name,
+                    "parent": None,
+                    "max_model_len": max_length,
+                    "permission": [],
+                    "reward_model": {"name": name, "version": version, "sha256": sha256},
+                }
+            )
+        return web.json_response({"object": "list", "data": cards})
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.Response(status=200 if self.service.ready else 503)
+
+
+def _request_id_of(body: object) -> str:
+    given = body.get("request_id") if isinstance(body, dict) else None
+    return given if isinstance(given, str) and given else new_request_id()
+
+
+def parse_request(body: object, limits: Limits, pooling: bool = False) -> PoolingRequest:
+    """vLLM's ClassificationRequest (or PoolingRequest) as scoring inputs; every problem names its field.
+    Counts are checked before any per-sample work."""
+    if not isinstance(body, dict):
+        raise InvalidRequest("the body must be a JSON object (vLLM's ClassificationRequest)")
+    model = body.get("model") or ""
+    if not isinstance(model, str):
+        raise BadField("model", "'model' must be a string: the name of a loaded model (GET /v1/models)")
+    if pooling:
+        _check_pooling_options(body)
+    add_special_tokens = body.get("add_special_tokens")
+    if add_special_tokens is not None and not isinstance(add_special_tokens, bool):
+        raise BadField("add_special_tokens", "'add_special_tokens' must be true or false")
+    has_input, has_messages = body.get("input") is not None, body.get("messages") is not None
+    if has_input == has_messages:
+        raise InvalidRequest("send exactly one of 'input' and 'messages'")
+    if has_input:
+        inputs = _inputs(body["input"], limits, add_special_tokens)
+    else:
+        _check_chat_options(body)
+        inputs = [_conversation(body["messages"])]
+    strict, max_tokens = _truncation(body)
+    return PoolingRequest(model, inputs, _use_activation(body), strict, max_tokens)
+
+
+def _inputs(value: object, limits: Limits, add_special_tokens: bool | None) -> list[SampleInput]:
+    if isinstance(value, str):
+        return [_text(0, value, add_special_tokens)]
+    if not isinstance(value, list) or not value:
+        raise BadField("input", f"'input' must be {INPUT_SHAPES} (not empty)")
+    if _is_int(value[0]):  # one token-id sequence
+        return [TokenInput(_token_ids(0, value))]
+    limits.check_count(len(value))
+    if all(isinstance(v, str) for v in value):
+        return [_text(i, v, add_special_tokens) for i, v in enumerate(value)]
+    if all(isinstance(v, list) for v in value):
+        return [TokenInput(_token_ids(i, v)) for i, v in enumerate(value)]
+    raise BadField("input", f"'input' must be {INPUT_SHAPES}; this list mixes kinds")
+
+
+def _text(index: int, text: str, add_special_tokens: bool | None) -> TextInput:
+    if not text:
+        raise BadField("input", f"input {index}: empty text")
+    return TextInput(text, add_special_tokens)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _token_ids(index: int, ids: list) -> tuple[int, ...]:
+    if not ids:
+        raise BadField("input", f"input {index}: empty token ids")
+    if not all(_is_int(t) and t >= 0 for t in ids):
+        raise BadField("input", f"input {index}: token ids must be integers >= 0")
+    return tuple(ids)
+
+
+def _conversation(messages: object) -> Sample:
+    if not isinstance(messages, list) or not messages:
+        raise BadField("messages", "'messages' must be a non-empty list of {role, content} objects")
+    if len(messages) > MAX_MESSAGES_PER_CONVERSATION:
+        raise BadField("messages", f"{len(messages)} messages; at most {MAX_MESSAGES_PER_CONVERSATION} are accepted")
+    try:
+        return Sample.from_messages([_message(i, m) for i, m in enumerate(messages)])
+    except RecipeError as e:
+        raise BadField("messages", str(e)) from None
+
+
+def _message(index: int, message: object) -> Message:
+    if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+        raise BadField("messages", f"message {index}: must be an object with a string 'role' and a 'content'")
+    content = message.get("content")
+    if isinstance(content, list):  # OpenAI content parts: only text can be scored
+        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+            raise BadField("messages", f"message {index}: only text content parts are supported")
+        content = "".join(p["text"] for p in content)
+    if not isinstance(content, str):
+        raise BadField("messages", f"message {index}: 'content' must be a string or a list of text parts")
+    return Message(message["role"], content)
+
+
+def _check_chat_options(body: dict) -> None:
+    """The conversation is scored as the model was trained: with the bundle's own template, ending after
+    the assistant's response."""
+    for flag in ("add_generation_prompt", "continue_final_message"):
+        if body.get(flag):
+            raise BadField(flag, f"'{flag}' is not supported: a reward is read after the assistant's response")
+    for field in ("chat_template", "chat_template_kwargs"):
+        if body.get(field):
+            raise BadField(field, f"'{field}' is not supported: the bundle's chat template (from training) is used")
+
+
+def _check_pooling_options(body: dict) -> None:
+    task = body.get("task")
+    if task not in (None, "classify"):
+        raise BadField(
+            "task", f"Task {task} is not supported: this reward model gives one score per sequence (task 'classify')"
+        )
+    if body.get("dimensions") is not None:
+        raise BadField("dimensions", "dimensions is currently not supported")
+    if body.get("encoding_format") not in (None, "float"):
+        raise BadField("encoding_format", "only encoding_format 'float' is supported")
+
+
+def _truncation(body: dict) -> tuple[bool, int | None]:
+    """(strict, max_tokens) from truncate_prompt_tokens: absent refuses over-long inputs, -1 cuts them to the
+    model's maximum, k keeps the last k ids (a reward model reads its score at the end)."""
+    side = body.get("truncation_side")
+    if side not in (None, "left"):
+        raise BadField(
+            "truncation_side",
+            "only truncation_side 'left' is supported: the end of an input, where a reward model "
+            "reads its score, is kept",
+        )
+    k = body.get("truncate_prompt_tokens")
+    if k is None:
+        return True, None
+    if not _is_int(k) or k == 0 or k < -1:
+        raise BadField("truncate_prompt_tokens", "'truncate_prompt_tokens' must be -1 (the model's maximum) or >= 1")
+    return False, None if k == -1 else k
+
+
+def _use_activation(body: dict) -> bool:
+    for field in ("use_activation", "activation", "softmax"):  # the last two: vLLM's older names
+        value = body.get(field)
+        if value is not None:
+            if not isinstance(value, bool):
+                raise BadField(field, f"'{field}' must be true or false")
+            return value
+    return True
+
+
+def _probability(reward: float) -> float:
+    """sigmoid(reward), what vLLM's classifier pooler returns for one label with use_activation."""
+    if reward >= 0:
+        return 1.0 / (1.0 + math.exp(-reward))
+    e = math.exp(reward)
+    return e / (1.0 + e)
+
+
+def _values(request: PoolingRequest, rewards: Rewards) -> list[float]:
+    return [_probability(r) if request.use_activation else r for r in rewards.rewards]
+
+
+def _envelope(prefix: str, request_id: str, rewards: Rewards, data: list[dict]) -> dict:
+    tokens = sum(rewards.num_tokens)
+    return {
+        "id": f"{prefix}-{request_id}",
+        "object": "list",
+        "created": int(time.time()),
+        "model": rewards.model.name,
+        "data": data,
+        "usage": {
+            "prompt_tokens": tokens,
+            "total_tokens": tokens,
+            "completion_tokens": 0,
+            "prompt_tokens_details": None,
+        },
+        "reward_model": rewards.model.as_dict(),
+    }
+
+
+def classify_body(request_id: str, request: PoolingRequest, rewards: Rewards) -> dict:
+    data = [
+        {"index": i, "label": None, "probs": [value], "num_classes": 1}
+        for i, value in enumerate(_values(request, rewards))
+    ]
+    return _envelope("classify", request_id, rewards, data)
+
+
+def pooling_body(request_id: str, request: PoolingRequest, rewards: Rewards) -> dict:
+    data = [{"index": i, "object": "pooling", "data": [value]} for i, value in enumerate(_values(request, rewards))]
+    return _envelope("pool", request_id, rewards, data)
