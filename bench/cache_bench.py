@@ -1,6 +1,7 @@
 """The exact reward cache (`--cache-mb`) on GRPO traffic: groups of one prompt and 8 responses where short
-answers repeat (as final answers do in math and QA rollouts), sent as whole-group requests by concurrent
-callers, against the same server without the cache, in one run.
+answers repeat within a group (as final answers do in math and QA rollouts: "42.", "The answer is 42."),
+sent as whole-group requests by concurrent callers, against the same server without the cache, in one run.
+Then the same groups again (a step resent after a trainer restart or a timeout): all hits.
 
     .venv/bin/python bench/cache_bench.py --bundle runs/demo/bundle
 
@@ -21,7 +22,7 @@ import loadgen
 import servers
 from serve_bench import demo_pairs, describe_machine
 
-SHORT_ANSWERS = ["42.", "Yes.", "No.", "The answer is 7.", "I don't know.", "12", "True.", "False."]
+SHORT_ANSWERS = ["42.", "The answer is 42.", "41."]
 
 
 def grpo_groups(n_groups: int, repeat_fraction: float, seed: int) -> list[list[tuple[str, str]]]:
@@ -50,13 +51,20 @@ def scrape(port: int) -> dict[str, float]:
     }
 
 
-def run_point(bundle: str, cache_mb: float, groups: list, concurrency: int) -> dict:
+def run_points(bundle: str, cache_mb: float, groups: list, concurrency: int) -> dict:
+    """The groups sent twice to one server: {"first": point, "resent": point}."""
     port = servers.free_port()
     extra = ["--cache-mb", str(cache_mb), "--metrics-port", str(port)]
     with servers.rm_serve(bundle, "fp32", extra) as (target, _):
-        before = scrape(port)
-        point = asyncio.run(loadgen.load_grpc(target, groups, concurrency))
-        after = scrape(port)
+        points = {}
+        for name in ("first", "resent"):
+            before = scrape(port)
+            point = asyncio.run(loadgen.load_grpc(target, groups, concurrency))
+            points[name] = measured(point, before, scrape(port), cache_mb)
+    return points
+
+
+def measured(point: dict, before: dict, after: dict, cache_mb: float) -> dict:
     point.pop("_latencies")
     delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
     point["engine_seconds"] = round(delta["rm_batch_inference_seconds_sum"], 2)
@@ -72,8 +80,8 @@ def run_point(bundle: str, cache_mb: float, groups: list, concurrency: int) -> d
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", default="runs/demo/bundle")
-    parser.add_argument("--groups", type=int, default=96)
-    parser.add_argument("--repeat-fraction", type=float, default=0.4, help="responses drawn from short answers")
+    parser.add_argument("--groups", type=int, default=192)
+    parser.add_argument("--repeat-fraction", type=float, default=0.5, help="responses drawn from short answers")
     parser.add_argument("--concurrency", type=int, default=8, help="group requests in flight")
     parser.add_argument("--cache-mb", type=float, default=64)
     parser.add_argument("--results", default="bench/results")
@@ -89,12 +97,13 @@ def main() -> None:
         "repeat_fraction": args.repeat_fraction,
     }
     for name, cache_mb in (("no_cache", 0), ("cache", args.cache_mb)):
-        result[name] = run_point(args.bundle, cache_mb, groups, args.concurrency)
+        result[name] = run_points(args.bundle, cache_mb, groups, args.concurrency)
         print(name, result[name], flush=True)
-    off, on = result["no_cache"], result["cache"]
-    result["speedup"] = round(on["samples_per_s"] / off["samples_per_s"], 3)
-    result["engine_seconds_saved"] = round(off["engine_seconds"] - on["engine_seconds"], 2)
-    result["engine_time_saved_fraction"] = round(1 - on["engine_seconds"] / off["engine_seconds"], 3)
+    for send in ("first", "resent"):
+        off, on = result["no_cache"][send], result["cache"][send]
+        result[f"{send}_speedup"] = round(on["samples_per_s"] / off["samples_per_s"], 3)
+        result[f"{send}_engine_seconds_saved"] = round(off["engine_seconds"] - on["engine_seconds"], 2)
+        result[f"{send}_engine_time_saved_fraction"] = round(1 - on["engine_seconds"] / off["engine_seconds"], 3)
     Path(args.results).mkdir(parents=True, exist_ok=True)
     (Path(args.results) / "cache.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

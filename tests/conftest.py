@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import subprocess
@@ -159,6 +160,11 @@ def decoder_bundle(tiny_decoder_checkpoint, tmp_path_factory) -> Path:
     result = rm_export("--model", str(tiny_decoder_checkpoint), "--output", str(out), *args)
     assert result.returncode == 0, result.stderr
     return out
+
+
+def served_sha256(bundle: Path, variant: str = "fp32") -> str:
+    """What every answer names a bundle by (docs/integrations.md, "Which model scored"), derived here."""
+    return hashlib.sha256((bundle / "bundle.json").read_bytes() + b"\n" + variant.encode()).hexdigest()[:12]
 
 
 def rm_export(*args: str) -> subprocess.CompletedProcess:

@@ -4,7 +4,6 @@ OpenRLHF's remote reward protocol on the server's HTTP port."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import random
 import urllib.error
@@ -19,7 +18,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from rm_client.trl_reward import AsyncServiceReward, ServiceReward
 from rm_client.verl_reward import compute_score
-from tests.conftest import random_texts, tiny_llama_config
+from tests.conftest import random_texts, served_sha256, tiny_llama_config
 from tests.servers import free_port, start_server, stop_server
 
 
@@ -153,8 +152,9 @@ def test_verl_compute_score_called_as_verls_reward_manager_calls_it(server, refe
     np.testing.assert_allclose([r["score"] for r in results], [*expected, expected[0]], atol=1e-5)
     with pytest.raises(ValueError, match=r"no prompt in extra_info under 'prompt' or 'question' \(it has \['index'\]"):
         asyncio.run(compute_score("gsm8k", "42", "42", {"index": 3}, target=server.target))
-    with pytest.raises(ValueError, match="must be a string or a list of chat messages"):
-        asyncio.run(compute_score("gsm8k", "42", "42", {"prompt": [{"role": "user"}]}, target=server.target))
+    for bad in ([{"role": "user"}], [{"role": "user", "content": None}], "", []):
+        with pytest.raises(ValueError, match="must be a non-empty string or a list of chat messages"):
+            asyncio.run(compute_score("gsm8k", "42", "42", {"prompt": bad}, target=server.target))
 
 
 def post(url: str, body: bytes) -> tuple[int, dict, dict]:
@@ -178,7 +178,7 @@ def test_openrlhf_remote_reward_protocol(server, reference, encoder_bundle):
     for got, prompt, response in zip(answer["rewards"], prompts, responses):
         assert got == pytest.approx(reference(prompt, response), abs=1e-5)
     assert len(answer["extra_logs"]["num_tokens"]) == 2
-    sha256 = hashlib.sha256((encoder_bundle / "bundle.json").read_bytes()).hexdigest()[:12]
+    sha256 = served_sha256(encoder_bundle)
     assert answer["reward_model"] == {"name": "toy", "version": "1", "sha256": sha256}
     assert headers["X-Reward-Model"] == f"name=toy; version=1; sha256={sha256}"
     status, empty, _ = post(server.http_url, json.dumps({"query": [], "prompts": [], "labels": []}).encode())

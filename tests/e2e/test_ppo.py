@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import subprocess
@@ -22,7 +21,16 @@ from rm_client.ppo.config import PPOConfig
 from rm_client.ppo.main import load_policy
 from rm_client.ppo.rollout import Prompt, response_texts, sample
 from rm_client.ppo.trainer import Batch, PPOTrainer
-from tests.conftest import BAD, GOOD, THINGS, rm_export, tiny_llama_config, train_tiny_encoder, write_jsonl
+from tests.conftest import (
+    BAD,
+    GOOD,
+    THINGS,
+    rm_export,
+    served_sha256,
+    tiny_llama_config,
+    train_tiny_encoder,
+    write_jsonl,
+)
 from tests.servers import start_server, stop_server
 
 RM_PPO = str(Path(sys.executable).parent / "rm-ppo")
@@ -120,8 +128,8 @@ def test_ppo_raises_the_reward_of_a_tiny_policy(word_reward_bundle, tmp_path):
         stop_server(server)
     assert after > before + 0.5, (before, after, [r["score"] for r in rows])
     assert all(np.isfinite(r["kl"]) and r["time/reward_wait"] >= 0 for r in rows)
-    manifest = (word_reward_bundle / "bundle.json").read_bytes()
-    identity = f"{json.loads(manifest)['name']} v1 sha256:{hashlib.sha256(manifest).hexdigest()[:12]}"
+    name = json.loads((word_reward_bundle / "bundle.json").read_text())["name"]
+    identity = f"{name} v1 sha256:{served_sha256(word_reward_bundle)}"
     assert {r["reward_model"] for r in rows} == {identity}  # each step logs which reward model scored it
 
 

@@ -128,6 +128,7 @@ def test_waiters_of_a_failed_or_abandoned_computation_compute_it_themselves(fail
         owner = asyncio.create_task(cache.rewards([[1, 2], [3]], owner_compute))
         await asyncio.sleep(0)
         waiter = asyncio.create_task(cache.rewards([[3], [1, 2], [5]], compute))
+        second = asyncio.create_task(cache.rewards([[1, 2]], compute))
         await asyncio.sleep(0.01)
         if failure == "cancel":
             owner.cancel()
@@ -135,8 +136,12 @@ def test_waiters_of_a_failed_or_abandoned_computation_compute_it_themselves(fail
             release.set()
         with pytest.raises(asyncio.CancelledError if failure == "cancel" else RuntimeError):
             await owner
-        return await asyncio.wait_for(waiter, 5)
+        return await asyncio.wait_for(asyncio.gather(waiter, second), 5)
 
-    assert list(asyncio.run(run())) == [3.0, 3.0, 5.0]
-    assert computed == [[(1, 2), (3,)], [(5,)], [(3,)], [(1, 2)]]
+    waited, second = asyncio.run(run())
+    assert list(waited) == [3.0, 3.0, 5.0] and list(second) == [3.0]
+    # the owner's two samples, the waiter's own one, then each failed sample once more: whichever waiter
+    # wakes first computes it, the other waits on that instead of computing it a third time
+    assert computed[:2] == [[(1, 2), (3,)], [(5,)]]
+    assert sorted(ids for batch in computed[2:] for ids in batch) == [(1, 2), (3,)]
     assert asyncio.run(cache.rewards([[1, 2], [3], [5]], owner_compute)).tolist() == [3.0, 3.0, 5.0]  # all cached

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import hashlib
 import json
 import random
 import shutil
@@ -28,7 +27,7 @@ from rm_contract.recipe import Sample
 from rm_server.engine import OnnxEngine
 from rm_server.metrics import ServiceMetrics
 from rm_server.models import ModelRegistry, ModelSettings
-from tests.conftest import random_texts, rm_export
+from tests.conftest import random_texts, rm_export, served_sha256
 from tests.contract.test_bundle_integrity import constant_graph
 from tests.servers import start_server, stop_server, wait_for_log_line
 
@@ -113,10 +112,7 @@ def test_versions_switch_under_load_without_failed_or_mixed_calls(encoder_bundle
     assert set(versions) == {"1", "2"}, versions
     first_v2 = versions.index("2")
     assert versions[first_v2:].count("1") <= 4  # only calls already started on version 1 finish there
-    shas = {
-        v: hashlib.sha256((b / "bundle.json").read_bytes()).hexdigest()[:12]
-        for v, b in (("1", encoder_bundle), ("2", second_bundle))
-    }
+    shas = {"1": served_sha256(encoder_bundle), "2": served_sha256(second_bundle)}
     for request, response in answers:  # every sample of a call scored by the version the call reports
         expected = [references[response.model_version](p, r) for p, r in request]
         np.testing.assert_allclose([r.reward for r in response.results], expected, atol=1e-5)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import urllib.request
@@ -15,7 +14,7 @@ import pytest
 from rm_contract.bundle import load_bundle
 from rm_contract.pb import reward_pb2 as pb
 from rm_contract.recipe import Sample
-from tests.conftest import random_texts
+from tests.conftest import random_texts, served_sha256
 
 
 def text(prompt: str, response: str) -> pb.Sample:
@@ -107,7 +106,7 @@ def test_overlong_samples_are_truncated_or_refused_in_strict_mode(server):
 
 def test_compare_and_rank(server, reference, encoder_bundle):
     stub = server.stub()
-    sha256 = hashlib.sha256((encoder_bundle / "bundle.json").read_bytes()).hexdigest()[:12]
+    sha256 = served_sha256(encoder_bundle)
     prompt, good, bad = "How was the food?", "The food was excellent.", "The food was awful."
     compared = stub.Compare(pb.CompareRequest(prompt=prompt, response_a=good, response_b=bad))
     expected = 1 / (1 + np.exp(-(reference(prompt, good) - reference(prompt, bad))))
@@ -221,3 +220,27 @@ def test_metrics_count_the_traffic_sent(server):
     assert after["rm_queue_depth"] == 0
     assert after['rm_model_loaded{model="toy",version="1"}'] == 1
     assert after['rm_model_info{providers="cpu",variant="fp32"}'] == 1
+
+
+def test_the_int8_variant_is_served_and_named_apart_from_fp32(encoder_bundle, tmp_path):
+    """`--variant int8` scores with the int8 graph (equal to it in this process, one by one), and its answers
+    carry another identity than the same bundle's fp32: their rewards differ."""
+    from rm_contract.padding import pad_batch
+    from rm_server.engine import OnnxEngine
+    from tests.servers import start_server, stop_server
+
+    bundle = load_bundle(encoder_bundle)
+    int8, fp32 = (OnnxEngine(bundle.model_path(v)) for v in ("int8", "fp32"))
+    encoder = bundle.sample_encoder()
+    texts = random_texts(random.Random(6), 24)
+    ids = [encoder.encode(Sample.from_text(p, r)).ids for p, r in texts]
+    server = start_server(encoder_bundle, tmp_path / "serve.log", "--variant", "int8")
+    try:
+        response = server.stub().Score(pb.ScoreRequest(samples=[text(p, r) for p, r in texts]))
+    finally:
+        stop_server(server)
+    expected = [float(int8.score(*pad_batch([i], 0))[0]) for i in ids]
+    np.testing.assert_allclose([r.reward for r in response.results], expected, atol=1e-4)
+    fp32_rewards = [float(fp32.score(*pad_batch([i], 0))[0]) for i in ids]
+    assert not np.allclose(expected, fp32_rewards, atol=1e-4)  # so telling them apart matters
+    assert response.model_sha256 == served_sha256(encoder_bundle, "int8") != served_sha256(encoder_bundle, "fp32")

@@ -5,7 +5,6 @@ send, against a live server holding an encoder bundle and a chat-template decode
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import math
 import random
@@ -20,7 +19,7 @@ import pytest
 from rm_contract.bundle import load_bundle
 from rm_contract.padding import pad_batch
 from rm_server.engine import OnnxEngine
-from tests.conftest import random_texts
+from tests.conftest import random_texts, served_sha256
 from tests.server.test_service import metrics
 from tests.servers import free_port, start_server, stop_server
 
@@ -56,7 +55,7 @@ class Reference:
         bundle = load_bundle(bundle_dir)
         self.engine, self.pad_id = OnnxEngine(bundle.model_path("fp32")), bundle.manifest.get("pad_token_id") or 0
         self.max_length = bundle.recipe.max_length
-        self.sha256 = hashlib.sha256((bundle_dir / "bundle.json").read_bytes()).hexdigest()[:12]
+        self.sha256 = served_sha256(bundle_dir)
 
     def __call__(self, ids: list[int]) -> float:
         return float(self.engine.score(*pad_batch([ids], self.pad_id))[0])
@@ -188,6 +187,11 @@ def test_truncate_prompt_tokens_keeps_the_end_and_the_pooled_first_id(server, to
         ("/classify", {"input": "a", "messages": CHAT}, 400, "BadRequestError", None, "exactly one of"),
         ("/classify", {"model": "nope", "input": "a"}, 404, "NotFoundError", "model", "'nope' is not loaded"),
         ("/classify", {"model": 3, "input": "a"}, 400, "BadRequestError", "model", "must be a string"),
+        ("/classify", {"model": False, "input": "a"}, 400, "BadRequestError", "model", "must be a string"),
+        ("/classify", b"[" * 100000, 400, "BadRequestError", None, "JSON object"),
+        ("/classify", {"input": "\ud800"}, 400, "BadRequestError", None, "not valid Unicode"),
+        ("/classify", {"input": [1.0, 2.0]}, 400, "BadRequestError", "input", "mixes kinds"),
+        ("/classify", {"input": [7] * 1_000_001}, 400, "BadRequestError", "input", "1000001 token ids; at most"),
         ("/classify", {"input": "a", "use_activation": "no"}, 400, "BadRequestError", "use_activation", "true or"),
         (
             "/classify",

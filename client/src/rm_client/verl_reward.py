@@ -29,14 +29,18 @@ from __future__ import annotations
 
 import asyncio
 import time
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
 from rm_client.client import AsyncRewardClient
 
 PROMPT_KEYS = ("prompt", "question")
-_clients: dict[tuple, AsyncRewardClient] = {}
-"""One client (one gRPC channel) per target, options and event loop: veRL calls once per sample."""
+_clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple, AsyncRewardClient]] = (
+    weakref.WeakKeyDictionary()
+)
+"""One client (one gRPC channel) per event loop, target and options: veRL calls once per sample. Dropped
+with its loop."""
 
 
 async def compute_score(
@@ -77,16 +81,22 @@ def prompt_of(extra_info: Mapping[str, Any] | None, prompt_key: str | None = Non
             "write the prompt into each row's extra_info, or name its key with reward_kwargs.prompt_key"
         )
     prompt = info[key]
-    if isinstance(prompt, str):
+    if isinstance(prompt, str) and prompt:
         return prompt
     messages = list(prompt) if isinstance(prompt, list | tuple) else None
-    if not messages or not all(isinstance(m, Mapping) and "role" in m and "content" in m for m in messages):
-        raise ValueError(f"extra_info[{key!r}] must be a string or a list of chat messages with role and content")
-    return [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
+    if not messages or not all(
+        isinstance(m, Mapping) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in messages
+    ):
+        raise ValueError(
+            f"extra_info[{key!r}] must be a non-empty string or a list of chat messages with string role and content"
+        )
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
 def _client(target: str, model: str, timeout_s: float) -> AsyncRewardClient:
-    key = (target, model, timeout_s, asyncio.get_running_loop())
-    if key not in _clients:
-        _clients[key] = AsyncRewardClient(target, model=model, timeout_s=timeout_s)
-    return _clients[key]
+    clients = _clients.setdefault(asyncio.get_running_loop(), {})
+    key = (target, model, timeout_s)
+    if key not in clients:
+        clients[key] = AsyncRewardClient(target, model=model, timeout_s=timeout_s)
+    return clients[key]

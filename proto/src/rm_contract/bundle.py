@@ -114,6 +114,13 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def served_sha256(directory: Path, variant: str) -> str:
+    """The identity of a bundle served as `variant`, in every answer: 12 hex digits of the sha256 of
+    bundle.json (which lists every file's sha256: weights, tokenizer, recipe) followed by a newline and the
+    variant's name (one bundle holds fp32, fp16 and int8 graphs, whose rewards differ)."""
+    return hashlib.sha256((directory / MANIFEST).read_bytes() + b"\n" + variant.encode()).hexdigest()[:12]
+
+
 def hash_files(directory: Path) -> dict[str, str]:
     """sha256 of every file in the bundle except the manifest, by path relative to the bundle."""
     return {name: sha256_of(directory / name) for name in bundle_file_names(directory)}

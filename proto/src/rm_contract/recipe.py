@@ -194,11 +194,14 @@ class SampleEncoder:
         """The special ids the tokenizer puts before and after one text ([CLS] and [SEP] for BERT)."""
         a = self.tokenizer.encode("a", add_special_tokens=False)
         ids = self.tokenizer.post_process(a, add_special_tokens=True).ids
+        if not a.ids or a.ids[0] not in ids:  # a post-processor that rewrites the text: add nothing
+            return [], []
         ia = ids.index(a.ids[0])
         return ids[:ia], ids[ia + len(a.ids) :]
 
     def _template_bos_token(self) -> tuple[str, int] | None:
-        """(BOS text, id) where the chat template starts every conversation with BOS (Llama-3, Gemma)."""
+        """(BOS text, id) where the chat template starts a conversation with BOS (Llama-3, Gemma); None when
+        it does not, or when a plain user/assistant exchange cannot be rendered to tell."""
         special = self.recipe.special_tokens or {}
         bos = special.get("bos_token")
         bos_id = self.tokenizer.token_to_id(bos) if bos else None
@@ -221,10 +224,12 @@ class SampleEncoder:
         the bundle's template gets the very ids its messages get, with or without its BOS. For `pair` and
         `concat`, the tokenizer's single-text ones (what vLLM adds: [CLS] text [SEP] for BERT), with the
         recipe's EOS before them where it appends one."""
-        (encoding,) = self._tokenize(text)
         if add_special_tokens is None and self.recipe.template == "chat":
             bos = self._template_bos
-            return [bos[1], *encoding.ids] if bos and not text.startswith(bos[0]) else list(encoding.ids)
+            if bos and not text.startswith(bos[0]):  # tokenized with the BOS, as the template's text is
+                text = bos[0] + text
+            return list(self._tokenize(text)[0].ids)
+        (encoding,) = self._tokenize(text)
         if add_special_tokens is False:
             return list(encoding.ids)
         return self._text_before + encoding.ids + self._eos + self._text_after
@@ -253,7 +258,10 @@ class SampleEncoder:
         """Encodings of `texts` without special tokens. Through encode_batch, which releases the GIL while
         it works (encode holds it: a long text froze a server's event loop for as long as it took), and
         gives the same ids and offsets."""
-        return self.tokenizer.encode_batch(list(texts), add_special_tokens=False)
+        try:
+            return self.tokenizer.encode_batch(list(texts), add_special_tokens=False)
+        except TypeError:  # what tokenizers raises for a str it cannot pass to Rust: a lone UTF-16 surrogate
+            raise RecipeError("text is not valid Unicode (a lone surrogate such as \\ud800)") from None
 
     def _split(self, full: str, prefix: str) -> tuple[list[int], list[int]]:
         """Tokenize `full` once (as training did) and split its ids where the text after `prefix` begins."""

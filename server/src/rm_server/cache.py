@@ -36,34 +36,41 @@ class RewardCache:
     def key(ids: Sequence[int]) -> bytes:
         return np.asarray(ids, dtype=np.int64).tobytes()
 
-    async def rewards(self, sequences: Sequence[Sequence[int]], compute: Compute) -> np.ndarray:
+    async def rewards(
+        self, sequences: Sequence[Sequence[int]], compute: Compute, keys: Sequence[bytes] | None = None
+    ) -> np.ndarray:
         """Rewards of `sequences` in order: from the cache, from an identical sequence being computed by
-        another request (or earlier in this one), and through `compute` for the rest, which are stored."""
-        keys = [self.key(s) for s in sequences]
+        another request (or earlier in this one), and through one `compute` call for the rest, which are
+        stored. `keys`: the sequences' `key`s, when already made off the event loop."""
+        keys = keys if keys is not None else [self.key(s) for s in sequences]
+        ids_of = dict(zip(keys, sequences))
         found: dict[bytes, float] = {}
-        waiting: dict[bytes, asyncio.Future[float]] = {}
-        owned: dict[bytes, Sequence[int]] = {}
-        for key, ids in zip(keys, sequences):
-            if key in found or key in waiting or key in owned:
-                self._lookups.labels("merged").inc()
-            elif (reward := self._entries.get(key)) is not None:
-                self._entries.move_to_end(key)
-                found[key] = reward
-                self._lookups.labels("hit").inc()
-            elif (future := self._inflight.get(key)) is not None:
-                waiting[key] = future
-                self._lookups.labels("merged").inc()
-            else:
-                owned[key] = ids
-                self._lookups.labels("miss").inc()
-        if owned:
-            found.update(await self._compute(owned, compute))
-        for key, future in waiting.items():
-            await asyncio.wait([future])  # not the future itself: its owner's failure is not this call's
-            if future.cancelled() or future.exception() is not None:  # the owner went away or failed: our turn
-                found.update(await self._compute({key: sequences[keys.index(key)]}, compute))
-            else:
-                found[key] = future.result()
+        hits, merged, misses = 0, len(keys) - len(ids_of), 0  # repeats within the request: merged
+        pending, first = list(ids_of), True
+        while pending:  # more than once only when a computation we waited on failed or was abandoned
+            waiting: dict[bytes, asyncio.Future[float]] = {}
+            owned: dict[bytes, Sequence[int]] = {}
+            for key in pending:
+                if (reward := self._entries.get(key)) is not None:
+                    self._entries.move_to_end(key)
+                    found[key] = reward
+                    hits += first
+                elif (future := self._inflight.get(key)) is not None:
+                    waiting[key] = future
+                    merged += first
+                else:
+                    owned[key] = ids_of[key]
+                    misses += first
+            if first:
+                for result, n in (("hit", hits), ("merged", merged), ("miss", misses)):
+                    self._lookups.labels(result).inc(n)
+            first = False
+            if owned:
+                found.update(await self._compute(owned, compute))
+            if waiting:  # not the futures themselves: their owners' failures are not this call's
+                await asyncio.wait(waiting.values())
+            found.update({key: f.result() for key, f in waiting.items() if not f.cancelled()})
+            pending = [key for key, f in waiting.items() if f.cancelled()]  # its owner failed or went away
         return np.array([found[key] for key in keys], dtype=np.float32)
 
     async def _compute(self, owned: dict[bytes, Sequence[int]], compute: Compute) -> dict[bytes, float]:
@@ -79,7 +86,7 @@ class RewardCache:
             return out
         finally:
             for key, future in futures.items():
-                future.cancel()  # no-op once set; wakes the waiters of a failed or cancelled computation
+                future.cancel()  # no-op once set; tells the waiters of a failed or abandoned computation
                 if self._inflight.get(key) is future:
                     del self._inflight[key]
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rm_contract.bundle import MANIFEST, VARIANTS, Bundle, BundleError, load_bundle, sha256_of
+from rm_contract.bundle import VARIANTS, Bundle, BundleError, load_bundle, served_sha256
 from rm_contract.config_cli import ConfigError, option
 from rm_contract.padding import pad_batch
 from rm_server.batcher import Batcher, BatcherConfig, BatchingOptions, budget_from_memory
@@ -42,13 +42,13 @@ _GPU_SIZING = threading.Lock()
 """Models measure free GPU memory and claim their budgets one at a time (see `LoadedModel._gpu_budget`)."""
 ENSEMBLE_FILE = "ensemble.json"
 SHA256_PREFIX = 12
-"""Hex digits of a model's sha256 shown in answers: enough to tell any two bundles apart."""
+"""Hex digits of an ensemble's digest shown in answers, as many as `served_sha256` gives."""
 
 
 @dataclass(frozen=True)
 class ModelIdentity:
-    """Which model scored an answer: name, version and the sha256 of its bundle.json (which lists the sha256
-    of every file, so it names the weights, tokenizer and recipe); an ensemble's is that of its members'."""
+    """Which model scored an answer: name, version and `served_sha256` (the bundle's files, recipe and the
+    variant served); an ensemble's is a digest of its members'."""
 
     name: str
     version: str
@@ -136,7 +136,7 @@ class LoadedModel:
             first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise BundleError(f"{path}: ONNX Runtime cannot load it: {first_line[:500]}") from None
         self.encoder = bundle.sample_encoder()  # parsing tokenizer.json takes seconds for large vocabularies
-        self.identity = ModelIdentity(name, version, sha256_of(bundle.directory / MANIFEST)[:SHA256_PREFIX])
+        self.identity = ModelIdentity(name, version, served_sha256(bundle.directory, settings.variant))
         self.inflight = 0
         self._metrics = metrics
 

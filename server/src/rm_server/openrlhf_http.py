@@ -77,7 +77,7 @@ class OpenRLHFRoute:
             return web.json_response(body, status=401, headers={"WWW-Authenticate": "Bearer"})
         try:
             body = await request.json()
-        except ValueError:
+        except (ValueError, RecursionError, LookupError):  # not JSON, nested too deep, an unknown charset
             body = None
         code, result = await self.service.answer("OpenRLHF", request_id, self._score(body))
         if code != grpc.StatusCode.OK:

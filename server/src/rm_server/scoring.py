@@ -143,7 +143,11 @@ class Scorer:
                 batched = await self.batcher.score(todo)
                 return batched.rewards
 
-            raw = await (compute(sequences) if self.cache is None else self.cache.rewards(sequences, compute))
+            if self.cache is None:
+                raw = await compute(sequences)
+            else:  # the keys are made off the event loop: they copy every id
+                keys = await loop.run_in_executor(self._tokenize_pool, lambda: list(map(RewardCache.key, sequences)))
+                raw = await self.cache.rewards(sequences, compute, keys)
         finally:
             gone.set()  # a call cancelled or past its deadline stops tokenizing at its next sample
             self.admitted -= len(inputs)
@@ -187,7 +191,10 @@ class Scorer:
             encoded = self._encode_ids(index, sample.ids)
         elif isinstance(sample, TextInput):
             self._check_chars(index, len(sample.text))
-            encoded = self._encode_ids(index, self.encoder.encode_text(sample.text, sample.add_special_tokens))
+            try:
+                encoded = self._encode_ids(index, self.encoder.encode_text(sample.text, sample.add_special_tokens))
+            except RecipeError as e:
+                raise InvalidRequest(f"sample {index}: {e}") from None
         else:
             self._check_chars(index, sum(len(m.content) for m in sample.prompt + sample.response))
             try:

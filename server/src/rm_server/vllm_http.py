@@ -92,7 +92,7 @@ class VllmRoutes:
             return error_response(401, "Unauthorized", "missing or invalid bearer token (Authorization header)")
         try:
             body = await request.json()
-        except ValueError:
+        except (ValueError, RecursionError, LookupError):  # not JSON, nested too deep, an unknown charset
             body = None
         request_id = request.headers.get("X-Request-Id") or _request_id_of(body)
         parsed: list[PoolingRequest] = []
@@ -153,7 +153,8 @@ def parse_request(body: object, limits: Limits, pooling: bool = False) -> Poolin
     Counts are checked before any per-sample work."""
     if not isinstance(body, dict):
         raise InvalidRequest("the body must be a JSON object (vLLM's ClassificationRequest)")
-    model = body.get("model") or ""
+    model = body.get("model")
+    model = "" if model is None else model
     if not isinstance(model, str):
         raise BadField("model", "'model' must be a string: the name of a loaded model (GET /v1/models)")
     if pooling:
@@ -179,12 +180,12 @@ def _inputs(value: object, limits: Limits, add_special_tokens: bool | None) -> l
     if not isinstance(value, list) or not value:
         raise BadField("input", f"'input' must be {INPUT_SHAPES} (not empty)")
     if _is_int(value[0]):  # one token-id sequence
-        return [TokenInput(_token_ids(0, value))]
+        return [TokenInput(_token_ids(0, value, limits))]
     limits.check_count(len(value))
     if all(isinstance(v, str) for v in value):
         return [_text(i, v, add_special_tokens) for i, v in enumerate(value)]
     if all(isinstance(v, list) for v in value):
-        return [TokenInput(_token_ids(i, v)) for i, v in enumerate(value)]
+        return [TokenInput(_token_ids(i, v, limits)) for i, v in enumerate(value)]
     raise BadField("input", f"'input' must be {INPUT_SHAPES}; this list mixes kinds")
 
 
@@ -198,9 +199,11 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _token_ids(index: int, ids: list) -> tuple[int, ...]:
+def _token_ids(index: int, ids: list, limits: Limits) -> tuple[int, ...]:
     if not ids:
         raise BadField("input", f"input {index}: empty token ids")
+    if len(ids) > limits.max_chars_per_sample:  # before looking at each one, on the event loop
+        raise BadField("input", f"input {index}: {len(ids)} token ids; at most {limits.max_chars_per_sample}")
     if not all(_is_int(t) and t >= 0 for t in ids):
         raise BadField("input", f"input {index}: token ids must be integers >= 0")
     return tuple(ids)
@@ -224,7 +227,7 @@ def _message(index: int, message: object) -> Message:
     if isinstance(content, list):  # OpenAI content parts: only text can be scored
         if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
             raise BadField("messages", f"message {index}: only text content parts are supported")
-        content = "".join(p["text"] for p in content)
+        content = "\n".join(p["text"] for p in content)  # as vLLM joins text parts
     if not isinstance(content, str):
         raise BadField("messages", f"message {index}: 'content' must be a string or a list of text parts")
     return Message(message["role"], content)
