@@ -19,7 +19,7 @@ BENCH_DIR ?= runs/bench
 LOADS = $(PY) -c "import sys; from rm_contract.bundle import load_bundle; load_bundle(sys.argv[1])" 2>/dev/null
 PYTRITON_VENV := .venv-pytriton
 
-.PHONY: install system-tools demo demo-bundle test lint proto proto-check demo-data bench bench-env bench-traffic bench-stall bench-gpu bench-gpu-pack bench-gpu-dry-run verify-large image base-image clean
+.PHONY: install system-tools demo demo-bundle test lint proto proto-check demo-data bench bench-env verl-env bench-traffic bench-stall bench-gpu bench-gpu-pack bench-gpu-dry-run verify-large image base-image clean
 
 install: $(STAMP)
 
@@ -76,8 +76,21 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-test: install system-tools proto-check lint
+test: install system-tools verl-env proto-check lint
 	$(VENV)/bin/pytest -q tests
+
+## verl-env: veRL 0.9.1 in its own venv (it pins transformers < 5.11 and tensordict <= 0.10), with the modules
+## its reward loop imports, for the test that runs veRL's own reward manager against rm-serve (skipped, with
+## the reason, where it cannot be built).
+VERL_VENV := .venv-verl
+verl-env:
+	@test -f $(VERL_VENV)/.installed || { $(PYTHON) -m venv $(VERL_VENV) \
+		&& $(VERL_VENV)/bin/pip install --quiet torch==2.13.0 \
+		&& $(VERL_VENV)/bin/pip install --quiet --no-deps verl==0.9.1 \
+		&& $(VERL_VENV)/bin/pip install --quiet ray 'tensordict>=0.8,<=0.10,!=0.9.0' 'transformers>=5.5.3,<5.11' \
+			omegaconf codetiming dill aiohttp pandas pyarrow -e proto -e client \
+		&& touch $(VERL_VENV)/.installed \
+		|| { rm -rf $(VERL_VENV); echo "could not build $(VERL_VENV): the veRL reward-manager test will be skipped"; }; }
 
 ## bench: serving benchmark against the offline, naive-server and PyTriton references, plus the SmolLM2
 ## decoder bundle (builds what is missing: the demo bundle, a short-trained SmolLM2 bundle, .venv-pytriton).

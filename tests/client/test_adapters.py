@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+import subprocess
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +20,7 @@ from trl import GRPOConfig, GRPOTrainer
 
 from rm_client.trl_reward import AsyncServiceReward, ServiceReward
 from rm_client.verl_reward import compute_score
+from rm_contract.backbones import resolve_backbone
 from tests.conftest import random_texts, served_sha256, tiny_llama_config
 from tests.servers import free_port, start_server, stop_server
 
@@ -155,6 +158,27 @@ def test_verl_compute_score_called_as_verls_reward_manager_calls_it(server, refe
     for bad in ([{"role": "user"}], [{"role": "user", "content": None}], "", []):
         with pytest.raises(ValueError, match="must be a non-empty string or a list of chat messages"):
             asyncio.run(compute_score("gsm8k", "42", "42", {"prompt": bad}, target=server.target))
+
+
+VERL_PYTHON = Path(__file__).resolve().parents[2] / ".venv-verl" / "bin" / "python"
+
+
+@pytest.mark.skipif(not VERL_PYTHON.exists(), reason=".venv-verl missing (make verl-env builds it; make test does)")
+def test_verls_own_reward_manager_scores_through_the_documented_config(server, reference):
+    """veRL 0.9.1 itself, in its own venv: its loader reads the custom_reward_function config of
+    docs/integrations.md, its naive reward manager decodes each rollout and awaits compute_score; the
+    rewards it reports are the service's rewards of (prompt, decoded response)."""
+    samples = [(p, r) for p, r in random_texts(random.Random(11), 12)]
+    command = [str(VERL_PYTHON), str(Path(__file__).with_name("verl_reward_manager.py")), server.target]
+    command += [str(resolve_backbone("minilm").path), json.dumps(samples)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [row["prompt"] for row in rows] == [p for p, _ in samples]
+    got = [row["reward_score"] for row in rows]
+    np.testing.assert_allclose(got, [reference(row["prompt"], row["decoded"]) for row in rows], atol=1e-5)
+    assert all(row["reward_extra_info"]["score"] == row["reward_score"] for row in rows)
+    assert all(row["reward_extra_info"]["rm_latency_s"] > 0 for row in rows)
 
 
 def post(url: str, body: bytes) -> tuple[int, dict, dict]:
