@@ -212,7 +212,8 @@ def test_openrlhf_remote_reward_protocol(server, reference, encoder_bundle):
 @pytest.mark.parametrize(
     "body, status, message",
     [
-        (b"not json", 400, "must be a JSON object"),
+        (b"not json", 400, "not valid JSON"),
+        (b"[1]", 400, "must be a JSON object"),
         (json.dumps({"query": ["ab"]}).encode(), 400, "'prompts' must be a list"),
         (json.dumps({"query": ["ab"], "prompts": ["x"]}).encode(), 400, "query 0 does not start with prompts[0]"),
         (json.dumps({"query": ["ab", "cd"], "prompts": ["a"]}).encode(), 400, "2 queries but 1 prompts"),

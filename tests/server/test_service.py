@@ -244,3 +244,19 @@ def test_the_int8_variant_is_served_and_named_apart_from_fp32(encoder_bundle, tm
     fp32_rewards = [float(fp32.score(*pad_batch([i], 0))[0]) for i in ids]
     assert not np.allclose(expected, fp32_rewards, atol=1e-4)  # so telling them apart matters
     assert response.model_sha256 == served_sha256(encoder_bundle, "int8") != served_sha256(encoder_bundle, "fp32")
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"truncation": 99}, "unknown truncation 99"),
+        ({"ensemble_reduce": 99}, "unknown ensemble_reduce 99"),
+        ({"ensemble_k": float("nan")}, "ensemble_k must be a finite number >= 0"),
+    ],
+)
+def test_unknown_options_are_refused_even_where_they_would_not_apply(server, fields, message):
+    """A value this server does not know (a newer client's enum, NaN) is refused, not silently ignored, on a
+    single model as on an ensemble."""
+    with pytest.raises(grpc.RpcError) as refused:
+        server.stub().Score(pb.ScoreRequest(samples=[text("Q", "A")], **fields), timeout=30)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in refused.value.details()

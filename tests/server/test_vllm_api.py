@@ -5,10 +5,12 @@ send, against a live server holding an encoder bundle and a chat-template decode
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import math
 import random
 import shutil
+import socket
 from pathlib import Path
 
 import aiohttp
@@ -178,18 +180,20 @@ def test_truncate_prompt_tokens_keeps_the_end_and_the_pooled_first_id(server, to
 @pytest.mark.parametrize(
     "path, body, status, kind, param, message",
     [
-        ("/classify", b"{not json", 400, "BadRequestError", None, "JSON object"),
+        ("/classify", b"{not json", 400, "BadRequestError", None, "not valid JSON"),
+        ("/classify", b"[1]", 400, "BadRequestError", None, "JSON object"),
         ("/classify", {"input": ""}, 400, "BadRequestError", "input", "empty text"),
         ("/classify", {"input": []}, 400, "BadRequestError", "input", "not empty"),
         ("/classify", {"input": ["a", [1, 2]]}, 400, "BadRequestError", "input", "mixes kinds"),
         ("/classify", {"input": [101, -5, 102]}, 400, "BadRequestError", "input", "integers >= 0"),
-        ("/classify", {"input": [101, 10**9, 102]}, 400, "BadRequestError", None, "outside the vocabulary"),
-        ("/classify", {"input": "a", "messages": CHAT}, 400, "BadRequestError", None, "exactly one of"),
+        ("/classify", {"input": [101, 10**9, 102]}, 400, "BadRequestError", "input", "outside the vocabulary"),
+        ("/classify", {"input": "a", "messages": CHAT}, 400, "BadRequestError", "input", "exactly one of"),
         ("/classify", {"model": "nope", "input": "a"}, 404, "NotFoundError", "model", "'nope' is not loaded"),
         ("/classify", {"model": 3, "input": "a"}, 400, "BadRequestError", "model", "must be a string"),
         ("/classify", {"model": False, "input": "a"}, 400, "BadRequestError", "model", "must be a string"),
-        ("/classify", b"[" * 100000, 400, "BadRequestError", None, "JSON object"),
-        ("/classify", {"input": "\ud800"}, 400, "BadRequestError", None, "not valid Unicode"),
+        ("/classify", b"[" * 100000, 400, "BadRequestError", None, "nested too deeply"),
+        ("/classify", {"input": "\ud800"}, 400, "BadRequestError", "input", "not valid Unicode"),
+        ("/classify", {"input": [[101, 102]] * 4097}, 400, "BadRequestError", "input", "at most 4096"),
         ("/classify", {"input": [1.0, 2.0]}, 400, "BadRequestError", "input", "mixes kinds"),
         ("/classify", {"input": [7] * 1_000_001}, 400, "BadRequestError", "input", "1000001 token ids; at most"),
         ("/classify", {"input": "a", "use_activation": "no"}, 400, "BadRequestError", "use_activation", "true or"),
@@ -206,7 +210,7 @@ def test_truncate_prompt_tokens_keeps_the_end_and_the_pooled_first_id(server, to
             {"input": "a", "truncate_prompt_tokens": 100000},
             400,
             "BadRequestError",
-            None,
+            "truncate_prompt_tokens",
             "truncate_prompt_tokens=100000",
         ),
         ("/classify", {"input": "a", "truncation_side": "right"}, 400, "BadRequestError", "truncation_side", "end"),
@@ -220,7 +224,7 @@ def test_truncate_prompt_tokens_keeps_the_end_and_the_pooled_first_id(server, to
         ),
         ("/classify", {"messages": CHAT[:2]}, 400, "BadRequestError", "messages", "must end with the assistant"),
         ("/classify", {"messages": [{"role": "user"}]}, 400, "BadRequestError", "messages", "'content'"),
-        ("/classify", {"input": ["a"] * 5000}, 400, "BadRequestError", None, "at most"),
+        ("/classify", {"input": ["a"] * 5000}, 400, "BadRequestError", "input", "at most"),
         (
             "/pooling",
             {"input": "a", "task": "token_classify"},
@@ -239,6 +243,29 @@ def test_errors_have_vllms_shape_and_name_the_problem(server, path, body, status
     error = response.json()["error"]
     assert error["code"] == status and error["type"] == kind and error["param"] == param
     assert message in error["message"], error["message"]
+
+
+def test_compressed_bodies_are_refused_before_they_are_read(server):
+    """A few hundred KB of gzip unpacked to tens of MB of JSON, parsed on the event loop: every caller
+    stalled for seconds, and a corrupt stream was a plain-text 500. Compressed bodies are refused."""
+    small = gzip.compress(json.dumps({"input": "Lovely."}).encode())
+    for body in (small, b"\x1f\x8b not gzip"):
+        response = post(server, "/classify", body, **{"Content-Encoding": "gzip"})
+        assert response.status_code == 415, response.text
+        assert "Content-Encoding 'gzip' is not accepted" in response.json()["error"]["message"]
+
+
+def test_malformed_http_requests_do_not_flood_the_log(server):
+    """aiohttp logs each malformed request at ERROR with a traceback and the raw header: 2,000 of them wrote
+    1.2 MB of log in a second. At most one line per 10 s now, without the traceback."""
+    port = int(server.http.rsplit(":", 1)[1])
+    before = len(server.log())
+    for _ in range(300):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+            connection.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n")
+            assert connection.recv(4096).startswith(b"HTTP/1.")  # answered 400 by aiohttp
+    written = server.log()[before:]
+    assert len(written) < 2000 and written.count("Traceback") == 0, written[:3000]
 
 
 def test_concurrent_single_sample_requests_are_batched_and_equal_to_one_by_one(server, toy, minilm_tokenizer):

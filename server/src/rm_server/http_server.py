@@ -9,12 +9,44 @@ that scored it in an `X-Reward-Model` header (name, version, sha256 prefix of it
 
 from __future__ import annotations
 
+import logging
+import math
 import ssl
+import time
 
 from aiohttp import web
 
 from rm_server import openrlhf_http, vllm_http
 from rm_server.service import RewardService
+
+
+class _AtMostOnceEvery(logging.Filter):
+    """aiohttp logs every malformed HTTP request at ERROR with a traceback, echoing the raw header (16 KB of
+    log for an 8 KB header; 2,000 bad requests wrote 1.2 MB in a second): one line per interval, without
+    the traceback, and how many were dropped."""
+
+    def __init__(self, interval_s: float = 10.0):
+        super().__init__()
+        self.interval_s, self.last, self.dropped = interval_s, -math.inf, 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now = time.monotonic()
+        if now - self.last < self.interval_s:
+            self.dropped += 1
+            return False
+        self.last = now
+        message = record.getMessage()[:300]
+        if record.exc_info and record.exc_info[1] is not None:
+            message += f": {type(record.exc_info[1]).__name__}: {str(record.exc_info[1])[:300]!r}"
+        if self.dropped:
+            message += f" ({self.dropped} more not logged in the last {self.interval_s:.0f} s)"
+        record.msg, record.args, record.exc_info, record.exc_text, self.dropped = message, None, None, None, 0
+        return True
+
+
+_AIOHTTP_LOG = logging.getLogger("aiohttp.server")
+if not any(isinstance(f, _AtMostOnceEvery) for f in _AIOHTTP_LOG.filters):
+    _AIOHTTP_LOG.addFilter(_AtMostOnceEvery())
 
 
 class HttpServer:

@@ -19,6 +19,7 @@ from aiohttp import web
 
 from rm_contract.recipe import Sample
 from rm_server.errors import InvalidRequest
+from rm_server.http_body import BodyError, json_body
 from rm_server.models import ModelIdentity
 from rm_server.scoring import Limits
 from rm_server.security import authorized
@@ -76,9 +77,9 @@ class OpenRLHFRoute:
             body = {"error": "missing or invalid bearer token (Authorization header)", "code": "UNAUTHENTICATED"}
             return web.json_response(body, status=401, headers={"WWW-Authenticate": "Bearer"})
         try:
-            body = await request.json()
-        except (ValueError, RecursionError, LookupError):  # not JSON, nested too deep, an unknown charset
-            body = None
+            body = await json_body(request)
+        except BodyError as e:
+            return web.json_response({"error": str(e), "code": "INVALID_ARGUMENT"}, status=e.status)
         code, result = await self.service.answer("OpenRLHF", request_id, self._score(body))
         if code != grpc.StatusCode.OK:
             status = HTTP_STATUS.get(code, 500)

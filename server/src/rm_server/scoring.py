@@ -127,6 +127,11 @@ class Scorer:
                 f"truncate_prompt_tokens={max_tokens}: must be -1 (the model's maximum) or 1 to the model's maximum "
                 f"of {self.max_length} tokens"
             )
+        for index, sample in enumerate(inputs):  # every sample's size before tokenizing any (len() is O(1))
+            if isinstance(sample, TextInput):
+                self._check_chars(index, len(sample.text))
+            elif isinstance(sample, Sample):
+                self._check_chars(index, sum(len(m.content) for m in sample.prompt + sample.response))
         self._admit(len(inputs))
         gone = threading.Event()
         try:
@@ -190,13 +195,11 @@ class Scorer:
         if isinstance(sample, TokenInput):
             encoded = self._encode_ids(index, sample.ids)
         elif isinstance(sample, TextInput):
-            self._check_chars(index, len(sample.text))
             try:
                 encoded = self._encode_ids(index, self.encoder.encode_text(sample.text, sample.add_special_tokens))
             except RecipeError as e:
                 raise InvalidRequest(f"sample {index}: {e}") from None
         else:
-            self._check_chars(index, sum(len(m.content) for m in sample.prompt + sample.response))
             try:
                 encoded = self.encoder.encode(sample)
             except RecipeError as e:

@@ -112,14 +112,16 @@ class RewardService(reward_pb2_grpc.RewardServiceServicer):
 
     async def _score(self, request: pb.ScoreRequest, request_id: str) -> pb.ScoreResponse:
         strict = request.truncation == pb.TRUNCATION_POLICY_STRICT
+        if request.truncation not in pb.TruncationPolicy.values():  # a newer client's value: not silently ignored
+            raise InvalidRequest(f"unknown truncation {request.truncation}")
+        if request.ensemble_reduce not in REDUCTIONS:
+            raise InvalidRequest(f"unknown ensemble_reduce {request.ensemble_reduce}")
+        if not (math.isfinite(request.ensemble_k) and request.ensemble_k >= 0):
+            raise InvalidRequest(f"ensemble_k must be a finite number >= 0, not {request.ensemble_k}")
         self.registry.settings.limits.check_count(len(request.samples))  # before converting anything
         inputs = samples_from_request(request)
         async with self.registry.use(request.model, request.model_version) as model:
             if isinstance(model, Ensemble):
-                if request.ensemble_reduce not in REDUCTIONS:
-                    raise InvalidRequest(f"unknown ensemble_reduce {request.ensemble_reduce}")
-                if not (math.isfinite(request.ensemble_k) and request.ensemble_k >= 0):
-                    raise InvalidRequest(f"ensemble_k must be a finite number >= 0, not {request.ensemble_k}")
                 started = time.perf_counter()
                 scores = await model.score(self.registry, inputs, strict)
                 rewards = scores.reduce(REDUCTIONS[request.ensemble_reduce], request.ensemble_k or 1.0)

@@ -32,6 +32,7 @@ from aiohttp import web
 from rm_contract.recipe import Message, RecipeError, Sample
 from rm_server.convert import MAX_MESSAGES_PER_CONVERSATION
 from rm_server.errors import InvalidRequest
+from rm_server.http_body import BodyError, json_body
 from rm_server.models import Ensemble
 from rm_server.scoring import Limits, SampleInput, TextInput, TokenInput
 from rm_server.security import authorized
@@ -91,9 +92,9 @@ class VllmRoutes:
         if not authorized(request.headers, self.token):
             return error_response(401, "Unauthorized", "missing or invalid bearer token (Authorization header)")
         try:
-            body = await request.json()
-        except (ValueError, RecursionError, LookupError):  # not JSON, nested too deep, an unknown charset
-            body = None
+            body = await json_body(request)
+        except BodyError as e:
+            return error_response(e.status, "BadRequestError", str(e))
         request_id = request.headers.get("X-Request-Id") or _request_id_of(body)
         parsed: list[PoolingRequest] = []
         param: list[str] = []  # the field an error is about, vLLM's `param`
@@ -113,7 +114,10 @@ class VllmRoutes:
         status, kind = ERRORS.get(code, (500, "InternalServerError"))
         if code == grpc.StatusCode.NOT_FOUND:
             param.append("model")
-        return error_response(status, kind, result, (param or [None])[0])
+        elif code == grpc.StatusCode.INVALID_ARGUMENT and not param:  # found while scoring: about the samples
+            about = "truncate_prompt_tokens" if result.startswith("truncate_prompt_tokens") else None
+            param.append(about or next((f for f in ("input", "messages") if isinstance(body, dict) and f in body), ""))
+        return error_response(status, kind, result, (param or [None])[0] or None)
 
     async def models(self, request: web.Request) -> web.Response:
         if not authorized(request.headers, self.token):
