@@ -67,10 +67,11 @@ class RunningServer:
     port: int
     metrics_port: int
     log_path: Path
+    host: str = "127.0.0.1"
 
     @property
     def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     def channel(self) -> grpc.Channel:
         return grpc.insecure_channel(self.target)
@@ -95,6 +96,7 @@ def start_server(
     secure: bool = False,
     token: str | None = None,
     bundle_flag: str = "--bundle",
+    host: str = "127.0.0.1",
 ) -> RunningServer:
     """Start rm-serve and wait until it serves: through plaintext health, or (TLS, or health behind a
     token) until its start-up line is logged."""
@@ -107,11 +109,13 @@ def start_server(
         str(port),
         "--metrics-port",
         str(metrics_port),
+        "--host",
+        host,
         *args,
     ]
     log_file = open(log_path, "w")  # noqa: SIM115 - closed with the process
     process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-    server = RunningServer(process, port, metrics_port, log_path)
+    server = RunningServer(process, port, metrics_port, log_path, host)
     try:
         if secure or token:
             wait_for_log_line(server, "serving ")

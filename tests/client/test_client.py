@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import random
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -320,3 +323,51 @@ def test_failover_when_a_replica_is_killed_mid_load(encoder_bundle, tmp_path, re
     np.testing.assert_allclose(got, expected(reference, texts), atol=1e-5)
     assert replicas[0].process.returncode == -9 and len(answered) == len(requests)
     assert killed_after[0] < len(requests) - 6  # most of the load came after the kill
+
+
+HOSTS = Path("/etc/hosts")
+
+
+@contextlib.contextmanager
+def hosts_entry(name: str):
+    """A name in /etc/hosts (what a cluster DNS would serve), set with `point(address)`; restored after."""
+    if not os.access(HOSTS, os.W_OK):
+        pytest.skip("/etc/hosts is not writable here: a name cannot be moved to another address")
+    original = HOSTS.read_text()
+
+    def point(address: str) -> None:
+        HOSTS.write_text(original.rstrip("\n") + f"\n{address} {name}\n")
+
+    try:
+        yield point
+    finally:
+        HOSTS.write_text(original)
+
+
+def test_a_replica_name_is_resolved_again_when_its_pod_comes_back_elsewhere(encoder_bundle, tmp_path):
+    """Before, a list of replica names was resolved once, when the client started: a replica restarted on
+    another address (a rescheduled pod) never got a call again. Now each name is its own dns:/// channel,
+    looked up again when its connection fails; calls go to the replicas in turn."""
+    other = start_server(encoder_bundle, tmp_path / "other.log")
+    port = free_port()
+    with hosts_entry("rm-replica-under-test") as point:
+        point("127.0.0.2")
+        first = start_server(encoder_bundle, tmp_path / "first.log", host="127.0.0.2", port=port)
+        moved = None
+        try:
+            with RewardClient([f"rm-replica-under-test:{port}", other.target], timeout_s=60) as client:
+                for _ in range(8):
+                    client.score(["How was it?"], ["Lovely."])
+                assert metrics(first)["rm_samples_total"] > 0 and metrics(other)["rm_samples_total"] > 0
+                stop_server(first)
+                point("127.0.0.3")  # the pod comes back on another address
+                moved = start_server(encoder_bundle, tmp_path / "moved.log", host="127.0.0.3", port=port)
+                deadline = time.monotonic() + 60
+                while metrics(moved)["rm_samples_total"] < 8 and time.monotonic() < deadline:
+                    client.score(["How was it?"], ["Lovely."])
+                    time.sleep(0.05)
+                assert metrics(moved)["rm_samples_total"] >= 8  # found at its new address, taking its turns
+        finally:
+            for server in (first, moved, other):
+                if server is not None:
+                    stop_server(server)

@@ -93,7 +93,7 @@ def test_versions_switch_under_load_without_failed_or_mixed_calls(encoder_bundle
                 while sum(a[1].model_version == "2" for a in answers) < 40 and time.monotonic() < deadline:
                     request = rng.sample(texts, 12)
                     message = pb.ScoreRequest(samples=text_samples(*zip(*request)))
-                    answers.append((request, await client._stub.Score(message, timeout=120)))
+                    answers.append((request, await client._stub().Score(message, timeout=120)))
 
             async def publish():
                 while len(answers) < 30:

@@ -1,9 +1,9 @@
-"""Open a gRPC channel to one or several reward-service replicas: round_robin, keepalive, TLS, bearer token."""
+"""gRPC channels to one or several reward-service replicas: re-resolved names, keepalive, TLS, bearer token."""
 
 from __future__ import annotations
 
+import itertools
 import json
-import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,38 +39,58 @@ class Security:
         return grpc.ssl_channel_credentials(read(self.ca_file), read(self.key_file), read(self.cert_file))
 
 
-def resolve_target(targets: str | Sequence[str]) -> str:
-    """One gRPC target for a replica set.
+def replica_targets(targets: str | Sequence[str]) -> list[str]:
+    """gRPC targets, one per replica.
 
-    - `host:port` or a gRPC URI (`dns:///name:port`, `ipv4:a:p,b:p`, `unix:...`) is used as is; a DNS name
-      that resolves to several addresses is balanced across all of them by round_robin.
-    - A list of `host:port` (or one comma-separated string) is resolved now into one `ipv4:`/`ipv6:` target,
-      one address per replica.
+    - A gRPC URI (`dns:///name:port`, `ipv4:a:p,b:p`, `unix:...`) is used as is; a DNS name that resolves to
+      several addresses is balanced across all of them by round_robin.
+    - Each `host:port` of a list (or of one comma-separated string) becomes `dns:///host:port`: gRPC
+      resolves it, and resolves it again when a connection fails, so a restarted pod's new address is
+      found (the name is not pinned to the address it had when the client started).
     """
     if isinstance(targets, str):
         targets = [targets] if targets.startswith(URI_SCHEMES) else targets.split(",")
     targets = [t.strip() for t in targets if t.strip()]
     if not targets:
         raise ValueError("no target given")
-    if len(targets) == 1:
-        return targets[0]
-    addresses = [_address(t) for t in targets]
-    families = {family for family, _ in addresses}
-    if len(families) > 1:
-        raise ValueError("cannot mix IPv4 and IPv6 replicas in one target list")
-    return f"{families.pop()}:" + ",".join(address for _, address in addresses)
+    out = []
+    for target in targets:
+        if target.startswith(URI_SCHEMES):
+            out.append(target)
+            continue
+        _, sep, port = target.rpartition(":")
+        if not sep or not port.isdigit():
+            raise ValueError(f"target {target!r} is not host:port")
+        out.append(f"dns:///{target}")
+    return out
 
 
-def _address(target: str) -> tuple[str, str]:
-    host, sep, port = target.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"target {target!r} is not host:port")
-    host = host.strip("[]")
-    info = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
-    family, *_, sockaddr = info[0]
-    if family == socket.AF_INET6:
-        return "ipv6", f"[{sockaddr[0]}]:{port}"
-    return "ipv4", f"{sockaddr[0]}:{port}"
+class Replicas:
+    """One channel per replica target; each call takes the next one that is not failing, in turn."""
+
+    def __init__(self, targets: str | Sequence[str], security: Security, max_message_mb: int, keepalive_s: float):
+        options = channel_options(max_message_mb, keepalive_s)
+        self.channels = [
+            grpc.aio.secure_channel(t, security.credentials(), options=options)
+            if security.tls
+            else grpc.aio.insecure_channel(t, options=options)
+            for t in replica_targets(targets)
+        ]
+        self._turn = itertools.count()
+
+    def pick(self) -> int:
+        """The index of the channel for the next call: the next in turn, passing over those whose last
+        connection attempt failed while another is usable."""
+        start, n = next(self._turn), len(self.channels)
+        for i in range(n):
+            index = (start + i) % n
+            if self.channels[index].get_state(try_to_connect=True) != grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+                return index
+        return start % n
+
+    async def close(self) -> None:
+        for channel in self.channels:
+            await channel.close()
 
 
 def channel_options(max_message_mb: int, keepalive_s: float) -> list[tuple[str, object]]:
@@ -86,14 +106,6 @@ def channel_options(max_message_mb: int, keepalive_s: float) -> list[tuple[str, 
         # a replica that went away is tried again soon after it comes back
         ("grpc.initial_reconnect_backoff_ms", 200),
         ("grpc.max_reconnect_backoff_ms", 2000),
+        # a replica's name is looked up again at most this often when its connections fail (gRPC: 30 s)
+        ("grpc.dns_min_time_between_resolutions_ms", 1000),
     ]
-
-
-def open_aio_channel(
-    targets: str | Sequence[str], security: Security, max_message_mb: int = 64, keepalive_s: float = 30.0
-) -> grpc.aio.Channel:
-    target = resolve_target(targets)
-    options = channel_options(max_message_mb, keepalive_s)
-    if security.tls:
-        return grpc.aio.secure_channel(target, security.credentials(), options=options)
-    return grpc.aio.insecure_channel(target, options=options)

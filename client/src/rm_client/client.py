@@ -23,7 +23,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from rm_client.channel import Security, open_aio_channel
+from rm_client.channel import Replicas, Security
 from rm_client.errors import RewardServiceError
 from rm_client.retry import RetryBudget, RetryPolicy, call_with_retries, retry_pause
 from rm_client.samples import (
@@ -103,9 +103,9 @@ class AsyncRewardClient:
         if max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
         security = security or Security()
-        self._channel = open_aio_channel(target, security, max_message_mb, keepalive_s)
-        self._stub = reward_pb2_grpc.RewardServiceStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._replicas = Replicas(target, security, max_message_mb, keepalive_s)
+        self._stubs = [reward_pb2_grpc.RewardServiceStub(c) for c in self._replicas.channels]
+        self._health_stubs = [health_pb2_grpc.HealthStub(c) for c in self._replicas.channels]
         self._metadata = security.metadata()
         self.timeout_s, self.retry, self.max_in_flight = timeout_s, retry or RetryPolicy(), max_in_flight
         self._retry_budget = RetryBudget(self.retry)  # shared by every call of this client
@@ -118,13 +118,18 @@ class AsyncRewardClient:
         await self.close()
 
     async def close(self) -> None:
-        await self._channel.close()
+        await self._replicas.close()
 
-    async def _unary(self, method, request, timeout_s: float | None = None):
-        """One RPC with retries and the overall deadline."""
+    def _stub(self) -> reward_pb2_grpc.RewardServiceStub:
+        """The next replica's stub: calls, and each retry of a call, go to the replicas in turn."""
+        return self._stubs[self._replicas.pick()]
+
+    async def _unary(self, method: str, request, timeout_s: float | None = None):
+        """One RPC (`method` of RewardService) with retries and the overall deadline."""
 
         async def attempt(remaining: float | None):
-            return await method(request, timeout=remaining, metadata=self._metadata, wait_for_ready=False)
+            call = getattr(self._stub(), method)
+            return await call(request, timeout=remaining, metadata=self._metadata, wait_for_ready=False)
 
         timeout_s = timeout_s if timeout_s is not None else self.timeout_s
         return await call_with_retries(attempt, self.retry, timeout_s, self._retry_budget)
@@ -185,7 +190,7 @@ class AsyncRewardClient:
                 if failed.is_set():  # a sibling failed while this one waited for a slot: the call is over
                     return []
                 try:
-                    response = await self._unary(self._stub.Score, request, _left(deadline))
+                    response = await self._unary("Score", request, _left(deadline))
                 except BaseException:
                     failed.set()  # before the slot is released to the next chunk
                     raise
@@ -220,7 +225,7 @@ class AsyncRewardClient:
     async def chunk_size(self, timeout_s: float | None = None) -> int:
         if self._chunk_size is None:
             request = pb.GetModelInfoRequest(model=self.model, model_version=self.model_version)
-            info = await self._unary(self._stub.GetModelInfo, request, timeout_s)
+            info = await self._unary("GetModelInfo", request, timeout_s)
             self._chunk_size = min(512, info.max_samples_per_request or 512)
         return self._chunk_size
 
@@ -233,7 +238,7 @@ class AsyncRewardClient:
             model=self.model,
             model_version=self.model_version,
         )
-        r = await self._unary(self._stub.Compare, request)
+        r = await self._unary("Compare", request)
         return Comparison(r.probability_a_preferred, r.reward_a, r.reward_b)
 
     async def rank(self, prompt: str, responses: Sequence[str]) -> Ranking:
@@ -241,21 +246,21 @@ class AsyncRewardClient:
         request = pb.RankRequest(
             prompt=prompt, responses=list(responses), model=self.model, model_version=self.model_version
         )
-        r = await self._unary(self._stub.Rank, request)
+        r = await self._unary("Rank", request)
         return Ranking(list(r.order), np.array(r.rewards, dtype=np.float32))
 
     async def model_info(self) -> pb.ModelInfo:
         request = pb.GetModelInfoRequest(model=self.model, model_version=self.model_version)
-        return await self._unary(self._stub.GetModelInfo, request)
+        return await self._unary("GetModelInfo", request)
 
     async def reload_models(self) -> pb.ReloadModelsResponse:
         """Admin: make the server rescan its model repository now (needs the server's token)."""
-        return await self._unary(self._stub.ReloadModels, pb.ReloadModelsRequest())
+        return await self._unary("ReloadModels", pb.ReloadModelsRequest())
 
     async def health(self, service: str = "") -> str:
         """grpc.health.v1 status name: SERVING, NOT_SERVING, ... (no retries: it reports the present)."""
         try:
-            answer = await self._health.Check(
+            answer = await self._health_stubs[self._replicas.pick()].Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=self.timeout_s, metadata=self._metadata
             )
         except grpc.RpcError as error:
@@ -316,7 +321,7 @@ class AsyncRewardClient:
                     ensemble_k=self.ensemble_k,
                 )
 
-        call = self._stub.ScoreStream(outgoing(), timeout=timeout_s, metadata=self._metadata)
+        call = self._stub().ScoreStream(outgoing(), timeout=timeout_s, metadata=self._metadata)
         try:
             async for response in call:
                 window.release()
