@@ -57,6 +57,22 @@ def test_requests_are_reassembled_in_order_across_batches():
     assert all(rows <= 8 and rows * length <= 64 for rows, length in engine.batches)
 
 
+def test_rows_are_reported_as_their_batches_finish():
+    """`on_row` (what the reward cache answers waiting requests with) gets every row's reward, each as its
+    batch is done: the first rows before the request has its last batch."""
+    engine = RecordingEngine()
+    sequences = [[i] * 4 for i in range(1, 17)]
+    reported: list[tuple[int, float, int]] = []  # (row, reward, batches run by then)
+
+    async def body(batcher):
+        return await batcher.score(sequences, lambda i, r: reported.append((i, r, len(engine.batches))))
+
+    result = run(with_batcher(engine, BatcherConfig(max_batch_tokens=16, max_batch_size=4), body))
+    assert sorted((i, r) for i, r, _ in reported) == [(i, float(4 * (i + 1))) for i in range(16)]
+    assert result.rewards.tolist() == [r for _, r in sorted((i, r) for i, r, _ in reported)]
+    assert len(engine.batches) == 4 and min(batches for *_, batches in reported) < 4
+
+
 def test_batches_start_with_the_oldest_sample_and_group_similar_lengths():
     engine = RecordingEngine()
     engine.gate.clear()  # hold the engine so requests pile up in the queue

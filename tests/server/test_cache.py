@@ -115,12 +115,12 @@ def test_waiters_of_a_failed_or_abandoned_computation_compute_it_themselves(fail
     computed: list[list[tuple[int, ...]]] = []
     release = asyncio.Event()
 
-    async def owner_compute(sequences):
+    async def owner_compute(sequences, on_row):
         computed.append([tuple(s) for s in sequences])
         await release.wait()
         raise RuntimeError("engine failed")
 
-    async def compute(sequences):
+    async def compute(sequences, on_row):
         computed.append([tuple(s) for s in sequences])
         return np.array([float(sum(s)) for s in sequences], dtype=np.float32)
 
@@ -145,3 +145,29 @@ def test_waiters_of_a_failed_or_abandoned_computation_compute_it_themselves(fail
     assert computed[:2] == [[(1, 2), (3,)], [(5,)]]
     assert sorted(ids for batch in computed[2:] for ids in batch) == [(1, 2), (3,)]
     assert asyncio.run(cache.rewards([[1, 2], [3], [5]], owner_compute)).tolist() == [3.0, 3.0, 5.0]  # all cached
+
+
+def test_a_waiter_is_answered_when_its_row_is_ready_not_when_the_whole_request_is():
+    """A one-sample call whose sample is row 0 of a large request in flight: answered as that row's batch
+    finishes (the batcher reports rows as they are done), not after the large request's last batch."""
+    cache = RewardCache(2**20, Counter("lookups", "", ["result"], registry=CollectorRegistry()))
+    rest = asyncio.Event()
+
+    async def large(sequences, on_row):
+        on_row(0, 1.5)  # the first batch, holding row 0, is done
+        await rest.wait()  # the other rows' batches are not
+        return np.array([1.5] + [2.0] * (len(sequences) - 1), dtype=np.float32)
+
+    async def never(sequences, on_row):
+        raise AssertionError("the waiter must not compute its sample itself")
+
+    async def run():
+        owner = asyncio.create_task(cache.rewards([[1], [2], [3]], large))
+        await asyncio.sleep(0)
+        small = await asyncio.wait_for(cache.rewards([[1]], never), 5)
+        assert not owner.done()
+        rest.set()
+        return small, await owner
+
+    small, whole = asyncio.run(run())
+    assert small.tolist() == [1.5] and whole.tolist() == [1.5, 2.0, 2.0]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -115,6 +115,7 @@ class _Job:
     sequences: Sequence[Sequence[int]]
     future: asyncio.Future
     enqueued: float
+    on_row: Callable[[int, float], None] | None = None
     rewards: np.ndarray = field(init=False)
     remaining: int = field(init=False)
     waiting: list[int] = field(init=False)
@@ -191,8 +192,12 @@ class Batcher:
         self._queue.clear()
         self._waiting_samples = self._waiting_tokens = 0
 
-    async def score(self, sequences: Sequence[Sequence[int]]) -> JobResult:
-        """Rewards of `sequences` in order; cancelling the caller drops its waiting samples."""
+    async def score(
+        self, sequences: Sequence[Sequence[int]], on_row: Callable[[int, float], None] | None = None
+    ) -> JobResult:
+        """Rewards of `sequences` in order; cancelling the caller drops its waiting samples. `on_row(i,
+        reward)` is called as each row's batch finishes, before the whole request has (the cache answers
+        requests waiting on one of its rows then)."""
         if self._closed:
             raise NotReady("the model was unloaded or the server is shutting down; retry")
         if self._waiting_samples + len(sequences) > self.config.max_queue:
@@ -200,7 +205,7 @@ class Batcher:
                 f"queue full: {self._waiting_samples} samples waiting, {len(sequences)} more exceed max_queue "
                 f"{self.config.max_queue}; retry with backoff"
             )
-        job = _Job(sequences, asyncio.get_running_loop().create_future(), time.perf_counter())
+        job = _Job(sequences, asyncio.get_running_loop().create_future(), time.perf_counter(), on_row)
         tokens = job.waiting_tokens()
         self._queue.append(job)
         self._waiting_samples += len(sequences)
@@ -274,6 +279,8 @@ class Batcher:
         for (job, i), reward in zip(batch, rewards):
             job.rewards[i] = reward
             job.remaining -= 1
+            if job.on_row is not None and not job.future.done():
+                job.on_row(i, float(reward))
             if job.remaining == 0 and not job.future.done():
                 job.future.set_result(None)
         try:

@@ -21,7 +21,8 @@ ENTRY_OVERHEAD_BYTES = 160
 """Memory of one entry beyond its key's bytes: the bytes object's header, the float, the dict slot and the
 OrderedDict's links (measured with tracemalloc, rounded up)."""
 
-Compute = Callable[[list[Sequence[int]]], Awaitable[np.ndarray]]
+Compute = Callable[[list[Sequence[int]], Callable[[int, float], None]], Awaitable[np.ndarray]]
+"""Computes rewards of sequences, calling `on_row(i, reward)` as each one is ready (the batcher does)."""
 
 
 class RewardCache:
@@ -77,13 +78,18 @@ class RewardCache:
         loop = asyncio.get_running_loop()
         futures = {key: loop.create_future() for key in owned}
         self._inflight.update(futures)
+        keys = list(owned)
+
+        def on_row(index: int, reward: float) -> None:  # waiters are answered with their row, not the request
+            if not futures[keys[index]].done():
+                futures[keys[index]].set_result(reward)
+                self._store(keys[index], reward)
+
         try:
-            rewards = await compute(list(owned.values()))
-            out = {key: float(reward) for key, reward in zip(owned, rewards)}
-            for key, reward in out.items():
-                futures[key].set_result(reward)
-                self._store(key, reward)
-            return out
+            rewards = await compute(list(owned.values()), on_row)
+            for index, reward in enumerate(rewards):  # rows `compute` did not report one by one
+                on_row(index, float(reward))
+            return {key: float(reward) for key, reward in zip(keys, rewards)}
         finally:
             for key, future in futures.items():
                 future.cancel()  # no-op once set; tells the waiters of a failed or abandoned computation

@@ -143,9 +143,9 @@ class Scorer:
             sequences = [e.ids for e in encoded]
             batched = JobResult(np.empty(0, np.float32), 0.0, 0.0)
 
-            async def compute(todo: list[Sequence[int]]) -> np.ndarray:
+            async def compute(todo: list[Sequence[int]], on_row=None) -> np.ndarray:
                 nonlocal batched
-                batched = await self.batcher.score(todo)
+                batched = await self.batcher.score(todo, on_row)
                 return batched.rewards
 
             if self.cache is None:
