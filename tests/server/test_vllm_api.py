@@ -138,6 +138,23 @@ def test_verl_reward_loop_request_scores_the_conversation_as_messages_do(server,
     assert as_messages["data"][0]["probs"][0] == kept_bos["data"][0]["probs"][0] == verl
 
 
+def test_content_parts_are_joined_as_vllm_joins_them(server):
+    """OpenAI-style content parts: text parts joined with newlines (vLLM's chat_utils does so), anything
+    else refused: only text is scored."""
+    parts = [{"type": "text", "text": "How was"}, {"type": "text", "text": "the film?"}]
+
+    def reward(content) -> float:
+        body = {"model": "chat", "messages": [{"role": "user", "content": content}, CHAT[2]], "use_activation": False}
+        response = post(server, "/classify", body)
+        assert response.status_code == 200, response.text
+        return response.json()["data"][0]["probs"][0]
+
+    assert reward(parts) == reward("How was\nthe film?") != reward("How wasthe film?")
+    image = [*parts, {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]
+    refused = post(server, "/classify", {"model": "chat", "messages": [{"role": "user", "content": image}, CHAT[2]]})
+    assert refused.status_code == 400 and "only text content parts" in refused.json()["error"]["message"]
+
+
 def test_pooling_models_and_health(server, toy, chat, minilm_tokenizer):
     text = "It was wonderful."
     raw = toy(minilm_tokenizer(text)["input_ids"])
