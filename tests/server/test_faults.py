@@ -14,14 +14,17 @@ import sys
 import textwrap
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import numpy as np
+import onnx
 import pytest
 from tokenizers import Tokenizer
 
 from rm_client import AsyncRewardClient, RetryPolicy
 from rm_client.samples import text_samples
+from rm_contract.bundle import hash_files
 from rm_contract.pb import reward_pb2 as pb
 from tests.conftest import random_texts
 from tests.server.test_service import metrics
@@ -176,3 +179,66 @@ def test_a_slow_stream_reader_does_not_hold_up_others(server, reference):
     assert sorted(answers, key=int) == [r.request_id for r in requests]
     first = requests[0].samples[0].text
     assert answers["0"].results[0].reward == pytest.approx(reference(first.prompt, first.response), abs=1e-5)
+
+
+def nan_on_token_graph(path: Path, reward: float, trigger: int) -> None:
+    """An ONNX graph giving every sample `reward`, except -inf (log 0) for samples holding token `trigger`:
+    a model that overflows on some inputs only, so it passes the load-time reference check."""
+    h = onnx.helper
+    ids = h.make_tensor_value_info("input_ids", onnx.TensorProto.INT64, ["batch", "sequence"])
+    mask = h.make_tensor_value_info("attention_mask", onnx.TensorProto.INT64, ["batch", "sequence"])
+    out = h.make_tensor_value_info("reward", onnx.TensorProto.FLOAT, ["batch"])
+    nodes = [
+        h.make_node("Equal", ["input_ids", "trigger"], ["hit"]),
+        h.make_node("Cast", ["hit"], ["hit_f"], to=onnx.TensorProto.FLOAT),
+        h.make_node("ReduceMax", ["hit_f"], ["flag"], axes=[1], keepdims=0),
+        h.make_node("Sub", ["one", "flag"], ["kept"]),
+        h.make_node("Log", ["kept"], ["log_kept"]),
+        h.make_node("Cast", ["attention_mask"], ["m"], to=onnx.TensorProto.FLOAT),
+        h.make_node("ReduceSum", ["m", "axes"], ["s"], keepdims=0),
+        h.make_node("Mul", ["s", "zero"], ["z"]),
+        h.make_node("Add", ["z", "log_kept"], ["zl"]),
+        h.make_node("Add", ["zl", "value"], ["reward"]),
+    ]
+    constants = [
+        h.make_tensor("axes", onnx.TensorProto.INT64, [1], [1]),
+        h.make_tensor("trigger", onnx.TensorProto.INT64, [], [trigger]),
+        h.make_tensor("one", onnx.TensorProto.FLOAT, [], [1.0]),
+        h.make_tensor("zero", onnx.TensorProto.FLOAT, [], [0.0]),
+        h.make_tensor("value", onnx.TensorProto.FLOAT, [], [reward]),
+    ]
+    graph = h.make_graph(nodes, "nan_on_token", [ids, mask], [out], constants)
+    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)], ir_version=8), str(path))
+
+
+def test_a_non_finite_reward_is_a_failure_not_an_answer(encoder_bundle, tmp_path):
+    """A graph that overflows on some inputs (an fp16 variant on long texts) gave NaN or inf as a reward,
+    and a trainer would have trained on it. Such a sample fails its request (INTERNAL, naming it); the
+    other requests are answered."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(encoder_bundle, bundle)
+    trigger = 1000
+    manifest = json.loads((bundle / "bundle.json").read_text())
+    assert all(trigger not in ids for ids in manifest["parity"]["reference_ids"])
+    nan_on_token_graph(bundle / manifest["variants"]["fp32"]["file"], 0.5, trigger)
+    manifest["variants"]["fp32"]["reference_rewards"] = [0.5] * len(manifest["parity"]["reference_ids"])
+    (bundle / "bundle.json").write_text(json.dumps(manifest))
+    manifest["files"] = hash_files(bundle)
+    (bundle / "bundle.json").write_text(json.dumps(manifest))
+    server = start_server(bundle, tmp_path / "serve.log", "--cache-mb", "1")
+    try:
+        stub = server.stub()
+        fine = stub.Score(pb.ScoreRequest(samples=[fine_sample()]), timeout=30)
+        assert [r.reward for r in fine.results] == [0.5]
+        for _ in range(2):  # the same again, with the cache on
+            with pytest.raises(grpc.RpcError) as failed:
+                overflow = pb.Sample(tokens=pb.TokenIds(ids=[101, trigger, 102]))
+                stub.Score(pb.ScoreRequest(samples=[fine_sample(), overflow]), timeout=30)
+            assert failed.value.code() == grpc.StatusCode.INTERNAL
+            assert "non-finite reward (-inf) for sample 1" in failed.value.details()
+    finally:
+        stop_server(server)
+
+
+def fine_sample() -> pb.Sample:
+    return pb.Sample(tokens=pb.TokenIds(ids=[101, 7, 102]))

@@ -11,6 +11,7 @@ retried or resent requests score the same samples again.
 from __future__ import annotations
 
 import asyncio
+import math
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -97,7 +98,7 @@ class RewardCache:
                     del self._inflight[key]
 
     def _store(self, key: bytes, reward: float) -> None:
-        if key in self._entries:
+        if key in self._entries or not math.isfinite(reward):  # a failure is not kept as an answer
             return
         self._entries[key] = reward
         self.bytes += len(key) + ENTRY_OVERHEAD_BYTES

@@ -16,7 +16,7 @@ from rm_contract.bundle import Bundle
 from rm_contract.recipe import EncodedSample, RecipeError, Sample, SampleEncoder
 from rm_server.batcher import Batcher, JobResult
 from rm_server.cache import RewardCache
-from rm_server.errors import InvalidRequest, QueueFull
+from rm_server.errors import InferenceFailed, InvalidRequest, QueueFull
 
 
 @dataclass(frozen=True)
@@ -156,6 +156,12 @@ class Scorer:
         finally:
             gone.set()  # a call cancelled or past its deadline stops tokenizing at its next sample
             self.admitted -= len(inputs)
+        bad = np.flatnonzero(~np.isfinite(raw))
+        if bad.size:  # answered as a failure: a trainer must never take NaN or inf for a reward
+            raise InferenceFailed(
+                f"the model gave a non-finite reward ({raw[bad[0]]}) for sample {bad[0]} ({bad.size} of "
+                f"{len(raw)} samples): an overflow in the graph (an fp16 variant on long inputs?)"
+            )
         rewards = raw.astype(np.float64)
         if normalize:
             rewards = (rewards - self.norm_mean) / self.norm_std
