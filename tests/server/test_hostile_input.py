@@ -9,6 +9,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -93,18 +94,33 @@ def test_any_compare_and_rank_request_gets_an_answer_or_a_clear_error(stub, prom
         assert sorted(ranked.order) == list(range(len(responses)))
 
 
-METHODS = ["Score", "Compare", "Rank", "GetModelInfo"]
+REQUEST_TYPES = {
+    "Score": pb.ScoreRequest,
+    "Compare": pb.CompareRequest,
+    "Rank": pb.RankRequest,
+    "GetModelInfo": pb.GetModelInfoRequest,
+}
 
 
 @SETTINGS
-@given(method=st.sampled_from(METHODS), body=st.binary(max_size=2000))
+@given(method=st.sampled_from(sorted(REQUEST_TYPES)), body=st.binary(max_size=2000))
 def test_raw_bytes_on_unary_method_paths(server, method, body):
+    """Bytes that do not parse as the method's request get INVALID_ARGUMENT saying so; bytes that happen to
+    parse are a request like any other: an answer or a clear error."""
+    try:
+        REQUEST_TYPES[method].FromString(body)
+        parses = True
+    except DecodeError:
+        parses = False
     call = server.channel().unary_unary(f"/reward.v1.RewardService/{method}")  # bytes in, bytes out
     try:
         call(body, timeout=30)
+        assert parses, "bytes that are not a valid message were answered"
     except grpc.RpcError as error:
         assert error.code() in CLIENT_STATUSES, (error.code(), error.details())
-        assert "not a valid message" in error.details() or error.details()
+        assert error.details()
+        if not parses:
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "not a valid message" in error.details()
 
 
 def test_a_malformed_stream_message_ends_the_stream_at_once(server):
