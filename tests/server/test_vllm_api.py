@@ -211,7 +211,7 @@ def test_truncate_prompt_tokens_keeps_the_end_and_the_pooled_first_id(server, to
         ("/classify", b"[" * 100000, 400, "BadRequestError", None, "nested too deeply"),
         ("/classify", {"input": "\ud800"}, 400, "BadRequestError", "input", "not valid Unicode"),
         ("/classify", {"input": [[101, 102]] * 4097}, 400, "BadRequestError", "input", "at most 4096"),
-        ("/classify", {"input": [1.0, 2.0]}, 400, "BadRequestError", "input", "mixes kinds"),
+        ("/classify", {"input": [1.0, 2.0]}, 400, "BadRequestError", "input", "token ids must be integers >= 0"),
         ("/classify", {"input": [7] * 1_000_001}, 400, "BadRequestError", "input", "1000001 token ids; at most"),
         ("/classify", {"input": "a", "use_activation": "no"}, 400, "BadRequestError", "use_activation", "true or"),
         (

@@ -190,6 +190,8 @@ def _inputs(value: object, limits: Limits, add_special_tokens: bool | None) -> l
         return [_text(i, v, add_special_tokens) for i, v in enumerate(value)]
     if all(isinstance(v, list) for v in value):
         return [TokenInput(_token_ids(i, v, limits)) for i, v in enumerate(value)]
+    if all(isinstance(v, int | float) and not isinstance(v, bool) for v in value):
+        raise BadField("input", "input 0: token ids must be integers >= 0")
     raise BadField("input", f"'input' must be {INPUT_SHAPES}; this list mixes kinds")
 
 
