@@ -260,3 +260,14 @@ def test_unknown_options_are_refused_even_where_they_would_not_apply(server, fie
     with pytest.raises(grpc.RpcError) as refused:
         server.stub().Score(pb.ScoreRequest(samples=[text("Q", "A")], **fields), timeout=30)
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in refused.value.details()
+
+
+def test_every_samples_size_is_checked_before_any_is_tokenized(server):
+    """An over-long text is refused before the request's other samples cost tokenizer time: the refusal
+    names it even though an earlier sample (bad token ids) would fail once tokenized."""
+    bad_ids = pb.Sample(tokens=pb.TokenIds(ids=[101, 10**9, 102]))
+    too_long = text("Q", "x" * 1_000_001)
+    with pytest.raises(grpc.RpcError) as refused:
+        server.stub().Score(pb.ScoreRequest(samples=[bad_ids, too_long]), timeout=30)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "sample 1: 1000002 characters; at most 1000000" in refused.value.details()
