@@ -114,11 +114,16 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+SHA256_PREFIX = 12
+"""Hex digits of a served model's identity: enough to tell any two bundles apart."""
+
+
 def served_sha256(directory: Path, variant: str) -> str:
-    """The identity of a bundle served as `variant`, in every answer: 12 hex digits of the sha256 of
-    bundle.json (which lists every file's sha256: weights, tokenizer, recipe) followed by a newline and the
-    variant's name (one bundle holds fp32, fp16 and int8 graphs, whose rewards differ)."""
-    return hashlib.sha256((directory / MANIFEST).read_bytes() + b"\n" + variant.encode()).hexdigest()[:12]
+    """The identity of a bundle served as `variant`, in every answer: the first SHA256_PREFIX hex digits of
+    the sha256 of bundle.json (which lists every file's sha256: weights, tokenizer, recipe) followed by a
+    newline and the variant's name (one bundle holds fp32, fp16 and int8 graphs, whose rewards differ)."""
+    digest = hashlib.sha256((directory / MANIFEST).read_bytes() + b"\n" + variant.encode()).hexdigest()
+    return digest[:SHA256_PREFIX]
 
 
 def hash_files(directory: Path) -> dict[str, str]:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rm_contract.bundle import VARIANTS, Bundle, BundleError, load_bundle, served_sha256
+from rm_contract.bundle import SHA256_PREFIX, VARIANTS, Bundle, BundleError, load_bundle, served_sha256
 from rm_contract.config_cli import ConfigError, option
 from rm_contract.padding import pad_batch
 from rm_server.batcher import Batcher, BatcherConfig, BatchingOptions, budget_from_memory
@@ -41,8 +41,6 @@ log = logging.getLogger("rm_server")
 _GPU_SIZING = threading.Lock()
 """Models measure free GPU memory and claim their budgets one at a time (see `LoadedModel._gpu_budget`)."""
 ENSEMBLE_FILE = "ensemble.json"
-SHA256_PREFIX = 12
-"""Hex digits of an ensemble's digest shown in answers, as many as `served_sha256` gives."""
 
 
 @dataclass(frozen=True)
@@ -352,11 +350,12 @@ class ModelRegistry:
 
     @property
     def cache_bytes(self) -> int:
+        # every model in `versions` has started (add() inserts it after its load), so it has a scorer
         return sum(
             m.scorer.cache.bytes
             for versions in list(self.versions.values())
             for m in list(versions.values())
-            if getattr(m, "scorer", None) and m.scorer.cache is not None
+            if m.scorer.cache is not None
         )
 
     @property

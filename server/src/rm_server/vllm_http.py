@@ -96,28 +96,29 @@ class VllmRoutes:
         except BodyError as e:
             return error_response(e.status, "BadRequestError", str(e))
         request_id = request.headers.get("X-Request-Id") or _request_id_of(body)
-        parsed: list[PoolingRequest] = []
-        param: list[str] = []  # the field an error is about, vLLM's `param`
+        parsed: PoolingRequest | None = None
+        param: str | None = None  # the field an error is about, vLLM's `param`
 
         async def work() -> Rewards:
+            nonlocal parsed, param
             try:
-                parsed.append(parse_request(body, self.service.registry.settings.limits, pooling=method == "Pooling"))
+                parsed = parse_request(body, self.service.registry.settings.limits, pooling=method == "Pooling")
             except BadField as e:
-                param.append(e.param)
+                param = e.param
                 raise
-            r = parsed[0]
-            return await self.service.rewards_of(r.inputs, r.model, "", r.strict, r.max_tokens)
+            return await self.service.rewards_of(parsed.inputs, parsed.model, "", parsed.strict, parsed.max_tokens)
 
         code, result = await self.service.answer(method, request_id, work())
         if code == grpc.StatusCode.OK:
-            return web.json_response(answer(request_id, parsed[0], result), headers=result.model.http_headers)
+            return web.json_response(answer(request_id, parsed, result), headers=result.model.http_headers)
         status, kind = ERRORS.get(code, (500, "InternalServerError"))
         if code == grpc.StatusCode.NOT_FOUND:
-            param.append("model")
-        elif code == grpc.StatusCode.INVALID_ARGUMENT and not param:  # found while scoring: about the samples
-            about = "truncate_prompt_tokens" if result.startswith("truncate_prompt_tokens") else None
-            param.append(about or next((f for f in ("input", "messages") if isinstance(body, dict) and f in body), ""))
-        return error_response(status, kind, result, (param or [None])[0] or None)
+            param = "model"
+        elif code == grpc.StatusCode.INVALID_ARGUMENT and param is None:  # found while scoring: the samples
+            fields = ("input", "messages") if isinstance(body, dict) else ()
+            sample_field = next((f for f in fields if f in body), None)
+            param = "truncate_prompt_tokens" if result.startswith("truncate_prompt_tokens") else sample_field
+        return error_response(status, kind, result, param)
 
     async def models(self, request: web.Request) -> web.Response:
         if not authorized(request.headers, self.token):
