@@ -110,10 +110,12 @@ bench-traffic: install
 	$(PY) bench/cache_bench.py --bundle $(DEMO_DIR)/bundle
 
 ## bench-stall: probe latency (health, a 1-sample Score) idle and under maximum-size requests, and refusal
-## latency under a 10x burst (issue 17's tight figures) on the demo bundle; bench/results/stall.{json,md}.
+## latency under a 10x burst (issue 17's tight figures) on the demo bundle; bench/results/stall.{json,md};
+## then tokenizer processes against tokenizer threads (bench/results/tokenizer.json).
 bench-stall: install
 	$(LOADS) $(DEMO_DIR)/bundle || $(MAKE) demo-bundle
 	$(PY) bench/stall_bench.py --bundle $(DEMO_DIR)/bundle --results bench/results
+	$(PY) bench/tokenizer_bench.py --bundle $(DEMO_DIR)/bundle --results bench/results
 
 ## verify-large: a random Qwen3-0.6B-shaped reward model (bf16 checkpoint, fp32 over 2 GB) exported to fp32 + fp16
 ## with external weights, verified, served and scored; time and peak memory to bench/results/verify_large.json.

@@ -142,7 +142,7 @@ def main() -> None:
         results["idle"] = probes(target, args.seconds, None)
         print("probes while another client sends maximum-size requests ...", flush=True)
         results["under_maximum_size_requests"] = probes(target, args.seconds, maximum_size_load(target))
-    with rm_serve(args.bundle, "fp32", ["--max-queue", "64", "--tokenizer-threads", "1"]) as (target, _):
+    with rm_serve(args.bundle, "fp32", ["--max-queue", "64", "--tokenizer-processes", "1"]) as (target, _):
         print("10x burst against --max-queue 64 ...", flush=True)
         results["burst"] = burst(target)
     out = Path(args.results)

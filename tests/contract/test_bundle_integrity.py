@@ -119,8 +119,8 @@ def test_a_graph_that_does_not_reproduce_the_exported_rewards_is_refused_at_load
 
 
 def test_a_tokenizer_too_large_to_parse_without_stalling_is_refused(bundle):
-    """tokenizers parses tokenizer.json holding the GIL (a 190 MB one froze every call for 36 s when a new
-    version loaded): above 64 MiB it is refused before parsing, naming the limit."""
+    """A 190 MB tokenizer.json once froze every call for 36 s when a new version loaded. Each tokenizer
+    process parses and holds it now: above 64 MiB it is refused before parsing, naming the limit."""
     with open(bundle / "tokenizer.json", "a") as f:
         f.write(" " * (65 * 2**20))  # still valid JSON: size alone decides
     edit_manifest(bundle, lambda manifest: manifest.update(files=hash_files(bundle)))

@@ -77,7 +77,7 @@ def test_overload_is_refused_before_any_work(encoder_bundle, tmp_path):
     """A 10x burst of requests that are slow to tokenize: what does not fit is refused at once. Before, a
     request was refused only after its tokenization (seconds behind the others), and the tokenizer queue
     grew without bound."""
-    server = start_server(encoder_bundle, tmp_path / "serve.log", "--max-queue", "64", "--tokenizer-threads", "1")
+    server = start_server(encoder_bundle, tmp_path / "serve.log", "--max-queue", "64", "--tokenizer-processes", "1")
     long_text = "lovely wonderful day " * 10_000  # 210,000 characters: tens of ms to tokenize each
     request = pb.ScoreRequest(samples=[pb.Sample(text=pb.TextPair(prompt="Q", response=long_text))] * 16)
 
@@ -97,7 +97,7 @@ def test_a_call_that_expired_stops_tokenizing(encoder_bundle, tmp_path):
     """Before: a cancelled or expired call went on tokenizing every one of its samples, holding the tokenizer
     thread from the calls behind it. Now it stops at its next sample: the next call waits for one sample,
     not for the rest of the expired request (seconds here, measured in the test itself)."""
-    server = start_server(encoder_bundle, tmp_path / "serve.log", "--tokenizer-threads", "1")
+    server = start_server(encoder_bundle, tmp_path / "serve.log", "--tokenizer-processes", "1")
     slow = pb.Sample(text=pb.TextPair(prompt="Q", response="lovely wonderful day " * 5_000))  # 105,000 chars
     small = pb.ScoreRequest(samples=[pb.Sample(text=pb.TextPair(prompt="Q", response="A"))])
     try:
@@ -150,7 +150,7 @@ def test_an_openrlhf_call_whose_client_hung_up_stops_tokenizing(encoder_bundle, 
     hung up, so its whole request was tokenized while the calls behind it waited."""
     http_port = free_port()
     server = start_server(
-        encoder_bundle, tmp_path / "serve.log", "--tokenizer-threads", "1", "--http-port", str(http_port)
+        encoder_bundle, tmp_path / "serve.log", "--tokenizer-processes", "1", "--http-port", str(http_port)
     )
     long_response = " lovely wonderful day" * 5_000  # 105,000 characters
 

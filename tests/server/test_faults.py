@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -242,3 +244,49 @@ def test_a_non_finite_reward_is_a_failure_not_an_answer(encoder_bundle, tmp_path
 
 def fine_sample() -> pb.Sample:
     return pb.Sample(tokens=pb.TokenIds(ids=[101, 7, 102]))
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (read from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            continue  # gone while read
+    return found
+
+
+def tokenizer_workers(server) -> list[int]:
+    """The server's tokenizer processes: its forkserver's children."""
+    return [worker for child in children(server.process.pid) for worker in children(child)]
+
+
+def test_a_dead_tokenizer_process_fails_only_the_call_it_held_and_is_replaced(encoder_bundle, tmp_path, reference):
+    """Tokenizer processes killed while idle are replaced unseen; one killed while it holds a call's samples
+    costs that call UNAVAILABLE (retryable, with the reason), and the next call is served by new ones."""
+    server = start_server(encoder_bundle, tmp_path / "serve.log", "--tokenizer-processes", "1")
+    request = pb.ScoreRequest(samples=text_samples(["Q"], ["A short answer."]))
+    expected = reference("Q", "A short answer.")
+    try:
+        stub = server.stub()
+        (first,) = tokenizer_workers(server)
+        os.kill(first, signal.SIGKILL)  # idle
+        time.sleep(0.5)
+        assert stub.Score(request, timeout=30).results[0].reward == pytest.approx(expected, abs=1e-5)
+        (second,) = tokenizer_workers(server)
+        assert second != first
+        os.kill(second, signal.SIGSTOP)  # the next call's chunk waits for it; then it dies holding it
+        call = stub.Score.future(request, timeout=30)
+        time.sleep(0.5)
+        os.kill(second, signal.SIGKILL)
+        with pytest.raises(grpc.RpcError) as refused:
+            call.result()
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "a tokenizer process died while it held this request's samples" in refused.value.details()
+        assert stub.Score(request, timeout=30).results[0].reward == pytest.approx(expected, abs=1e-5)
+        assert len(tokenizer_workers(server)) == 1
+    finally:
+        stop_server(server)
+    assert server.log().count("a tokenizer process died; starting new ones") == 2

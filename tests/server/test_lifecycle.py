@@ -16,7 +16,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rm_contract.pb import reward_pb2 as pb
-from tests.server.test_model_repo import large_vocabulary_copy
+from tests.bundles import large_vocabulary_copy
 from tests.server.test_service import metrics, text
 from tests.servers import BIN, failed_start, free_port, start_server, stop_server
 

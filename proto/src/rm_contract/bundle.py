@@ -212,8 +212,8 @@ class Bundle:
         size_mib = path.stat().st_size / 2**20
         if size_mib > MAX_TOKENIZER_MIB:
             raise BundleError(
-                f"{path}: {size_mib:.0f} MiB; at most {MAX_TOKENIZER_MIB} MiB are accepted (tokenizers parses it "
-                "holding Python's GIL, about 60 ms per MiB in which a serving process answers no call)"
+                f"{path}: {size_mib:.0f} MiB; at most {MAX_TOKENIZER_MIB} MiB are accepted (every tokenizer process "
+                "parses it, about 60 ms per MiB, and holds it in memory)"
             )
         return Tokenizer.from_file(str(path))
 

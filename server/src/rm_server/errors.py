@@ -43,6 +43,13 @@ class NotReady(RewardServiceError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class TokenizerDied(RewardServiceError):
+    """A tokenizer process died (killed, out of memory) holding this request's samples; new ones have
+    started, so a retry is served."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
 class InferenceFailed(RewardServiceError):
     """The engine failed on a batch; only the requests in that batch get this."""
 

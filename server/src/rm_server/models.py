@@ -36,6 +36,7 @@ from rm_server.errors import InvalidRequest, ModelNotFound
 from rm_server.logsafe import loggable
 from rm_server.metrics import ServiceMetrics
 from rm_server.scoring import Limits, SampleInput, Scorer
+from rm_server.tokenizer_processes import InProcessTokenizer, RequestTokenizer, TokenizerProcesses
 
 log = logging.getLogger("rm_server")
 _GPU_SIZING = threading.Lock()
@@ -68,7 +69,11 @@ class ModelSettings(BatchingOptions):
     variant: str = option("fp32", "Bundle variant to serve: fp32, int8 or fp16.")
     providers: str = option("cpu", "Execution providers in order of preference, comma-separated: tensorrt, cuda, cpu.")
     threads: int = option(0, "ONNX Runtime intra-op threads (0: one per core).")
-    tokenizer_threads: int = option(2, "Threads tokenizing requests off the event loop.")
+    tokenizer_processes: int = option(
+        2,
+        "Processes per model version that parse its tokenizer and tokenize requests (0: threads of the serving "
+        "process, where a new version's tokenizer pauses every call while it parses).",
+    )
     max_samples_per_request: int = option(
         4096,
         "Samples accepted in one request, at most --max-queue; larger requests get INVALID_ARGUMENT (the "
@@ -86,9 +91,11 @@ class ModelSettings(BatchingOptions):
             raise ConfigError(f"--variant must be one of {', '.join(VARIANTS)}, not {self.variant!r}")
         if self.max_batch_tokens < 0:
             raise ConfigError("--max-batch-tokens must not be negative")
-        for name in ("max_batch_size", "max_queue", "max_samples_per_request", "tokenizer_threads"):
+        for name in ("max_batch_size", "max_queue", "max_samples_per_request"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.tokenizer_processes < 0:
+            raise ConfigError("--tokenizer-processes must be 0 (threads of the serving process) or more")
         if self.max_delay_ms < 0:
             raise ConfigError("--max-delay-ms must not be negative")
         if not 0 <= self.cache_mb < float("inf"):
@@ -133,15 +140,14 @@ class LoadedModel:
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types (Fail, InvalidGraph, ...)
             first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise BundleError(f"{path}: ONNX Runtime cannot load it: {first_line[:500]}") from None
-        self.encoder = bundle.sample_encoder()  # parsing tokenizer.json takes seconds for large vocabularies
         self.identity = ModelIdentity(name, version, served_sha256(bundle.directory, settings.variant))
         self.inflight = 0
         self._metrics = metrics
 
     @classmethod
     async def load(cls, name: str, version: str, directory: Path, settings: ModelSettings, metrics: ServiceMetrics):
-        """Verify, create the session and the tokenizer (in a thread: it takes seconds, and a hot reload
-        must not stall the calls being served), start batching, warm up."""
+        """Verify and create the session (in a thread: it takes seconds, and a hot reload must not stall the
+        calls being served), start the tokenizer processes and batching, warm up."""
 
         def build() -> LoadedModel:
             return cls(name, version, load_bundle(directory, verify=settings.verify), settings, metrics)
@@ -161,20 +167,25 @@ class LoadedModel:
             budget = await asyncio.to_thread(self._gpu_budget, config)
             config = dataclasses.replace(config, max_batch_tokens=budget)
         self.engine.reserve(config.max_batch_tokens, config.max_batch_size)
+        self.tokenizer = await asyncio.to_thread(self._start_tokenizer)
         self.batcher = Batcher(self.engine, config, on_batch=self._metrics.record_batch)
         settings = self.settings
         cache = RewardCache(int(settings.cache_mb * 2**20), self._metrics.cache_lookups) if settings.cache_mb else None
         self.scorer = Scorer(
             self.bundle,
-            self.encoder,
+            self.tokenizer,
             settings.variant,
             self.batcher,
             settings.limits,
-            settings.tokenizer_threads,
             cache,
         )
         self.batcher.start()
         await asyncio.to_thread(self._check_reference, config.pad_id)
+
+    def _start_tokenizer(self) -> RequestTokenizer:
+        if self.settings.tokenizer_processes:
+            return TokenizerProcesses(self.bundle, self.settings.tokenizer_processes, self.settings.verify)
+        return InProcessTokenizer(self.bundle)
 
     def _check_reference(self, pad_id: int) -> None:
         """Score the bundle's reference samples one by one and compare with what this variant scored at
@@ -230,7 +241,9 @@ class LoadedModel:
             await self.batcher.stop()
         if hasattr(self, "scorer"):
             self.scorer.close()
-        for part in ("engine", "batcher", "scorer"):
+        if hasattr(self, "tokenizer"):
+            await asyncio.to_thread(self.tokenizer.close)
+        for part in ("engine", "batcher", "scorer", "tokenizer"):
             self.__dict__.pop(part, None)
 
 

@@ -8,15 +8,17 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
 import numpy as np
 
 from rm_contract.bundle import Bundle
-from rm_contract.recipe import EncodedSample, RecipeError, Sample, SampleEncoder
+from rm_contract.recipe import EncodedSample, Sample
 from rm_server.batcher import Batcher, JobResult
 from rm_server.cache import RewardCache
-from rm_server.errors import InferenceFailed, InvalidRequest, QueueFull
+from rm_server.errors import InferenceFailed, InvalidRequest, QueueFull, TokenizerDied
+from rm_server.tokenizer_processes import Encoded, RequestTokenizer, TextInput, chunks
 
 
 @dataclass(frozen=True)
@@ -24,15 +26,6 @@ class TokenInput:
     """Pre-tokenized ids, scored as they are."""
 
     ids: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class TextInput:
-    """A model input already rendered as one text (a chat-templated string, as veRL sends to vLLM):
-    tokenized as it is (`SampleEncoder.encode_text`), then truncated like token ids."""
-
-    text: str
-    add_special_tokens: bool | None = None
 
 
 SampleInput = Sample | TokenInput | TextInput
@@ -86,11 +79,10 @@ class Scorer:
     def __init__(
         self,
         bundle: Bundle,
-        encoder: SampleEncoder,
+        tokenizer: RequestTokenizer,
         variant: str,
         batcher: Batcher,
         limits: Limits,
-        tokenizer_threads: int = 2,
         cache: RewardCache | None = None,
     ):
         self.bundle = bundle
@@ -98,15 +90,15 @@ class Scorer:
         self.variant = variant
         self.batcher = batcher
         self.limits = limits
-        self.encoder = encoder
-        self.vocab_size = self.encoder.tokenizer.get_vocab_size(with_added_tokens=True)
+        self.tokenizer = tokenizer
+        self.vocab_size = tokenizer.vocab_size
         self.max_length = bundle.recipe.max_length
         self.keep_first_id = bundle.manifest.get("pooling") == "cls"
         """Over-long token ids keep their first id where the head reads it ([CLS]), beside their end."""
         normalization = bundle.manifest.get("normalization") or {}
         self.norm_mean = float(normalization.get("mean", 0.0))
         self.norm_std = float(normalization.get("std", 1.0)) or 1.0
-        self._tokenize_pool = ThreadPoolExecutor(max_workers=tokenizer_threads, thread_name_prefix="tokenize")
+        self._tokenize_pool = ThreadPoolExecutor(max_workers=tokenizer.threads, thread_name_prefix="tokenize")
         self.admitted = 0
         """Samples of the requests in progress, from admission to answer."""
 
@@ -128,10 +120,7 @@ class Scorer:
                 f"of {self.max_length} tokens"
             )
         for index, sample in enumerate(inputs):  # every sample's size before tokenizing any (len() is O(1))
-            if isinstance(sample, TextInput):
-                self._check_chars(index, len(sample.text))
-            elif isinstance(sample, Sample):
-                self._check_chars(index, sum(len(m.content) for m in sample.prompt + sample.response))
+            self._check_chars(index, _chars(sample))
         self._admit(len(inputs))
         gone = threading.Event()
         try:
@@ -187,29 +176,35 @@ class Scorer:
     def _encode_all(
         self, inputs: list[SampleInput], strict: bool, max_tokens: int | None, gone: threading.Event
     ) -> list[EncodedSample]:
+        """Token ids are checked here; samples and texts go to a tokenizer process a chunk at a time."""
         encoded = []
-        for i, sample in enumerate(inputs):
-            if gone.is_set():  # nobody waits for the answer: free the tokenizer thread for the others
+        for chunk in chunks([_chars(sample) for sample in inputs]):
+            if gone.is_set():  # nobody waits for the answer: free the tokenizer for the others
                 raise RequestGone
-            one = self._encode(i, sample, strict)
-            if max_tokens is not None and len(one.ids) > max_tokens:
-                one = EncodedSample(self._keep_end(one.ids, max_tokens), True)
-            encoded.append(one)
+            texts = [i for i in chunk if not isinstance(inputs[i], TokenInput)]
+            try:
+                answers = dict(zip(texts, self.tokenizer.encode([inputs[i] for i in texts]))) if texts else {}
+            except BrokenProcessPool:
+                raise TokenizerDied(
+                    "a tokenizer process died while it held this request's samples (killed, or out of memory); "
+                    "new ones have started: retry"
+                ) from None
+            for i in chunk:
+                one = self._encode(i, inputs[i], answers.get(i), strict)
+                if max_tokens is not None and len(one.ids) > max_tokens:
+                    one = EncodedSample(self._keep_end(one.ids, max_tokens), True)
+                encoded.append(one)
         return encoded
 
-    def _encode(self, index: int, sample: SampleInput, strict: bool) -> EncodedSample:
+    def _encode(self, index: int, sample: SampleInput, answer: Encoded | None, strict: bool) -> EncodedSample:
+        if isinstance(answer, str):  # the recipe refused it
+            raise InvalidRequest(f"sample {index}: {answer}")
         if isinstance(sample, TokenInput):
             encoded = self._encode_ids(index, sample.ids)
         elif isinstance(sample, TextInput):
-            try:
-                encoded = self._encode_ids(index, self.encoder.encode_text(sample.text, sample.add_special_tokens))
-            except RecipeError as e:
-                raise InvalidRequest(f"sample {index}: {e}") from None
+            encoded = self._encode_ids(index, answer)
         else:
-            try:
-                encoded = self.encoder.encode(sample)
-            except RecipeError as e:
-                raise InvalidRequest(f"sample {index}: {e}") from None
+            encoded = answer
         if strict and encoded.truncated:
             raise InvalidRequest(
                 f"sample {index}: longer than the model's maximum of {self.max_length} tokens, and the request "
@@ -238,6 +233,14 @@ class Scorer:
         pooled first id in the place of the oldest of them."""
         head = list(ids[:1]) if self.keep_first_id else []
         return head + list(ids[len(ids) - keep + len(head) :])
+
+
+def _chars(sample: SampleInput) -> int:
+    if isinstance(sample, TextInput):
+        return len(sample.text)
+    if isinstance(sample, Sample):
+        return sum(len(m.content) for m in sample.prompt + sample.response)
+    return 0
 
 
 class RequestGone(Exception):
