@@ -19,8 +19,9 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM, PreTrainedToken
 from rm_client import RetryPolicy, RewardClient, RewardServiceError
 from rm_client.ppo.config import PPOConfig
 from rm_client.ppo.main import load_policy
-from rm_client.ppo.rollout import Prompt, response_texts, sample
+from rm_client.ppo.rollout import Prompt, prompt_ids, response_mask_until_eos, response_texts, sample, token_logprobs
 from rm_client.ppo.trainer import Batch, PPOTrainer
+from rm_contract.padding import pad_batch
 from tests.conftest import (
     BAD,
     GOOD,
@@ -193,10 +194,12 @@ def test_a_resumed_run_takes_the_very_step_an_uninterrupted_one_takes(word_rewar
     assert all(torch.equal(resumed_policy[k], whole_policy[k]) for k in whole_policy)
 
 
-def test_the_first_update_sees_a_ratio_of_one_with_dropout_in_the_checkpoint(tmp_path):
+@pytest.mark.parametrize("top_p", [1.0, 0.5])
+def test_the_first_update_sees_a_ratio_of_one_with_dropout_in_the_checkpoint(tmp_path, top_p):
     """Before: updates ran in train mode (dropout on) while the old log-probs came from sampling in eval
     mode, so a checkpoint with dropout saw a ratio != 1 (approx KL > 0, clipping) before any update. Now
-    dropout is off in both passes, as TRL does; and pad id 0 is a pad id, not a missing one."""
+    dropout is off in both passes, as TRL does; and pad id 0 is a pad id, not a missing one. With top-p,
+    the update's log-probs are the nucleus's, as the rollout's are."""
     policy_dir = word_policy(tmp_path / "policy")
     policy, tokenizer = load_policy(str(policy_dir))
     assert policy.generation_config.pad_token_id == 0  # before: `pad or eos` took the eos id (1)
@@ -205,14 +208,59 @@ def test_the_first_update_sees_a_ratio_of_one_with_dropout_in_the_checkpoint(tmp
         layer.self_attn.attention_dropout = 0.5
     config = PPOConfig(policy=str(policy_dir), reward_target="", prompts="", output=str(tmp_path / "out"))
     config.batch_size = config.minibatch_size = 8
-    config.ppo_epochs = 1
+    config.ppo_epochs, config.top_p = 1, top_p
     prompts = [Prompt(text="how was the trip")] * 8
     trainer = PPOTrainer(config, policy, tokenizer, None, prompts)
     torch.manual_seed(0)
-    rollout = sample(policy.eval(), tokenizer, prompts, 8, config.temperature, 1.0, trainer.eos_id, trainer.pad_id)
+    rollout = sample(policy.eval(), tokenizer, prompts, 8, config.temperature, top_p, trainer.eos_id, trainer.pad_id)
     zeros = torch.zeros_like(rollout.logprobs)
     stats = trainer._optimize(Batch(rollout, rollout.logprobs, zeros, zeros, zeros))
     assert stats["approx_kl"] < 1e-5 and stats["policy_clip_fraction"] == 0.0, stats
+
+
+def test_top_p_log_probs_are_those_of_the_distribution_sampled(tmp_path):
+    """Before: log-probs (the rollout's, the update's, the KL's policy side) came from the full distribution
+    while `generate` samples from the top-p nucleus, renormalized. Now they are the nucleus's: the
+    log-softmax of the very scores generate sampled with. A token an update moves out of the nucleus keeps
+    a finite log-prob, and gradients stay finite."""
+    policy, tokenizer = load_policy(str(word_policy(tmp_path / "policy")))
+    policy.eval()
+    pad, eos, temperature, top_p = tokenizer.pad_token_id, tokenizer.eos_token_id, 0.7, 0.5
+    queries = [prompt_ids(tokenizer, Prompt(text=t)) for t in ("how was the trip", "how was it", "the")]
+    query_ids, query_mask = map(torch.from_numpy, pad_batch(queries, pad, "left"))
+    torch.manual_seed(0)
+    out = policy.generate(
+        input_ids=query_ids,
+        attention_mask=query_mask,
+        do_sample=True,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=0,
+        max_new_tokens=12,
+        eos_token_id=eos,
+        pad_token_id=pad,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
+    response = out.sequences[:, query_ids.shape[1] :]
+    mask, _ = response_mask_until_eos(response, eos)
+    real = mask.bool()
+    sampled_from = torch.stack([torch.log_softmax(s.float(), -1) for s in out.scores], 1)
+    expected = sampled_from.gather(-1, response.unsqueeze(-1)).squeeze(-1)
+    ids, attention = out.sequences, torch.cat([query_mask, mask], 1)
+    with torch.no_grad():
+        ours, _ = token_logprobs(policy, ids, attention, response.shape[1], temperature, top_p)
+        full, _ = token_logprobs(policy, ids, attention, response.shape[1], temperature)
+    assert real.sum() >= 12
+    torch.testing.assert_close(ours[real], expected[real], atol=1e-4, rtol=0)
+    assert (ours - full)[real].min() > 0.05  # the nucleus's mass is < 1: the full distribution is another one
+
+    moved = ids.clone()  # the first response token replaced by the least likely one: out of any nucleus
+    moved[:, query_ids.shape[1]] = sampled_from[:, 0].argmin(-1)
+    logp, entropy = token_logprobs(policy, moved, attention, response.shape[1], temperature, top_p, with_entropy=True)
+    (logp[real].sum() + entropy[real].sum()).backward()
+    assert logp.isfinite().all() and entropy.isfinite().all()
+    assert all(p.grad is None or p.grad.isfinite().all() for p in policy.parameters())
 
 
 class TimedClient(RewardClient):

@@ -19,16 +19,16 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from grpc_health.v1 import health_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from rm_client import AsyncRewardClient, RetryPolicy, RewardClient, RewardServiceError, Security
+from rm_client import RetryPolicy, RewardClient, RewardServiceError, Security
 from rm_client.samples import text_samples
 from rm_contract.pb import reward_pb2 as pb
+from rm_contract.pb import reward_pb2_grpc
 from rm_server.security import read_token
 from tests.servers import BIN, free_port, probe, start_server, stop_server
 
 NO_RETRY = RetryPolicy(max_attempts=1)
-SAMPLE = text_samples(["How was the food?"], ["Lovely."])
 
 
 def _certificate(subject: str, key, issuer_name, issuer_key, ca: bool, hosts: tuple[str, ...] = ()):
@@ -119,25 +119,34 @@ def token_server(encoder_bundle, tmp_path_factory):
 
 @pytest.mark.parametrize("token", [None, "wrong", "s3cret-token-but-longer", "s3cret-toke"])
 def test_calls_without_the_right_token_are_unauthenticated(token_server, token):
-    async def calls() -> list[RewardServiceError]:
-        errors = []
-        async with AsyncRewardClient(token_server.target, security=Security(token=token), retry=NO_RETRY) as client:
-            for call in (client.score(["a"], ["b"]), client.model_info(), drain(client.stream_scores([SAMPLE]))):
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+
+    async def calls() -> list[tuple[grpc.StatusCode, str]]:
+        async with grpc.aio.insecure_channel(token_server.target) as channel:
+            stub = reward_pb2_grpc.RewardServiceStub(channel)
+            refusals = []
+
+            async def nothing():  # the stream sends nothing: its refusal cannot race a write of ours
+                await asyncio.Event().wait()
+                yield pb.ScoreRequest()
+
+            for call in (
+                stub.Score(pb.ScoreRequest(samples=text_samples(["a"], ["b"])), metadata=metadata, timeout=30),
+                stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=metadata, timeout=30),
+                drain(stub.ScoreStream(nothing(), metadata=metadata, timeout=30)),
+            ):
                 try:
                     await call
-                except RewardServiceError as e:
-                    errors.append(e)
-            assert await client.health() == "SERVING"  # health stays open for probes by default
-        return errors
+                except grpc.aio.AioRpcError as e:
+                    refusals.append((e.code(), e.details()))
+            health = health_pb2_grpc.HealthStub(channel)
+            status = (await health.Check(health_pb2.HealthCheckRequest(), timeout=10)).status
+            assert status == health_pb2.HealthCheckResponse.SERVING  # health stays open for probes by default
+            return refusals
 
-    errors = asyncio.run(calls())
-    assert len(errors) == 3  # unary calls and the stream alike are refused
-    unary, stream = errors[:2], errors[2]
-    assert all(e.code == grpc.StatusCode.UNAUTHENTICATED and "bearer token" in e.message for e in unary), errors
-    # The stream is refused too; grpcio sometimes reports a refusal that races the client's writes as INTERNAL
-    # "Internal error from Core" instead of the server's status (seen in about 1 run in 5; docs/reliability.md).
-    refused = stream.code == grpc.StatusCode.UNAUTHENTICATED and "bearer token" in stream.message
-    assert refused or (stream.code == grpc.StatusCode.INTERNAL and "Internal error from Core" in stream.message), stream
+    refusals = asyncio.run(calls())
+    assert len(refusals) == 3, refusals  # unary calls and the stream alike are refused
+    assert all(code == grpc.StatusCode.UNAUTHENTICATED and "bearer token" in details for code, details in refusals)
 
 
 async def drain(stream) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from transformers import TopPLogitsWarper
 
 from rm_contract.padding import pad_batch, position_ids
 from rm_contract.records import DataError, read_records
@@ -70,7 +71,7 @@ class Rollout:
     response_ids: torch.Tensor  # (B, R)
     response_mask: torch.Tensor  # 1 up to and including EOS
     ended_with_eos: torch.Tensor  # (B,) bool
-    logprobs: torch.Tensor  # (B, R) policy logprobs at sampling time (logits / temperature)
+    logprobs: torch.Tensor  # (B, R) policy logprobs at sampling time (logits / temperature, top-p nucleus)
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -99,17 +100,30 @@ def token_logprobs(
     attention_mask: torch.Tensor,
     n_response: int,
     temperature: float,
+    top_p: float = 1.0,
     with_entropy: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probabilities of the last `n_response` tokens under `model`, logits divided by the sampling
-    temperature (so they match the distribution the tokens were drawn from). Position ids come from the
-    mask, so left padding does not shift them."""
+    """Log-probabilities of the last `n_response` tokens under `model`, in the distribution the tokens were
+    drawn from: logits divided by the sampling temperature and, with `top_p` < 1, cut to the nucleus (the
+    rule of transformers' TopPLogitsWarper, which `generate` samples with) and renormalized. The taken token
+    always stays in: it was sampled, so it was in the nucleus then; when an update moves it out, it keeps a
+    renormalized probability instead of 0 (a log-ratio of -inf). Entropy is that distribution's. Position
+    ids come from the mask, so left padding does not shift them."""
     positions = position_ids(attention_mask)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions).logits
     logits = logits[:, -n_response - 1 : -1].float() / temperature
+    taken_ids = input_ids[:, -n_response:].unsqueeze(-1)
+    if top_p < 1.0:
+        with torch.no_grad():
+            flat = logits.reshape(-1, logits.shape[-1])
+            kept = TopPLogitsWarper(top_p, filter_value=float("-inf"))(None, flat).isfinite().view_as(logits)
+            kept.scatter_(-1, taken_ids, True)
+        logits = logits.masked_fill(~kept, float("-inf"))
     logp = F.log_softmax(logits, dim=-1)
-    taken = logp.gather(-1, input_ids[:, -n_response:].unsqueeze(-1)).squeeze(-1)
-    entropy = -(logp.exp() * logp).sum(-1) if with_entropy else None
+    taken = logp.gather(-1, taken_ids).squeeze(-1)
+    entropy = None
+    if with_entropy:  # tokens out of the nucleus add 0 (and no NaN gradient: 0 * -inf)
+        entropy = -(logp.exp() * logp.masked_fill(logp.isneginf(), 0.0)).sum(-1)
     return taken, entropy
 
 
@@ -143,7 +157,7 @@ def sample(
     response_ids = torch.where(response_mask.bool(), response_ids, torch.full_like(response_ids, pad_id))
     rollout = Rollout(query_ids, query_mask, response_ids, response_mask, has_eos, torch.empty(0))
     rollout.logprobs, _ = token_logprobs(
-        policy, rollout.input_ids, rollout.attention_mask, response_ids.shape[1], temperature
+        policy, rollout.input_ids, rollout.attention_mask, response_ids.shape[1], temperature, top_p
     )
     return rollout
 

@@ -189,7 +189,9 @@ class PPOTrainer:
                     rollout.attention_mask[rows],
                     rollout.response_mask[rows].float(),
                 )
-                logprobs, entropy = token_logprobs(self.policy, ids, attention, n, cfg.temperature, with_entropy=True)
+                logprobs, entropy = token_logprobs(
+                    self.policy, ids, attention, n, cfg.temperature, cfg.top_p, with_entropy=True
+                )
                 pg_loss, pg_clip, approx_kl = core.policy_loss(
                     logprobs, batch.old_logprobs[rows], batch.advantages[rows], mask, cfg.clip_range
                 )
