@@ -19,7 +19,15 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM, PreTrainedToken
 from rm_client import RetryPolicy, RewardClient, RewardServiceError
 from rm_client.ppo.config import PPOConfig
 from rm_client.ppo.main import load_policy
-from rm_client.ppo.rollout import Prompt, prompt_ids, response_mask_until_eos, response_texts, sample, token_logprobs
+from rm_client.ppo.rollout import (
+    Prompt,
+    prompt_ids,
+    response_mask_until_eos,
+    response_texts,
+    sample,
+    sampling_options,
+    token_logprobs,
+)
 from rm_client.ppo.trainer import Batch, PPOTrainer
 from rm_contract.padding import pad_batch
 from tests.conftest import (
@@ -229,16 +237,10 @@ def test_top_p_log_probs_are_those_of_the_distribution_sampled(tmp_path):
     queries = [prompt_ids(tokenizer, Prompt(text=t)) for t in ("how was the trip", "how was it", "the")]
     query_ids, query_mask = map(torch.from_numpy, pad_batch(queries, pad, "left"))
     torch.manual_seed(0)
-    out = policy.generate(
+    out = policy.generate(  # as `sample` calls it, keeping the scores each token was drawn from
         input_ids=query_ids,
         attention_mask=query_mask,
-        do_sample=True,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=0,
-        max_new_tokens=12,
-        eos_token_id=eos,
-        pad_token_id=pad,
+        **sampling_options(temperature, top_p, 12, eos, pad),
         output_scores=True,
         return_dict_in_generate=True,
     )

@@ -127,6 +127,20 @@ def token_logprobs(
     return taken, entropy
 
 
+def sampling_options(temperature: float, top_p: float, max_new_tokens: int, eos_id: int, pad_id: int) -> dict:
+    """`generate`'s arguments for a rollout: sampling at `temperature` within the top-p nucleus, no top-k
+    (the distribution `token_logprobs` computes)."""
+    return {
+        "do_sample": True,
+        "temperature": temperature,
+        "top_p": top_p,
+        "top_k": 0,
+        "max_new_tokens": max_new_tokens,
+        "eos_token_id": eos_id,
+        "pad_token_id": pad_id,
+    }
+
+
 @torch.no_grad()
 def sample(
     policy,
@@ -144,13 +158,7 @@ def sample(
     output = policy.generate(
         input_ids=query_ids,
         attention_mask=query_mask,
-        do_sample=True,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=0,
-        max_new_tokens=max_new_tokens,
-        eos_token_id=eos_id,
-        pad_token_id=pad_id,
+        **sampling_options(temperature, top_p, max_new_tokens, eos_id, pad_id),
     )
     response_ids = output[:, query_ids.shape[1] :]
     response_mask, has_eos = response_mask_until_eos(response_ids, eos_id)
