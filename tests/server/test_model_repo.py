@@ -333,32 +333,34 @@ def test_a_version_failing_at_load_leaves_no_task_thread_or_session_behind(encod
 
 
 def test_a_draining_version_does_not_hold_up_the_next_reload(encoder_bundle, tmp_path):
-    """A replaced version drains its calls for up to grace_s; before, it drained inside the registry's lock
-    (60 s, hard-coded), so the next reload (a fix pushed right after a bad version) waited behind it."""
+    """A replaced version drains its calls for up to grace_s. Before, it drained inside the registry's lock
+    (60 s, hard-coded), then inside the scan: the poller's next scan (a fix pushed right after a bad version)
+    waited behind it. Scans here run one after the other, as the poller runs them."""
     repo = make_repo(tmp_path, ("a", "1", encoder_bundle))
 
     async def reloads():
         registry = ModelRegistry(ModelSettings(), ServiceMetrics(), grace_s=30)
         try:
             await registry.sync(repo, {})
+            first = registry.resolve("a", "1")
+            started = time.monotonic()
             async with registry.use("a", ""):  # a call still running on version 1
                 add_version(repo, "a", "2", encoder_bundle)
-                draining = asyncio.create_task(registry.sync(repo, {}))  # version 1 now drains (up to 30 s)
-                while registry.serving["a"] != "2":
-                    await asyncio.sleep(0.01)
+                await asyncio.wait_for(registry.sync(repo, {}), 25)  # version 1 now drains (up to 30 s)
                 add_version(repo, "a", "3", encoder_bundle)
-                started = time.monotonic()
                 report = await asyncio.wait_for(registry.sync(repo, {}), 25)
                 took = time.monotonic() - started
-                still_draining = not draining.done()
-            await asyncio.wait_for(draining, 10)  # the call ended: version 1 goes at once
-            return report, took, still_draining, dict(registry.serving)
+                draining = hasattr(first, "engine")
+            deadline = time.monotonic() + 10  # the call ended: version 1 goes at once
+            while hasattr(first, "engine") and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            return report, took, draining, hasattr(first, "engine"), dict(registry.serving)
         finally:
             await registry.close()
 
-    report, took, still_draining, serving = asyncio.run(reloads())
-    assert still_draining and report["loaded"] == ["a/3"] and serving == {"a": "3"}
-    assert took < 20  # a load takes about a second; behind the drain it would take the full 30 s grace
+    report, took, draining, still_held, serving = asyncio.run(reloads())
+    assert draining and not still_held and report["loaded"] == ["a/3"] and serving == {"a": "3"}
+    assert took < 20  # two loads take about two seconds; behind the drain they would take the 30 s grace
 
 
 def test_a_new_version_with_a_large_tokenizer_loads_without_pausing_the_calls_being_served(encoder_bundle, tmp_path):

@@ -207,7 +207,8 @@ class Bundle:
             f"samples (max difference {worst:.3g} > {tolerance:.3g})"
         )
 
-    def tokenizer(self) -> Tokenizer:
+    def tokenizer_bytes(self) -> bytes:
+        """tokenizer.json as it is on disk, refused above MAX_TOKENIZER_MIB before it is read."""
         path = self.directory / TOKENIZER_FILE
         size_mib = path.stat().st_size / 2**20
         if size_mib > MAX_TOKENIZER_MIB:
@@ -215,7 +216,10 @@ class Bundle:
                 f"{path}: {size_mib:.0f} MiB; at most {MAX_TOKENIZER_MIB} MiB are accepted (every tokenizer process "
                 "parses it, about 60 ms per MiB, and holds it in memory)"
             )
-        return Tokenizer.from_file(str(path))
+        return path.read_bytes()
+
+    def tokenizer(self) -> Tokenizer:
+        return Tokenizer.from_buffer(self.tokenizer_bytes())
 
     def sample_encoder(self) -> SampleEncoder:
         return SampleEncoder(self.tokenizer(), self.recipe)

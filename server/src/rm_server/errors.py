@@ -43,11 +43,10 @@ class NotReady(RewardServiceError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
-class TokenizerDied(RewardServiceError):
-    """A tokenizer process died (killed, out of memory) holding this request's samples; new ones have
-    started, so a retry is served."""
+class TokenizationFailed(RewardServiceError):
+    """Tokenizer processes died twice holding this request's samples: a retry would likely kill them again."""
 
-    code = grpc.StatusCode.UNAVAILABLE
+    code = grpc.StatusCode.INTERNAL
 
 
 class InferenceFailed(RewardServiceError):

@@ -242,7 +242,7 @@ class LoadedModel:
         if hasattr(self, "scorer"):
             self.scorer.close()
         if hasattr(self, "tokenizer"):
-            await asyncio.to_thread(self.tokenizer.close)
+            self.tokenizer.close()
         for part in ("engine", "batcher", "scorer", "tokenizer"):
             self.__dict__.pop(part, None)
 
@@ -333,6 +333,8 @@ class ModelRegistry:
         self.ensembles: dict[str, Ensemble] = {}
         self.default_model = default_model
         self._lock = asyncio.Lock()
+        self._draining: set[asyncio.Task] = set()
+        """Versions replaced or deleted by a scan, finishing their calls in the background."""
 
     # --- requests -----------------------------------------------------------------------------------------
 
@@ -419,7 +421,7 @@ class ModelRegistry:
         """Make the loaded set match the repository: load what the policy serves, switch, unload the rest
         (models and versions deleted from it too). A version that fails to load or verify is reported once
         and never takes traffic; it is tried again when its files change. Versions replaced or deleted drain
-        after the lock is released, so a slow drain never holds up the next reload."""
+        in the background, so a slow drain never holds up the next reload."""
         report: dict[str, list[str]] = {"loaded": [], "unloaded": [], "rejected": []}
         retired: list[LoadedModel] = []
         async with self._lock:
@@ -447,7 +449,10 @@ class ModelRegistry:
             self.ensembles = accepted
         for line in report["rejected"]:
             log.error("model repository: rejected %s", line)
-        await self._retire(retired)
+        if retired:  # in the background: the next scan (the poller's too) does not wait for the drain
+            drain = asyncio.create_task(self._retire(retired))
+            self._draining.add(drain)
+            drain.add_done_callback(self._draining.discard)
         return report
 
     async def _sync_model(
@@ -522,6 +527,7 @@ class ModelRegistry:
         async with self._lock:  # after any scan in progress (SIGHUP, ReloadModels), none after
             held = [(name, version) for name, versions in self.versions.items() for version in versions]
             await self._retire([self._detach(name, version) for name, version in held])
+            await asyncio.gather(*self._draining)
 
 
 def read_ensemble(model_dir: Path) -> Ensemble:

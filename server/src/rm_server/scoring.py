@@ -8,7 +8,6 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,8 +16,15 @@ from rm_contract.bundle import Bundle
 from rm_contract.recipe import EncodedSample, Sample
 from rm_server.batcher import Batcher, JobResult
 from rm_server.cache import RewardCache
-from rm_server.errors import InferenceFailed, InvalidRequest, QueueFull, TokenizerDied
-from rm_server.tokenizer_processes import Encoded, RequestTokenizer, TextInput, chunks
+from rm_server.errors import InferenceFailed, InvalidRequest, NotReady, QueueFull, TokenizationFailed
+from rm_server.tokenizer_processes import (
+    Encoded,
+    RequestTokenizer,
+    TextInput,
+    TokenizerClosed,
+    TokenizerCrashed,
+    chunks,
+)
 
 
 @dataclass(frozen=True)
@@ -103,8 +109,8 @@ class Scorer:
         """Samples of the requests in progress, from admission to answer."""
 
     def close(self) -> None:
-        # queued tokenizations still run and then meet the stopped batcher (NotReady): cancelling them would
-        # end their calls with a bare CancelledError, which gRPC answers with no status at all
+        # queued tokenizations still run and then meet the closed tokenizer or the stopped batcher (NotReady):
+        # cancelling them would end their calls with a bare CancelledError, which gRPC answers with no status
         self._tokenize_pool.shutdown(wait=False)
 
     async def score(
@@ -178,16 +184,18 @@ class Scorer:
     ) -> list[EncodedSample]:
         """Token ids are checked here; samples and texts go to a tokenizer process a chunk at a time."""
         encoded = []
-        for chunk in chunks([_chars(sample) for sample in inputs]):
+        for chunk in chunks([len(s.ids) if isinstance(s, TokenInput) else _chars(s) for s in inputs]):
             if gone.is_set():  # nobody waits for the answer: free the tokenizer for the others
                 raise RequestGone
             texts = [i for i in chunk if not isinstance(inputs[i], TokenInput)]
             try:
                 answers = dict(zip(texts, self.tokenizer.encode([inputs[i] for i in texts]))) if texts else {}
-            except BrokenProcessPool:
-                raise TokenizerDied(
-                    "a tokenizer process died while it held this request's samples (killed, or out of memory); "
-                    "new ones have started: retry"
+            except TokenizerClosed:
+                raise NotReady("the model version was unloaded while this request was tokenized; retry") from None
+            except TokenizerCrashed:
+                raise TokenizationFailed(
+                    f"tokenizer processes died twice while they held samples {chunk.start}-{chunk.stop - 1} of "
+                    "this request (the samples may be what kills them)"
                 ) from None
             for i in chunk:
                 one = self._encode(i, inputs[i], answers.get(i), strict)

@@ -1,35 +1,59 @@
-"""Tokenization in worker processes, one pool per loaded model version.
+"""Tokenization in worker processes, a few per loaded model version.
 
 tokenizers parses a tokenizer.json holding Python's GIL (about 60 ms per MiB), and jinja2 renders chat
 templates holding it too: in the serving process, a new version's 40 MB tokenizer paused every call for
 seconds. Each version's workers parse the tokenizer, render and tokenize in their own processes; the
 serving process sends samples and gets token ids back, a chunk at a time.
 
-Workers fork from a forkserver that has imported only the recipe code: not grpc, not ONNX Runtime, and not
-from the serving process's threads.
+Each worker has a pipe of its own, so a worker that dies (killed, out of memory) costs only the chunk it
+held, which goes to another worker while a replacement starts. Workers fork from a forkserver that has
+imported only this module and the recipe code (not grpc, not ONNX Runtime, not the server's threads), do
+not import the server's main module, stay out of the server's process group (its signals are its own),
+and exit when their pipe closes: when the model version is unloaded, or the server is gone however it
+ended.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 import multiprocessing
-import signal
+import os
+import queue
+import sys
 import threading
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from collections.abc import Iterator
 from dataclasses import dataclass
+from multiprocessing.connection import Connection, wait
+from multiprocessing.process import BaseProcess
 
-from rm_contract.bundle import TOKENIZER_FILE, Bundle, BundleError, sha256_of
-from rm_contract.recipe import EncodedSample, RecipeError, Sample, SampleEncoder
+from tokenizers import Tokenizer
+
+from rm_contract.bundle import TOKENIZER_FILE, Bundle, BundleError
+from rm_contract.recipe import EncodedSample, InputRecipe, RecipeError, Sample, SampleEncoder
 
 log = logging.getLogger("rm_server")
 
 LOAD_TIMEOUT_S = 300.0
 """A worker's tokenizer load (a 64 MiB tokenizer.json parses in about 4 s)."""
-CHUNK_TIMEOUT_S = 600.0
-"""One chunk (at most CHUNK_CHARS characters: well under a second) has this long; it guards a wedged worker."""
-CHUNK_CHARS = 200_000
-"""Characters per chunk sent to a worker: a cancelled call stops at the next chunk."""
+CHUNK_TIMEOUT_S = 60.0
+"""One chunk (at most CHUNK_SIZE characters or ids: well under a second) has this long; a worker still busy
+after it is wedged, and is replaced."""
+CHUNK_SIZE = 200_000
+"""Characters (or token ids) per chunk sent to a worker: a cancelled call stops at the next chunk."""
+
+
+class TokenizerClosed(Exception):
+    """The model version was unloaded: its call meets a closed tokenizer (answered like a stopped batcher)."""
+
+
+class TokenizerCrashed(Exception):
+    """Two workers in turn died holding the same chunk: the chunk itself is the likely cause."""
+
+
+class _DiedLoading(BundleError):
+    """A worker died before it had loaded the tokenizer."""
 
 
 @dataclass(frozen=True)
@@ -46,51 +70,143 @@ Encoded = EncodedSample | list[int] | str
 """A Sample's encoding, a text's ids, or why the recipe refused it."""
 
 
+@dataclass(eq=False)
+class _Worker:
+    process: BaseProcess
+    conn: Connection
+    ready: bool = False
+
+
 class TokenizerProcesses:
-    """A pool of worker processes holding one bundle's tokenizer and recipe."""
+    """Worker processes holding one bundle's tokenizer and recipe. The tokenizer's bytes are read and
+    checked here once; a replacement worker gets the same bytes, whatever the disk holds by then."""
 
     def __init__(self, bundle: Bundle, processes: int, verify: bool = True):
-        self._args = (bundle, verify)
+        data = bundle.tokenizer_bytes()
+        expected = bundle.manifest["files"][TOKENIZER_FILE]
+        if verify and hashlib.sha256(data).hexdigest() != expected:  # verified at load, changed since?
+            raise BundleError(f"{bundle.directory / TOKENIZER_FILE}: its sha256 no longer matches bundle.json")
+        self._args = (data, bundle.recipe, str(bundle.directory / TOKENIZER_FILE))
         self.processes = self.threads = processes
         """One serving-process thread per worker sends a call's chunks and checks the ids it gets back."""
         self._lock = threading.Lock()
-        self._pool = self._start()
-        try:  # each worker loads as it starts; the first answer says whether the tokenizer loads at all
-            self.vocab_size = self._pool.submit(_vocab_size).result(timeout=LOAD_TIMEOUT_S)
+        self._closed = False
+        self._workers: set[_Worker] = set()
+        self._idle: queue.SimpleQueue[_Worker] = queue.SimpleQueue()
+        try:
+            for _ in range(processes):  # all start loading at once
+                self._add()
+            vocab_sizes = []
+            for worker in list(self._workers):
+                try:
+                    vocab_sizes.append(self._wait_ready(worker))
+                except _DiedLoading:  # killed, out of memory: not the bundle's fault; its replacement loads
+                    self._retire(worker)
+            self.vocab_size = vocab_sizes[0] if vocab_sizes else self._wait_ready(next(iter(self._workers)))
         except BaseException:
             self.close()
             raise
-
-    def _start(self) -> ProcessPoolExecutor:
-        pool = ProcessPoolExecutor(self.processes, _context(), initializer=_load, initargs=self._args)
-        for _ in range(self.processes):  # start every worker now, not at the first request
-            pool.submit(int)
-        return pool
+        threading.Thread(target=self._watch, name="tokenizer-watch", daemon=True).start()
 
     def encode(self, items: list[Encodable]) -> list[Encoded]:
-        """Encode a chunk in one worker. Workers found dead (killed, out of memory) are replaced and the
-        chunk goes to the new ones; a death while the chunk was in hand raises BrokenProcessPool (the chunk
-        itself may be what killed them)."""
+        """Encode a chunk in an idle worker. When that worker dies holding it, the chunk goes to another
+        (TokenizerCrashed when that one dies too)."""
         for _ in range(2):
-            pool = self._pool
+            worker = self._take()
             try:
-                future = pool.submit(_encode, items)
-            except BrokenProcessPool:  # broken before this chunk came: not its fault
-                self._replace(pool)
+                if not worker.ready:  # a replacement still loading
+                    self._wait_ready(worker)
+                worker.conn.send(items)
+                answer = _receive(worker, CHUNK_TIMEOUT_S)
+            except (EOFError, OSError, TimeoutError, BundleError):  # died, wedged, or failed to load
+                self._retire(worker)
                 continue
-            return future.result(timeout=CHUNK_TIMEOUT_S)
-        raise BrokenProcessPool("the new tokenizer processes died too")
-
-    def _replace(self, broken: ProcessPoolExecutor) -> None:
-        with self._lock:
-            if self._pool is broken:
-                log.error("a tokenizer process died; starting new ones")
-                self._pool = self._start()
-                broken.shutdown(wait=False)
+            self._give_back(worker)
+            if isinstance(answer, _Failure):
+                raise RuntimeError(f"tokenizer process: {answer.message}")
+            return answer
+        raise TokenizerCrashed
 
     def close(self) -> None:
-        """Stop the workers (a chunk in hand is finished first, well under a second)."""
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        """Kill the workers (the version is unloaded after its calls drained: a chunk still in hand belongs
+        to a call past the grace period, and a wedged worker must not hold up shutdown). Later calls get
+        TokenizerClosed. Does not wait."""
+        with self._lock:
+            self._closed = True
+            workers = list(self._workers)
+        for worker in workers:
+            worker.process.kill()
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self._end(self._idle.get_nowait())
+
+    def _add(self) -> None:
+        context = _context()
+        ours, theirs = context.Pipe()
+        with _plain_main():
+            process = context.Process(target=_serve, args=(theirs, *self._args), name="rm-tokenizer", daemon=True)
+            process.start()
+        theirs.close()
+        worker = _Worker(process, ours)
+        self._workers.add(worker)
+        self._idle.put(worker)
+
+    def _wait_ready(self, worker: _Worker) -> int:
+        try:
+            kind, value = _receive(worker, LOAD_TIMEOUT_S)
+        except TimeoutError:
+            raise BundleError(f"a tokenizer process did not load {self._args[2]} in {LOAD_TIMEOUT_S:.0f} s") from None
+        except (EOFError, OSError):
+            raise _DiedLoading(f"a tokenizer process died loading {self._args[2]}") from None
+        if kind == "error":
+            raise BundleError(value)
+        worker.ready = True
+        return value
+
+    def _take(self) -> _Worker:
+        while True:
+            with self._lock:
+                if self._closed:
+                    raise TokenizerClosed
+            with contextlib.suppress(queue.Empty):
+                worker = self._idle.get(timeout=1.0)
+                if worker in self._workers:  # not retired while it waited
+                    return worker
+
+    def _give_back(self, worker: _Worker) -> None:
+        with self._lock:
+            if not self._closed and worker in self._workers:
+                self._idle.put(worker)
+                return
+        self._end(worker)
+
+    def _retire(self, worker: _Worker) -> None:
+        """Kill a dead or wedged worker and start its replacement."""
+        with self._lock:
+            if worker not in self._workers:
+                return
+            self._workers.discard(worker)
+            worker.process.kill()
+            worker.process.join(timeout=5)
+            worker.conn.close()
+            if not self._closed:
+                log.error("a tokenizer process died (exit code %s); starting a new one", worker.process.exitcode)
+                self._add()
+
+    def _end(self, worker: _Worker) -> None:
+        with self._lock:
+            self._workers.discard(worker)
+        worker.conn.close()  # the worker reads EOF and exits
+
+    def _watch(self) -> None:
+        """Replace a worker that dies while idle at once (not when a chunk next meets it)."""
+        while True:
+            with self._lock:
+                if self._closed:
+                    return
+                sentinels = {worker.process.sentinel: worker for worker in self._workers}
+            for sentinel in wait(list(sentinels), timeout=1.0):
+                self._retire(sentinels[sentinel])
 
 
 class InProcessTokenizer:
@@ -127,7 +243,7 @@ def encode_items(encoder: SampleEncoder, items: list[Encodable]) -> list[Encoded
     return out
 
 
-def chunks(lengths: list[int], max_chars: int = CHUNK_CHARS) -> list[range]:
+def chunks(lengths: list[int], max_chars: int = CHUNK_SIZE) -> list[range]:
     """Consecutive index ranges whose lengths add up to at most `max_chars` (one item at least each)."""
     out, start, total = [], 0, 0
     for i, n in enumerate(lengths):
@@ -140,41 +256,62 @@ def chunks(lengths: list[int], max_chars: int = CHUNK_CHARS) -> list[range]:
     return out
 
 
+def _receive(worker: _Worker, timeout_s: float):
+    """The worker's next message; EOFError when it died first (seen on its process, not only its pipe),
+    TimeoutError when it is still busy after `timeout_s`."""
+    ready = wait([worker.conn, worker.process.sentinel], timeout=timeout_s)
+    if worker.conn in ready:
+        return worker.conn.recv()
+    if ready:
+        raise EOFError
+    raise TimeoutError
+
+
 def _context() -> multiprocessing.context.BaseContext:
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(["rm_server.tokenizer_processes"])
     return context
 
 
+@contextlib.contextmanager
+def _plain_main() -> Iterator[None]:
+    """multiprocessing makes each new process import the parent's main module (for rm-serve: the whole
+    server, grpc and ONNX Runtime, 96 MB per worker instead of 40) unless the main module names no file
+    and no module while the process starts."""
+    main = sys.modules["__main__"]
+    saved = {name: main.__dict__[name] for name in ("__file__", "__spec__") if name in main.__dict__}
+    main.__dict__.pop("__file__", None)
+    main.__spec__ = None
+    try:
+        yield
+    finally:
+        main.__dict__.pop("__spec__", None)
+        main.__dict__.update(saved)
+
+
 # --- in the worker processes -------------------------------------------------------------------------------
 
-_encoder: SampleEncoder | None = None
-_load_error: str | None = None
+
+@dataclass(frozen=True)
+class _Failure:
+    """An exception other than the recipe's refusals, sent back as text."""
+
+    message: str
 
 
-def _load(bundle: Bundle, verify: bool) -> None:
-    """Worker start: build the encoder, or keep why it cannot be built (raised at the first call, as a
-    BundleError the serving process can report)."""
-    global _encoder, _load_error
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's to handle; workers end with it
-    path = bundle.directory / TOKENIZER_FILE
+def _serve(conn: Connection, tokenizer_json: bytes, recipe: InputRecipe, path: str) -> None:
+    os.setpgrp()  # signals sent to the server's process group (Ctrl-C, a group-wide SIGTERM) are the server's
     try:
-        if verify and sha256_of(path) != bundle.manifest["files"][TOKENIZER_FILE]:  # checked, then changed?
-            raise BundleError(f"{path}: its sha256 no longer matches bundle.json")
-        _encoder = bundle.sample_encoder()
-    except BundleError as e:
-        _load_error = str(e)
+        encoder = SampleEncoder(Tokenizer.from_buffer(tokenizer_json), recipe)
     except Exception as e:  # noqa: BLE001 - tokenizers and the recipe raise their own types
-        _load_error = f"{path}: {type(e).__name__}: {e}"
-
-
-def _vocab_size() -> int:
-    if _encoder is None:
-        raise BundleError(_load_error or "the tokenizer did not load")
-    return _encoder.tokenizer.get_vocab_size(with_added_tokens=True)
-
-
-def _encode(items: list[Encodable]) -> list[Encoded]:
-    if _encoder is None:
-        raise BundleError(_load_error or "the tokenizer did not load")
-    return encode_items(_encoder, items)
+        conn.send(("error", f"{path}: {type(e).__name__}: {e}"))
+        return
+    conn.send(("ready", encoder.tokenizer.get_vocab_size(with_added_tokens=True)))
+    with contextlib.suppress(EOFError, OSError):  # the pipe closed: unloaded, or the server is gone
+        while True:
+            items = conn.recv()
+            try:
+                answer = encode_items(encoder, items)
+            except Exception as e:  # noqa: BLE001 - answered as a failure of this chunk, the worker goes on
+                answer = _Failure(f"{type(e).__name__}: {e}")
+            conn.send(answer)
