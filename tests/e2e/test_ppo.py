@@ -21,6 +21,7 @@ from rm_client.ppo.config import PPOConfig
 from rm_client.ppo.main import load_policy
 from rm_client.ppo.rollout import (
     Prompt,
+    nucleus,
     prompt_ids,
     response_mask_until_eos,
     response_texts,
@@ -256,6 +257,8 @@ def test_top_p_log_probs_are_those_of_the_distribution_sampled(tmp_path):
     assert real.sum() >= 12
     torch.testing.assert_close(ours[real], expected[real], atol=1e-4, rtol=0)
     assert (ours - full)[real].min() > 0.05  # the nucleus's mass is < 1: the full distribution is another one
+    scores = torch.randn(3, 7, 50)
+    assert torch.equal(nucleus(scores, 0.5, max_elements=50), nucleus(scores, 0.5))  # a row at a time, or all
 
     moved = ids.clone()  # the first response token replaced by the least likely one: out of any nucleus
     moved[:, query_ids.shape[1]] = sampled_from[:, 0].argmin(-1)
@@ -284,12 +287,13 @@ def test_the_reward_call_is_in_flight_during_the_reference_and_value_pass_and_a_
 ):
     """The step sends the rollout for scoring, then runs the frozen reference and the value model while the
     service works: a slow service costs no time the local pass takes. When the service fails mid-run, the
-    step raises before any update: no step ever trains on missing rewards."""
+    step raises before any update: no step ever trains on missing rewards. With top-p the reference samples
+    the same way, so the first step's KL (policy == reference) is 0."""
     policy_dir = word_policy(tmp_path / "policy")
     policy, tokenizer = load_policy(str(policy_dir))
     config = PPOConfig(policy=str(policy_dir), reward_target="", prompts="", output=str(tmp_path / "out"))
     config.batch_size = config.minibatch_size = 4
-    config.max_new_tokens = 3
+    config.max_new_tokens, config.top_p = 3, 0.5
     server = start_server(word_reward_bundle, tmp_path / "serve.log")
     client = TimedClient(server.target, timeout_s=5, retry=RetryPolicy(max_attempts=2, initial_backoff_s=0.01))
     reference_pass: list[tuple[float, float]] = []
@@ -299,7 +303,8 @@ def test_the_reward_call_is_in_flight_during_the_reference_and_value_pass_and_a_
         trainer.reference.register_forward_hook(
             lambda *_: reference_pass.append((reference_pass.pop()[0], time.perf_counter()))
         )
-        trainer.step()
+        first = trainer.step()
+        assert abs(first["kl"]) < 1e-6  # policy == reference, both sampling the top-p nucleus: KL 0
         (reward_started, reward_ended), (local_started, local_ended) = client.calls[0], reference_pass[0]
         assert reward_started < local_started and local_ended < reward_ended  # the pass ran inside the call
         stop_server(server)

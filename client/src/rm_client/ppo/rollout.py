@@ -114,10 +114,8 @@ def token_logprobs(
     logits = logits[:, -n_response - 1 : -1].float() / temperature
     taken_ids = input_ids[:, -n_response:].unsqueeze(-1)
     if top_p < 1.0:
-        with torch.no_grad():
-            flat = logits.reshape(-1, logits.shape[-1])
-            kept = TopPLogitsWarper(top_p, filter_value=float("-inf"))(None, flat).isfinite().view_as(logits)
-            kept.scatter_(-1, taken_ids, True)
+        kept = nucleus(logits.detach(), top_p)
+        kept.scatter_(-1, taken_ids, True)
         logits = logits.masked_fill(~kept, float("-inf"))
     logp = F.log_softmax(logits, dim=-1)
     taken = logp.gather(-1, taken_ids).squeeze(-1)
@@ -128,17 +126,39 @@ def token_logprobs(
 
 
 def sampling_options(temperature: float, top_p: float, max_new_tokens: int, eos_id: int, pad_id: int) -> dict:
-    """`generate`'s arguments for a rollout: sampling at `temperature` within the top-p nucleus, no top-k
-    (the distribution `token_logprobs` computes)."""
+    """`generate`'s arguments for a rollout: sampling at `temperature` within the top-p nucleus, and nothing
+    else that reshapes the distribution (`token_logprobs` computes exactly this one). Set explicitly:
+    transformers fills what is left unset from the checkpoint's generation_config, which may hold a
+    repetition penalty, top-k, min-p and the like."""
     return {
         "do_sample": True,
         "temperature": temperature,
         "top_p": top_p,
         "top_k": 0,
+        "min_p": 0.0,
+        "typical_p": 1.0,
+        "epsilon_cutoff": 0.0,
+        "eta_cutoff": 0.0,
+        "repetition_penalty": 1.0,
+        "no_repeat_ngram_size": 0,
+        "min_new_tokens": 0,
         "max_new_tokens": max_new_tokens,
         "eos_token_id": eos_id,
         "pad_token_id": pad_id,
     }
+
+
+@torch.no_grad()
+def nucleus(logits: torch.Tensor, top_p: float, max_elements: int = 2**24) -> torch.Tensor:
+    """Where transformers' TopPLogitsWarper keeps a token, computed a few rows at a time: it sorts and sums
+    the whole vocabulary, which for a batch of long responses over a 150k vocabulary is gigabytes at once."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    kept = torch.empty(flat.shape, dtype=torch.bool, device=flat.device)
+    warp = TopPLogitsWarper(top_p, filter_value=float("-inf"))
+    rows = max(1, max_elements // flat.shape[-1])
+    for start in range(0, flat.shape[0], rows):
+        kept[start : start + rows] = warp(None, flat[start : start + rows]).isfinite()
+    return kept.view_as(logits)
 
 
 @torch.no_grad()

@@ -112,8 +112,8 @@ class PPOTrainer:
         mark = time.perf_counter()
         n = rollout.response_ids.shape[1]
         with torch.no_grad():
-            ref_logprobs, _ = token_logprobs(
-                self.reference, rollout.input_ids, rollout.attention_mask, n, cfg.temperature
+            ref_logprobs, _ = token_logprobs(  # the reference sampling the same way: KL 0 before any update
+                self.reference, rollout.input_ids, rollout.attention_mask, n, cfg.temperature, cfg.top_p
             )
             values = self.value_model(rollout.input_ids, rollout.attention_mask, n) * rollout.response_mask
         timings["ref_and_value"] = time.perf_counter() - mark
