@@ -89,8 +89,10 @@ def test_overload_is_refused_before_any_work(encoder_bundle, tmp_path):
         stop_server(server)
     refused = [seconds for code, seconds in outcomes if code == "RESOURCE_EXHAUSTED"]
     assert {code for code, _ in outcomes} == {"OK", "RESOURCE_EXHAUSTED"}, outcomes
-    assert len(refused) >= 30
-    assert max(refused) < 0.5, sorted(refused)  # measured: a few ms each
+    assert len(refused) >= 30  # before: none; every request waited for the tokenizer (53 s in all)
+    # Each refusal waits only for the messages that arrived before it to be received and parsed: bench/
+    # stall_bench.py measures p50 155 ms, max 245 ms on an idle machine (10x margin: CI shares the cores).
+    assert max(refused) < 2.5, sorted(refused)
 
 
 def test_a_call_that_expired_stops_tokenizing(encoder_bundle, tmp_path):

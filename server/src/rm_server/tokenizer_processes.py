@@ -44,6 +44,9 @@ CHUNK_SIZE = 200_000
 """Characters (or token ids) per chunk sent to a worker: a cancelled call stops at the next chunk."""
 
 
+_MAIN_LOCK = threading.Lock()
+
+
 class TokenizerClosed(Exception):
     """The model version was unloaded: its call meets a closed tokenizer (answered like a stopped batcher)."""
 
@@ -278,15 +281,16 @@ def _plain_main() -> Iterator[None]:
     """multiprocessing makes each new process import the parent's main module (for rm-serve: the whole
     server, grpc and ONNX Runtime, 96 MB per worker instead of 40) unless the main module names no file
     and no module while the process starts."""
-    main = sys.modules["__main__"]
-    saved = {name: main.__dict__[name] for name in ("__file__", "__spec__") if name in main.__dict__}
-    main.__dict__.pop("__file__", None)
-    main.__spec__ = None
-    try:
-        yield
-    finally:
-        main.__dict__.pop("__spec__", None)
-        main.__dict__.update(saved)
+    with _MAIN_LOCK:  # two versions starting workers at once must not save each other's stand-ins
+        main = sys.modules["__main__"]
+        saved = {name: main.__dict__[name] for name in ("__file__", "__spec__") if name in main.__dict__}
+        main.__dict__.pop("__file__", None)
+        main.__spec__ = None
+        try:
+            yield
+        finally:
+            main.__dict__.pop("__spec__", None)
+            main.__dict__.update(saved)
 
 
 # --- in the worker processes -------------------------------------------------------------------------------
