@@ -266,9 +266,9 @@ def tokenizer_workers(server) -> list[int]:
 def test_dead_tokenizer_processes_are_replaced_and_the_chunks_they_held_sent_again(encoder_bundle, tmp_path, reference):
     """A tokenizer process that dies (killed, out of memory) is replaced at once, and the chunk it held goes
     to another; the other workers and their chunks are untouched."""
-    server = start_server(encoder_bundle, tmp_path / "serve.log", "--tokenizer-processes", "2")
     request = pb.ScoreRequest(samples=text_samples(["Q"], ["A short answer."]))
     expected = reference("Q", "A short answer.")
+    server = start_server(encoder_bundle, tmp_path / "serve.log", "--tokenizer-processes", "2")
     try:
         stub = server.stub()
         first = tokenizer_workers(server)

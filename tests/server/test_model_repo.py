@@ -370,9 +370,9 @@ def test_a_new_version_with_a_large_tokenizer_loads_without_pausing_the_calls_be
     large = tmp_path / "large"
     large_vocabulary_copy(encoder_bundle, large)
     repo = make_repo(tmp_path, ("toy", "1", encoder_bundle))
-    server = serve_repo(repo, tmp_path / "serve.log", "--poll-s", "0.3")
     small = pb.ScoreRequest(samples=text_samples(["Q"], ["A short answer."]))
     latencies, version = [], "1"
+    server = serve_repo(repo, tmp_path / "serve.log", "--poll-s", "0.3")
     try:
         stub = server.stub()
         stub.Score(small, timeout=30)
