@@ -297,7 +297,7 @@ def test_tokenizer_processes_stay_out_of_the_servers_way_and_die_with_it(encoder
     (grpc, ONNX Runtime: 96 MB each); and a signal to the server's process group reached them."""
     server = start_server(encoder_bundle, tmp_path / "serve.log")
     try:
-        below = [child for child in children(server.process.pid)]
+        below = children(server.process.pid)
         workers = tokenizer_workers(server)
         assert len(workers) == 2
         for pid in workers:

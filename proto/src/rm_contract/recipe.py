@@ -214,6 +214,11 @@ class SampleEncoder:
             return None
         return (bos, bos_id) if rendered.startswith(bos) else None
 
+    @property
+    def vocab_size(self) -> int:
+        """Token ids below this (added tokens included) are the model's."""
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
     def encode_text(self, text: str, add_special_tokens: bool | None = None) -> list[int]:
         """Ids of a model input already rendered as one text (veRL sends chat-templated strings to vLLM's
         /classify), not truncated.

@@ -149,7 +149,7 @@ class Scorer:
                 keys = await loop.run_in_executor(self._tokenize_pool, lambda: list(map(RewardCache.key, sequences)))
                 raw = await self.cache.rewards(sequences, compute, keys)
         finally:
-            gone.set()  # a call cancelled or past its deadline stops tokenizing at its next sample
+            gone.set()  # a call cancelled or past its deadline stops tokenizing at its next chunk
             self.admitted -= len(inputs)
         bad = np.flatnonzero(~np.isfinite(raw))
         if bad.size:  # answered as a failure: a trainer must never take NaN or inf for a reward

@@ -44,9 +44,6 @@ CHUNK_SIZE = 200_000
 """Characters (or token ids) per chunk sent to a worker: a cancelled call stops at the next chunk."""
 
 
-_MAIN_LOCK = threading.Lock()
-
-
 class TokenizerClosed(Exception):
     """The model version was unloaded: its call meets a closed tokenizer (answered like a stopped batcher)."""
 
@@ -89,7 +86,9 @@ class TokenizerProcesses:
         expected = bundle.manifest["files"][TOKENIZER_FILE]
         if verify and hashlib.sha256(data).hexdigest() != expected:  # verified at load, changed since?
             raise BundleError(f"{bundle.directory / TOKENIZER_FILE}: its sha256 no longer matches bundle.json")
-        self._args = (data, bundle.recipe, str(bundle.directory / TOKENIZER_FILE))
+        self._path = str(bundle.directory / TOKENIZER_FILE)
+        self._args = (data, bundle.recipe, self._path)
+        """What each worker starts from: the tokenizer's bytes, the recipe, and the file's name for messages."""
         self.processes = self.threads = processes
         """One serving-process thread per worker sends a call's chunks and checks the ids it gets back."""
         self._lock = threading.Lock()
@@ -158,9 +157,9 @@ class TokenizerProcesses:
         try:
             kind, value = _receive(worker, LOAD_TIMEOUT_S)
         except TimeoutError:
-            raise BundleError(f"a tokenizer process did not load {self._args[2]} in {LOAD_TIMEOUT_S:.0f} s") from None
+            raise BundleError(f"a tokenizer process did not load {self._path} in {LOAD_TIMEOUT_S:.0f} s") from None
         except (EOFError, OSError):
-            raise _DiedLoading(f"a tokenizer process died loading {self._args[2]}") from None
+            raise _DiedLoading(f"a tokenizer process died loading {self._path}") from None
         if kind == "error":
             raise BundleError(value)
         worker.ready = True
@@ -221,7 +220,7 @@ class InProcessTokenizer:
 
     def __init__(self, bundle: Bundle):
         self.encoder = bundle.sample_encoder()
-        self.vocab_size = self.encoder.tokenizer.get_vocab_size(with_added_tokens=True)
+        self.vocab_size = self.encoder.vocab_size
 
     def encode(self, items: list[Encodable]) -> list[Encoded]:
         return encode_items(self.encoder, items)
@@ -246,11 +245,11 @@ def encode_items(encoder: SampleEncoder, items: list[Encodable]) -> list[Encoded
     return out
 
 
-def chunks(lengths: list[int], max_chars: int = CHUNK_SIZE) -> list[range]:
-    """Consecutive index ranges whose lengths add up to at most `max_chars` (one item at least each)."""
+def chunks(lengths: list[int], max_total: int = CHUNK_SIZE) -> list[range]:
+    """Consecutive index ranges whose lengths add up to at most `max_total` (one item at least each)."""
     out, start, total = [], 0, 0
     for i, n in enumerate(lengths):
-        if i > start and total + n > max_chars:
+        if i > start and total + n > max_total:
             out.append(range(start, i))
             start, total = i, 0
         total += n
@@ -276,12 +275,17 @@ def _context() -> multiprocessing.context.BaseContext:
     return context
 
 
+_MAIN_LOCK = threading.Lock()
+"""Held while `__main__` is stripped: two versions starting workers at once must not save each other's
+stand-ins."""
+
+
 @contextlib.contextmanager
 def _plain_main() -> Iterator[None]:
     """multiprocessing makes each new process import the parent's main module (for rm-serve: the whole
     server, grpc and ONNX Runtime, 96 MB per worker instead of 40) unless the main module names no file
     and no module while the process starts."""
-    with _MAIN_LOCK:  # two versions starting workers at once must not save each other's stand-ins
+    with _MAIN_LOCK:
         main = sys.modules["__main__"]
         saved = {name: main.__dict__[name] for name in ("__file__", "__spec__") if name in main.__dict__}
         main.__dict__.pop("__file__", None)
@@ -310,7 +314,7 @@ def _serve(conn: Connection, tokenizer_json: bytes, recipe: InputRecipe, path: s
     except Exception as e:  # noqa: BLE001 - tokenizers and the recipe raise their own types
         conn.send(("error", f"{path}: {type(e).__name__}: {e}"))
         return
-    conn.send(("ready", encoder.tokenizer.get_vocab_size(with_added_tokens=True)))
+    conn.send(("ready", encoder.vocab_size))
     with contextlib.suppress(EOFError, OSError):  # the pipe closed: unloaded, or the server is gone
         while True:
             items = conn.recv()

@@ -114,7 +114,7 @@ def token_logprobs(
     logits = logits[:, -n_response - 1 : -1].float() / temperature
     taken_ids = input_ids[:, -n_response:].unsqueeze(-1)
     if top_p < 1.0:
-        kept = nucleus(logits.detach(), top_p)
+        kept = nucleus(logits, top_p)
         kept.scatter_(-1, taken_ids, True)
         logits = logits.masked_fill(~kept, float("-inf"))
     logp = F.log_softmax(logits, dim=-1)
