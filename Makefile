@@ -122,10 +122,14 @@ bench-stall: install
 verify-large: install
 	$(PY) bench/verify_large.py --work runs/large --results bench/results
 
-## bench-gpu-pack: (here, with PyPI) cut onnxruntime-gpu, the small wheels and a tokenizer into .gpubench/
-## parts of at most 64 MiB, for the lent GPU machine. bench-gpu: (there) the step named by STEP of
-## bench/gpu/device.sh: prepare, part or run, one per device call (docs/benchmarks.md, "GPU").
-## bench-gpu-dry-run: the same three steps here, on the CPU with a tiny model, in a copy of the checkout.
+## bench-gpu: the GPU benchmark (bench/gpu_bench.py) on a CUDA host: an NVIDIA GPU with its driver, Python 3.12
+## with PyTorch and transformers; onnxruntime-gpu and the small wheels come from the offline pack in .gpubench/.
+## STEP names the step of bench/gpu/device.sh: prepare (install the wheels, start the exports in the background),
+## part (collect a part of the pack that arrived since), run (the default: unpack onnxruntime-gpu, benchmark).
+## bench-gpu-pack: (where PyPI is reachable) the offline pack for a GPU host without a package registry:
+## .gpubench/ with the small wheels, a tokenizer and onnxruntime-gpu as a tar.xz split into parts of PART_MB MiB
+## (50), with SHA256SUMS. bench-gpu-dry-run: the three steps here, on the CPU with a tiny model, in a copy of the
+## checkout: everything but the GPU. docs/benchmarks.md, "GPU".
 bench-gpu-pack: install
 	bash bench/gpu/pack.sh
 

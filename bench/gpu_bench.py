@@ -1,13 +1,13 @@
-"""rm-serve on a GPU against what a user gets without it (`make bench-gpu`, on the lent GPU machine only).
+"""rm-serve on a GPU against what a user gets without it (`make bench-gpu`, on a CUDA host).
 
     python3 bench/gpu_bench.py prepare --work /tmp/gpubench/work --tokenizer .gpubench/tokenizer
     python3 bench/gpu_bench.py run --work /tmp/gpubench/work --results "$OUT"
 
-`prepare` (CPU only: PyTorch and the machine's CPU onnxruntime) builds randomly initialised Qwen3-shaped
-reward models (0.6B and 1.7B shapes, saved in bf16 as reward models ship) and exports each to an fp16
-bundle with rm-export, parity-checked there as always. `run` (onnxruntime-gpu installed by
-bench/gpu/device.sh) drives each bundle with the RLHF-shaped workload of bench/rlhf_bench.py and measures,
-on the same samples in one run:
+`prepare` (on the CPU: PyTorch, and any onnxruntime build for rm-export's checks) builds randomly initialised
+Qwen3-shaped reward models (0.6B and 1.7B shapes, saved in bf16 as reward models ship) and exports each to an
+fp16 bundle with rm-export, parity-checked there as always. `run` (onnxruntime-gpu: from PyPI, or unpacked
+from the offline pack by bench/gpu/device.sh) drives each bundle with the RLHF-shaped workload of
+bench/rlhf_bench.py and measures, on the same samples in one run:
 - PyTorch bf16 offline: the checkpoint with SDPA attention, length-sorted batches at the best batch size
   (what a user gets without a server);
 - ONNX Runtime CUDA offline: the bundle's fp16 graph, length-sorted, best batch size (the serving limit);
@@ -141,7 +141,7 @@ def torch_reference(checkpoint: Path, sequences: list[list[int]], parity_set: li
 
 
 def ort_offline(bundle: Path, sequences: list[list[int]], pad_id: int, provider: str) -> dict:
-    from rm_server.engine import PROVIDERS, OnnxEngine
+    from rm_server.runtime.engine import PROVIDERS, OnnxEngine
 
     engine = OnnxEngine(load_bundle(bundle).model_path("fp16"), (provider,))
     if engine.providers[0] != PROVIDERS[provider]:
@@ -156,7 +156,7 @@ def served(bundle: Path, per_sample: list, per_group: list, parity_texts: list, 
 
     from rm_contract.pb import reward_pb2 as pb
     from rm_contract.pb import reward_pb2_grpc
-    from rm_server.engine import PROVIDERS
+    from rm_server.runtime.engine import PROVIDERS
 
     result: dict = {}
     with servers.rm_serve(str(bundle), "fp16", ["--providers", provider], log=log) as (target, process):

@@ -18,16 +18,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-import grpc
 import numpy as np
 import torch
-from servers import free_port, wait_until_serving
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rm_client import RewardClient
 from rm_client.ppo.core import kl_per_token
 from rm_client.ppo.main import load_policy
 from rm_client.ppo.rollout import Prompt, response_texts, sample, token_logprobs
+from rm_server.launch import start_server, stop_server
 from rm_training.gold import gold_score
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,14 +78,9 @@ def main() -> None:
     prompts_file = args.output / "prompts-train.jsonl"
     prompts_file.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in demo_prompts("train")))
     held_out = random.Random(0).sample(demo_prompts("test"), args.eval_prompts)
-    port = free_port()
-    server = subprocess.Popen(
-        [str(BIN / "rm-serve"), "--bundle", args.bundle, "--port", str(port), "--metrics-port", "-1"],
-        stderr=subprocess.DEVNULL,
-    )
-    target = f"127.0.0.1:{port}"
+    server = start_server(args.bundle, None, metrics=False, timeout_s=180)
+    target = server.target
     try:
-        wait_until_serving(grpc.insecure_channel(target), server, timeout_s=180)
         command = [
             str(BIN / "rm-ppo"),
             "--policy",
@@ -109,8 +103,7 @@ def main() -> None:
             before = evaluate(initial, tokenizer, initial, client, held_out, 2, seed=1)
             after = evaluate(trained, tokenizer, initial, client, held_out, 2, seed=1)
     finally:
-        server.terminate()
-        server.wait(timeout=60)
+        stop_server(server)
     rows = [json.loads(line) for line in open(args.output / "metrics.jsonl")]
     wait = sum(r["time/reward_wait"] for r in rows) / sum(r["time/step"] for r in rows)
     summary = {

@@ -26,7 +26,7 @@ from serve_bench import demo_pairs, describe_machine
 
 from rm_contract.bundle import load_bundle
 from rm_contract.recipe import Sample
-from rm_server.engine import OnnxEngine
+from rm_server.runtime.engine import OnnxEngine
 
 GROUP_SIZE = 8
 PROMPT_TOKENS = (30, 300)

@@ -36,7 +36,7 @@ from rm_contract.padding import pad_batch
 from rm_contract.pb import reward_pb2 as pb
 from rm_contract.pb import reward_pb2_grpc
 from rm_contract.recipe import Sample
-from rm_server.engine import OnnxEngine
+from rm_server.runtime.engine import OnnxEngine
 from rm_training.model import load_reward_model
 
 ROOT = Path(__file__).resolve().parent.parent

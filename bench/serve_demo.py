@@ -7,16 +7,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
-import subprocess
 import sys
+import tempfile
 from pathlib import Path
-
-import grpc
-from servers import free_port, wait_until_serving
 
 from rm_contract.pb import reward_pb2 as pb
 from rm_contract.pb import reward_pb2_grpc
+from rm_server.launch import start_server, stop_server
 
 
 def main() -> None:
@@ -27,48 +24,38 @@ def main() -> None:
     parser.add_argument("--variant", default="int8")
     args = parser.parse_args()
 
-    port = free_port()
-    serve = Path(sys.executable).parent / "rm-serve"
-    command = [
-        str(serve),
-        "--bundle",
-        args.bundle,
-        "--port",
-        str(port),
-        "--metrics-port",
-        "-1",
-        "--variant",
-        args.variant,
-    ]
-    process = subprocess.Popen(command)
-    try:
-        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    with tempfile.TemporaryDirectory() as logs:
         try:
-            wait_until_serving(channel, process)
-        except RuntimeError as e:
+            server = start_server(args.bundle, Path(logs) / "serve.log", "--variant", args.variant, metrics=False)
+        except RuntimeError as e:  # it exited or never served: the message ends with its log
             sys.exit(str(e))
-        stub = reward_pb2_grpc.RewardServiceStub(channel)
-        rows = [json.loads(line) for line in Path(args.data).read_text().splitlines()[: args.pairs]]
-        samples = [
-            pb.Sample(text=pb.TextPair(prompt=row["prompt"], response=row[side]))
-            for row in rows
-            for side in ("chosen", "rejected")
-        ]
-        response = stub.Score(pb.ScoreRequest(samples=samples), timeout=30)
-        info = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
+        try:
+            show_scores(server.channel(), Path(args.data), args.pairs)
+        finally:
+            stop_server(server)
+
+
+def show_scores(channel, data: Path, pairs: int) -> None:
+    """Score the first `pairs` preference pairs of `data` in one request and print them."""
+    stub = reward_pb2_grpc.RewardServiceStub(channel)
+    rows = [json.loads(line) for line in data.read_text().splitlines()[:pairs]]
+    samples = [
+        pb.Sample(text=pb.TextPair(prompt=row["prompt"], response=row[side]))
+        for row in rows
+        for side in ("chosen", "rejected")
+    ]
+    response = stub.Score(pb.ScoreRequest(samples=samples), timeout=30)
+    info = stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
+    print(
+        f"\nscored {len(samples)} responses with {info.name} v{info.version} ({info.dtype}) through gRPC "
+        f"in {response.timing.total_ms:.1f} ms:"
+    )
+    for i, row in enumerate(rows):
+        chosen, rejected = response.results[2 * i].reward, response.results[2 * i + 1].reward
         print(
-            f"\nscored {len(samples)} responses with {info.name} v{info.version} ({info.dtype}) through gRPC "
-            f"in {response.timing.total_ms:.1f} ms:"
+            f"  {row['prompt'][:50]:50}  chosen {chosen:+.3f}  rejected {rejected:+.3f}  "
+            f"{'ok' if chosen > rejected else 'WRONG'}"
         )
-        for i, row in enumerate(rows):
-            chosen, rejected = response.results[2 * i].reward, response.results[2 * i + 1].reward
-            print(
-                f"  {row['prompt'][:50]:50}  chosen {chosen:+.3f}  rejected {rejected:+.3f}  "
-                f"{'ok' if chosen > rejected else 'WRONG'}"
-            )
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=60)
 
 
 if __name__ == "__main__":

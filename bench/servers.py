@@ -12,14 +12,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import grpc
 import loadgen
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # the process helpers live with the tests: one copy for tests, bench and demos
-from tests.servers import free_port, wait_until_serving  # noqa: E402
+from rm_server.launch import free_port, start_server
 
-BIN = Path(sys.executable).parent
+ROOT = Path(__file__).resolve().parent.parent
 PYTRITON_PYTHON = ROOT / ".venv-pytriton" / "bin" / "python"
 
 
@@ -56,20 +53,13 @@ def _wait_ready(process: subprocess.Popen, ready: Callable[[], bool], name: str,
 def rm_serve(
     bundle: str, variant: str, extra: list[str] = (), log: Path | None = None
 ) -> Iterator[tuple[str, subprocess.Popen]]:
-    """A running rm-serve (this interpreter's rm_server, installed or on PYTHONPATH): yields (target, process).
-    Its log goes to `log`, or nowhere."""
-    port = free_port()
-    command = [sys.executable, "-m", "rm_server.main", "--bundle", bundle, "--port", str(port), "--metrics-port", "-1"]
-    output = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - closed below
-    process = subprocess.Popen([*command, "--variant", variant, *extra], stdout=output, stderr=subprocess.STDOUT)
+    """A running rm-serve (rm_server.launch: this interpreter's rm_server, installed or on PYTHONPATH), without
+    its metrics endpoint: yields (target, process). Its log goes to `log`, or nowhere."""
+    server = start_server(bundle, log, "--variant", variant, *extra, metrics=False, timeout_s=240)
     try:
-        target = f"127.0.0.1:{port}"
-        wait_until_serving(grpc.insecure_channel(target), process, timeout_s=240)
-        yield target, process
+        yield server.target, server.process
     finally:
-        stop(process)
-        if log:
-            output.close()
+        stop(server.process)
 
 
 def _http_ready(base_url: str, protocol: loadgen.HttpProtocol) -> Callable[[], bool]:

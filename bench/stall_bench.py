@@ -31,7 +31,7 @@ from servers import rm_serve
 
 from rm_contract.pb import reward_pb2 as pb
 from rm_contract.pb import reward_pb2_grpc
-from tests.servers import timed_score
+from rm_server.launch import timed_score
 
 
 def sample(text: str) -> pb.Sample:

@@ -19,18 +19,20 @@ import asyncio
 import json
 import random
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import servers  # noqa: F401 - puts the repository root on sys.path for tests.*
 from per_sample_bench import grpc_mode
 from serve_bench import demo_pairs, describe_machine
 
 from rm_contract.pb import reward_pb2 as pb
-from tests.bundles import large_vocabulary_copy
-from tests.servers import RunningServer, start_server, stop_server
+from rm_server.launch import RunningServer, start_server, stop_server
+
+sys.path.append(str(Path(__file__).resolve().parent.parent))  # the repository root, for the test helper below
+from tests.bundles import large_vocabulary_copy  # noqa: E402 - the reload test's 40 MB tokenizer, made alike
 
 MODES = {"threads": "0", "processes": "2"}
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from rm_contract.bundle import load_bundle
 from rm_contract.padding import pad_batch
 from rm_contract.records import load_groups
-from rm_server.engine import OnnxEngine
+from rm_server.runtime.engine import OnnxEngine
 
 DEMO_TEST = Path(__file__).resolve().parent.parent / "rm_training" / "data" / "demo" / "test.jsonl"
 

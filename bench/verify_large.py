@@ -21,16 +21,16 @@ import sys
 import time
 from pathlib import Path
 
-import grpc
 import numpy as np
 from random_reward_model import SHAPES, save_random_qwen3
-from servers import BIN, free_port, peak_rss_mb, stop, wait_until_serving
+from servers import peak_rss_mb, stop
 from transformers import AutoTokenizer
 
 from rm_client.samples import text_samples
 from rm_contract.backbones import resolve_backbone
 from rm_contract.pb import reward_pb2 as pb
 from rm_contract.pb import reward_pb2_grpc
+from rm_server.launch import BIN, start_server
 
 TEXTS = [
     ("How was your weekend?", "Lovely, thanks! We walked by the sea and had dinner with friends."),
@@ -64,13 +64,13 @@ def timed_export(checkpoint: Path, bundle: Path, max_length: int) -> dict:
 
 
 def serve_and_score(bundle: Path, variant: str) -> dict:
-    port = free_port()
-    command = [str(BIN / "rm-serve"), "--bundle", str(bundle), "--port", str(port), "--metrics-port", "-1"]
+    """rm-serve on `bundle` (its log beside it), timed from launch to SERVING, then scoring through gRPC."""
     started = time.perf_counter()
-    process = subprocess.Popen([*command, "--variant", variant])
+    log = bundle.parent / f"serve-{variant}.log"
+    server = start_server(bundle, log, "--variant", variant, metrics=False, timeout_s=900)
+    process = server.process
     try:
-        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-        wait_until_serving(channel, process, timeout_s=900)
+        channel = server.channel()
         ready_s = time.perf_counter() - started
         stub = reward_pb2_grpc.RewardServiceStub(channel)
         samples = text_samples(*zip(*TEXTS))

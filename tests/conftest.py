@@ -23,7 +23,7 @@ from rm_contract.backbones import resolve_backbone
 from rm_contract.bundle import load_bundle
 from rm_contract.padding import pad_batch
 from rm_contract.recipe import Sample
-from rm_server.engine import OnnxEngine
+from rm_server.runtime.engine import OnnxEngine
 from rm_training.train import TrainConfig, train
 
 GOOD = ["great", "wonderful", "lovely", "excellent", "fantastic", "delightful", "superb", "pleasant"]

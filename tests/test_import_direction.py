@@ -25,7 +25,7 @@ ALLOWED = {  # the rewardserve modules each package may import (a package name a
     "rm_contract": set(),
     "rm_server": {"rm_contract"},
     "rm_client": {"rm_contract"},
-    "rm_training": {"rm_contract", "rm_server.engine"},
+    "rm_training": {"rm_contract", "rm_server.runtime.engine"},
 }
 DISTRIBUTIONS = {distribution for _, distribution in PACKAGES.values()}
 HEAVY = {"torch", "onnxruntime", "transformers", "onnx"}
@@ -87,12 +87,65 @@ def test_the_checker_sees_a_wrong_way_import(tmp_path, monkeypatch):
     """The rule itself must be able to fail: a contract module importing the server, nested in a function."""
     fake = tmp_path / "rm_contract"
     fake.mkdir()
-    (fake / "bad.py").write_text("def f():\n    from rm_server.engine import OnnxEngine\n    import torch\n")
+    (fake / "bad.py").write_text("def f():\n    from rm_server.runtime.engine import OnnxEngine\n    import torch\n")
     (fake / "ok.py").write_text("from .bad import f\n")
     monkeypatch.setitem(PACKAGES, "rm_contract", (fake, "rewardserve-contract"))
     assert sorted(violations("rm_contract")) == [
-        "rm_contract.bad imports rm_server.engine",
+        "rm_contract.bad imports rm_server.runtime.engine",
         "rm_contract.bad imports torch",
+    ]
+
+
+SERVER_WINGS = {  # wing -> what its modules must not import (module prefixes)
+    "rm_server.errors": {"rm_server.", "grpc", "aiohttp", "onnxruntime"},
+    "rm_server.runtime": {"rm_server.core", "rm_server.transport", "grpc", "aiohttp"},
+    "rm_server.core": {"rm_server.transport", "grpc", "aiohttp", "onnxruntime"},
+    "rm_server.transport.grpc": {"rm_server.transport.http", "onnxruntime", "rm_server.runtime"},
+    "rm_server.transport.http": {"rm_server.transport.grpc", "grpc", "onnxruntime", "rm_server.runtime"},
+}
+"""The server's wings (docs/architecture.md): runtime (numpy in, numpy out) knows no core and no wire; the
+core knows no wire and reaches onnxruntime only through runtime; each transport knows its wire alone."""
+
+
+def wing_violations(directory: Path = PACKAGES["rm_server"][0]) -> list[str]:
+    found = []
+    for path in sorted(directory.rglob("*.py")):
+        relative = path.relative_to(directory).with_suffix("")
+        parts = ["rm_server", *relative.parts]
+        module = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        for wing, forbidden in SERVER_WINGS.items():
+            if module != wing and not module.startswith(wing + "."):
+                continue
+            for name in imports_of(path, module):
+                if any(name == f.rstrip(".") or name.startswith(f if f.endswith(".") else f + ".") for f in forbidden):
+                    found.append(f"{module} imports {name}")
+    return found
+
+
+def test_server_wings_import_only_downward():
+    assert wing_violations() == []
+
+
+def test_the_wing_checker_sees_each_wrong_import(tmp_path):
+    """One wrong import in each wing must be reported: a runtime module importing the core, the core
+    importing grpc and onnxruntime, one transport importing the other."""
+    root = tmp_path / "rm_server"
+    for folder, body in {
+        "runtime": "from rm_server.core.inputs import Limits\n",
+        "core": "import grpc\nimport onnxruntime as ort\n",
+        "transport/grpc": "from rm_server.transport.http.app import HttpServer\n",
+        "transport/http": "def f():\n    from rm_server.transport.grpc.status import STATUS\n",
+    }.items():
+        (root / folder).mkdir(parents=True)
+        (root / folder / "bad.py").write_text(body)
+    (root / "errors.py").write_text("import grpc\n")
+    assert sorted(wing_violations(root)) == [
+        "rm_server.core.bad imports grpc",
+        "rm_server.core.bad imports onnxruntime",
+        "rm_server.errors imports grpc",
+        "rm_server.runtime.bad imports rm_server.core.inputs",
+        "rm_server.transport.grpc.bad imports rm_server.transport.http.app",
+        "rm_server.transport.http.bad imports rm_server.transport.grpc.status",
     ]
 
 

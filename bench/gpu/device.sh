@@ -1,17 +1,33 @@
 #!/usr/bin/env bash
-# make bench-gpu: bench/gpu_bench.py on the lent GPU machine, in consecutive calls of the device tool.
+# make bench-gpu: bench/gpu_bench.py on a CUDA host, with onnxruntime-gpu and the small wheels taken from the
+# offline pack that `make bench-gpu-pack` writes to .gpubench/ (built where PyPI is reachable, for a GPU host
+# that reaches no package registry; docs/benchmarks.md, "GPU").
 #
-# That machine has PyTorch, transformers and a CPU-only onnxruntime, reaches no package registry, and takes
-# at most 64 MiB per call; onnxruntime-gpu is about 190 MB even recompressed. `make bench-gpu-pack` (on a
-# machine with PyPI) splits it into parts under .gpubench/ (ignored by git). Each call carries one part;
-# this script moves it out of the work tree into $STATE, where it stays while the machine is warm (30 s
-# between calls). docs/benchmarks.md ("GPU") lists the exact calls:
-#   first call  (carry .gpubench/wheels .gpubench/tokenizer .gpubench/SHA256SUMS and the first part):
-#               device.sh prepare  -> installs the small wheels, starts building and exporting the models
-#                                     in the background (CPU), so that runs while the other parts travel
-#   next calls  (carry one part each): device.sh part
-#   last call   (carry the last part):  device.sh run  -> checks every part's sha256, unpacks onnxruntime-gpu
-#               outside the work tree, runs the benchmark as bundles become ready, results to $OUT
+# The host needs an NVIDIA GPU with its driver, Python 3.12 (the pack's wheels are built for it) with PyTorch
+# (a CUDA 13 build: onnxruntime-gpu loads the CUDA and cuDNN libraries of its pip packages), transformers, onnx,
+# onnxruntime (a CPU build does: prepare's exports check on the CPU) and the four packages' other dependencies
+# except those the pack brings, and this checkout. Nothing is installed into that Python: the wheels and
+# onnxruntime-gpu go under $GPUBENCH_STATE, the checkout is used through PYTHONPATH.
+#
+# The pack may reach the host in pieces, as the transfer allows. Every step first moves the parts that have
+# arrived (.gpubench/part-*) out of the checkout into $GPUBENCH_STATE/parts, so that the next piece can be copied
+# over .gpubench/ without losing the earlier ones:
+#   device.sh prepare  needs .gpubench/wheels, .gpubench/tokenizer and .gpubench/SHA256SUMS: installs the wheels,
+#                      starts building and exporting each model in the background (CPU), so that the exports
+#                      run while the remaining parts arrive
+#   device.sh part     after each further part arrives: collects it and shows the exports' progress
+#   device.sh run      once every part is there: checks every part's sha256, unpacks onnxruntime-gpu under
+#                      $GPUBENCH_STATE, checks that a session runs on the GPU, then benchmarks each model as its
+#                      bundle becomes ready; results to $OUT
+# Settings (environment, defaults in brackets):
+#   GPUBENCH_STATE     [/tmp/gpubench] the wheels, parts, onnxruntime-gpu, models and logs; kept between steps
+#   GPUBENCH_MODELS    [qwen3-0.6b,qwen3-1.7b] the model shapes (tiny: the dry run's)
+#   GPUBENCH_PROVIDER  [cuda] cpu for the dry run
+#   GPUBENCH_WAIT_S    [480] how long run waits for a model's bundle before it skips that model
+#   GPUBENCH_BUDGET_S  [480] no model's benchmark starts later than this after run starts: bounds the run's length
+#   GPUBENCH_DRY       set by make bench-gpu-dry-run: the venv's own packages (no wheels installed, and the
+#                      unpacked onnxruntime-gpu is not used)
+#   PYTHON [python3], OUT [bench/results]
 set -euo pipefail
 STATE=${GPUBENCH_STATE:-/tmp/gpubench}
 PYTHON=${PYTHON:-python3}
@@ -45,8 +61,9 @@ prepare)
     fi
     rm -rf "$STATE/tokenizer" && cp -r .gpubench/tokenizer "$STATE/tokenizer"
     # one export per model, side by side (much of an export is single-threaded), each in a new session so
-    # that it outlives this call (the tool ends a call's other processes); on the upper half of the cores,
-    # so that they disturb the measurements of a model that is ready while another still exports
+    # that it outlives this step and the shell that ran it; on the upper half of the cores, so that they
+    # disturb as little as possible the measurements (on the lower half) of a model that is ready while
+    # another still exports
     for model in ${MODELS//,/ }; do
         setsid nohup $(pin upper) $PYTHON bench/gpu_bench.py prepare --work "$STATE/work" \
             --tokenizer "$STATE/tokenizer" --models "$model" >"$STATE/prepare-$model.log" 2>&1 </dev/null &
@@ -76,7 +93,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
-from rm_server.engine import PROVIDERS, preload_cuda_libraries
+from rm_server.runtime.engine import PROVIDERS, preload_cuda_libraries
 
 preload_cuda_libraries()
 x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])
@@ -87,7 +104,7 @@ session = ort.InferenceSession(model.SerializeToString(), providers=list(dict.fr
 print("onnxruntime", ort.__version__, ort.get_available_providers(), "-> a session runs on", session.get_providers())
 sys.exit(0 if session.get_providers()[0] == PROVIDERS[sys.argv[1]] else 3)
 PYTHON
-    then :; else  # stop before spending device time: say what the provider library misses
+    then :; else  # stop before any measurement: say what the provider library misses
         ldd "$STATE"/site-ort/onnxruntime/capi/libonnxruntime_providers_cuda.so | grep -i "not found" || true
         exit 3
     fi
@@ -104,4 +121,4 @@ PYTHON
     exit 2
     ;;
 esac
-echo "parts here: $(ls "$STATE/parts" | tr '\n' ' ')"
+echo "parts collected in $STATE/parts: $(ls "$STATE/parts" | tr '\n' ' ')"

@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
-# make bench-gpu-pack: what bench/gpu/device.sh needs on the GPU machine, cut to fit its 64 MiB per call.
-# Needs PyPI and the project's venv (for the models' tokenizer). Writes .gpubench/ (ignored by git):
-#   wheels/    protobuf, grpcio, grpcio-health-checking, grpcio-reflection for that machine's Python 3.12
+# make bench-gpu-pack: the offline pack of what bench/gpu/device.sh (make bench-gpu) needs on a GPU host that
+# reaches no package registry. Needs PyPI and the project's venv (the versions to pack, and the models'
+# tokenizer). Writes .gpubench/ (ignored by git), to be copied into the GPU host's checkout whole or in pieces:
+#   wheels/    protobuf, grpcio, grpcio-health-checking, grpcio-reflection for CPython 3.12 on x86_64 Linux
 #   tokenizer/ SmolLM2's tokenizer and chat template (the Qwen3-shaped models are random; any real one does)
-#   part-aa .. onnxruntime-gpu (CUDA 13 build, as that machine's PyTorch) without what serving never loads
-#              (the C API library, the TensorRT provider: no TensorRT there), as one tar.xz cut in parts
-#   SHA256SUMS of the parts, checked there before unpacking
+#   part-aa .. onnxruntime-gpu (its CUDA 13 build, which loads the CUDA libraries of a CUDA 13 PyTorch) without
+#              what serving never loads (the C API library; the TensorRT provider, which the benchmark does not
+#              use), as one tar.xz split into parts of PART_MB MiB
+#   SHA256SUMS of the parts, checked on the GPU host before unpacking
+# Settings (environment, defaults in brackets):
+#   PART_MB  [50] the size of each part: at most what one transfer to the GPU host carries
+#   PY       [.venv/bin/python] the project's venv
 set -euo pipefail
 PY=${PY:-.venv/bin/python}
 PART_MB=${PART_MB:-50}
@@ -34,4 +39,4 @@ backbone = resolve_backbone("smollm2")
 AutoTokenizer.from_pretrained(backbone.path, **backbone.from_pretrained_kwargs()).save_pretrained(".gpubench/tokenizer")
 PYTHON
 du -sh .gpubench/* | sed 's/^/  /'
-echo "parts: $(ls .gpubench/part-* | wc -l); the device calls are in docs/benchmarks.md (GPU)"
+echo "parts: $(ls .gpubench/part-* | wc -l); copy .gpubench/ to the GPU host's checkout, then make bench-gpu STEP=prepare (docs/benchmarks.md)"

@@ -21,8 +21,8 @@ from trl import GRPOConfig, GRPOTrainer
 from rm_client.trl_reward import AsyncServiceReward, ServiceReward
 from rm_client.verl_reward import compute_score
 from rm_contract.backbones import resolve_backbone
+from rm_server.launch import free_port, start_server, stop_server
 from tests.conftest import random_texts, served_sha256, tiny_llama_config
-from tests.servers import free_port, start_server, stop_server
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from rm_server.launch import free_port, start_server, stop_server
 from tests.conftest import sentiment_pairs, write_jsonl
-from tests.servers import free_port, start_server, stop_server
 
 RM_CLIENT = str(Path(sys.executable).parent / "rm-client")
 

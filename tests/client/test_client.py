@@ -17,9 +17,9 @@ import pytest
 from rm_client import AsyncRewardClient, RetryPolicy, RewardClient, RewardServiceError
 from rm_client.samples import text_samples
 from rm_contract.pb import reward_pb2 as pb
+from rm_server.launch import free_port, start_server, stop_server
 from tests.conftest import random_texts
 from tests.server.test_service import metrics
-from tests.servers import free_port, start_server, stop_server
 
 LIMIT = 16
 """The servers here accept at most this many samples per request, so chunking is exercised."""
@@ -110,9 +110,9 @@ def test_deadline_exceeded_raises(server):
 
 
 def test_one_deadline_covers_every_chunk_of_a_call(encoder_bundle, tmp_path):
-    """Before: each chunk had its own deadline, started once it got a slot, so a call of 20 chunks sent one
-    at a time could take 20 times `timeout_s` and succeed. Each chunk here waits 200 ms in the server's
-    batcher (`--max-delay-ms`: never a full batch), so the call needs at least 4 s; its deadline is 1 s."""
+    """`timeout_s` bounds the whole call, not each chunk: a call of 20 chunks sent one at a time fails after
+    `timeout_s`, not 20 times it. Each chunk here waits 200 ms in the server's batcher (`--max-delay-ms`:
+    never a full batch), so the call needs at least 4 s; its deadline is 1 s."""
     slow = start_server(
         encoder_bundle, tmp_path / "serve.log", "--max-samples-per-request", str(LIMIT), "--max-delay-ms", "200"
     )
@@ -130,8 +130,8 @@ def test_one_deadline_covers_every_chunk_of_a_call(encoder_bundle, tmp_path):
 
 
 def test_the_first_failed_chunk_cancels_the_others(server):
-    """Before: `score` raised with the first failed chunk while its siblings went on being sent (and
-    retried) in the background. Now none is sent after the failure."""
+    """When one chunk of a call fails, `score` raises and none of its siblings is sent (or retried) after
+    the failure, in the background or otherwise."""
     sequences = [[101, 10**9, 102]] + [[101, 2000, 102]] * (10 * LIMIT - 1)  # chunk 0 holds a bad id
     scored = lambda: metrics(server)["rm_samples_total"]  # noqa: E731
     with RewardClient(server.target, timeout_s=30, max_in_flight=1) as client:
@@ -192,9 +192,9 @@ def test_retry_then_success_after_a_server_restart(encoder_bundle, tmp_path, ref
 
 
 def test_retries_are_budgeted_across_calls():
-    """Before: every call retried up to max_attempts on its own, so 50 calls in flight against a failing
-    service sent 250 attempts (and many ranks sent that storm the moment it came back). Now one client's
-    retries within a window are at most a floor plus 20% of its calls."""
+    """One client's retries within a window are at most a floor plus 20% of its calls: 50 calls in flight
+    against a failing service send at most 70 attempts, not 50 times max_attempts (a storm that many ranks
+    would also send the moment the service came back)."""
     policy = RetryPolicy(max_attempts=5, initial_backoff_s=0.01, max_backoff_s=0.02, budget_min_per_s=1)
 
     async def storm():
@@ -211,7 +211,8 @@ def test_retries_are_budgeted_across_calls():
 def test_a_stream_broken_by_a_restart_is_reopened_and_its_unanswered_requests_resent(
     encoder_bundle, tmp_path, reference
 ):
-    """Before: stream_scores had no retry: a replica restart mid-stream failed the whole stream."""
+    """A replica restart mid-stream does not fail `stream_scores`: the stream is reopened and the requests
+    it left unanswered are sent again, each answered once."""
     port = free_port()
     first = start_server(encoder_bundle, tmp_path / "first.log", port=port)
     texts = random_texts(random.Random(5), 60)
@@ -245,9 +246,34 @@ def test_a_stream_broken_by_a_restart_is_reopened_and_its_unanswered_requests_re
     np.testing.assert_allclose(got, expected(reference, texts), atol=1e-5)
 
 
+def test_stream_scores_takes_truncation_as_score_samples_does(server):
+    """A sample longer than the model's maximum (ModelInfo.max_length) is cut and scored by default, and
+    refused with INVALID_ARGUMENT under `truncation="strict"`, over a stream as in a unary call."""
+
+    async def run():
+        async with AsyncRewardClient(server.target, timeout_s=60) as client:
+            max_length = (await client.model_info()).max_length
+            overlong = text_samples(["word " * (2 * max_length)], ["It was great."])
+            streamed = [rewards async for _, rewards in client.stream_scores([overlong])]
+            unary = await client.score_samples(overlong)
+            with pytest.raises(RewardServiceError) as strict:
+                async for _ in client.stream_scores([overlong], truncation="strict"):
+                    pass
+            with pytest.raises(ValueError, match="truncation"):
+                async for _ in client.stream_scores([overlong], truncation="sometimes"):
+                    pass
+            return max_length, streamed, unary, strict.value
+
+    max_length, streamed, unary, refusal = asyncio.run(run())
+    np.testing.assert_allclose(streamed[0], unary, atol=1e-6)
+    assert refusal.code == grpc.StatusCode.INVALID_ARGUMENT and refusal.attempts == 1
+    assert f"longer than the model's maximum of {max_length} tokens" in refusal.message
+
+
 def test_a_stream_has_a_deadline_and_a_slow_request_source_does_not_block_the_loop(server):
-    """Before: stream_scores had no deadline (a stalled stream waited forever), and it read a plain iterable
-    on the event loop, so a generator producing requests slowly froze every other task of the trainer."""
+    """`stream_scores` has a deadline (a stalled stream does not wait forever), and it reads a plain
+    iterable off the event loop, so a generator producing requests slowly never freezes the trainer's other
+    tasks."""
     sample = text_samples(["How was it?"], ["Fine."])
 
     def slow_source():
@@ -345,9 +371,9 @@ def hosts_entry(name: str):
 
 
 def test_a_replica_name_is_resolved_again_when_its_pod_comes_back_elsewhere(encoder_bundle, tmp_path):
-    """Before, a list of replica names was resolved once, when the client started: a replica restarted on
-    another address (a rescheduled pod) never got a call again. Now each name is its own dns:/// channel,
-    looked up again when its connection fails; calls go to the replicas in turn."""
+    """Each replica name is its own dns:/// channel, looked up again when its connection fails, so a
+    replica restarted on another address (a rescheduled pod) gets calls again; calls go to the replicas in
+    turn."""
     other = start_server(encoder_bundle, tmp_path / "other.log")
     port = free_port()
     with hosts_entry("rm-replica-under-test") as point:

@@ -1,4 +1,4 @@
-"""`rm_client.pb` still works for one release, as an alias of `rm_contract.pb` (the very same modules)."""
+"""`rm_client.pb`, kept for one release, is an alias of `rm_contract.pb` (the very same modules)."""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ import onnx
 import pytest
 
 from rm_contract.bundle import MANIFEST, BundleError, hash_files, load_bundle
-from tests.servers import failed_start
+from rm_server.launch import failed_start
 
 
 @pytest.fixture
@@ -71,8 +71,8 @@ def test_the_exporters_hash_list_covers_every_file(bundle):
 
 
 def test_a_linked_directory_and_a_nested_manifest_are_not_skipped(bundle, tmp_path):
-    """Before: a symbolic link to a directory was not walked (its files never hashed nor refused), and every
-    file named bundle.json at any depth was skipped as if it were the manifest."""
+    """A symbolic link to a directory is walked (its files are hashed or refused), and only the top-level
+    bundle.json is the manifest: one at any other depth must be listed like any other file."""
     (tmp_path / "elsewhere").mkdir()
     (tmp_path / "elsewhere" / "weights.bin").write_bytes(b"unhashed")
     (bundle / "data").symlink_to(tmp_path / "elsewhere")
@@ -107,8 +107,8 @@ def constant_graph(path: Path, reward: float) -> None:
 
 
 def test_a_graph_that_does_not_reproduce_the_exported_rewards_is_refused_at_load(bundle, tmp_path):
-    """Before: a constant-output graph with its hash rewritten in bundle.json was served. Hashes prove the
-    files are the listed ones; the reference samples prove they compute the model that was exported."""
+    """A constant-output graph is refused at load even with its hash rewritten in bundle.json. Hashes prove
+    the files are the listed ones; the reference samples prove they compute the model that was exported."""
     reference = load_bundle(bundle).reference("fp32")[1]
     constant_graph(bundle / "model.onnx", float(np.mean(reference)))
     edit_manifest(bundle, lambda manifest: manifest.update(files=hash_files(bundle)))
@@ -119,8 +119,8 @@ def test_a_graph_that_does_not_reproduce_the_exported_rewards_is_refused_at_load
 
 
 def test_a_tokenizer_too_large_to_parse_without_stalling_is_refused(bundle):
-    """A 190 MB tokenizer.json once froze every call for 36 s when a new version loaded. Each tokenizer
-    process parses and holds it now: above 64 MiB it is refused before parsing, naming the limit."""
+    """Above 64 MiB a tokenizer.json is refused before parsing, naming the limit: each tokenizer process
+    parses and holds its own copy, and a 190 MB one froze every call for 36 s when a new version loaded."""
     with open(bundle / "tokenizer.json", "a") as f:
         f.write(" " * (65 * 2**20))  # still valid JSON: size alone decides
     edit_manifest(bundle, lambda manifest: manifest.update(files=hash_files(bundle)))

@@ -7,10 +7,10 @@ import inspect
 
 import pytest
 
-from rm_contract.config_cli import ConfigError, parse_config
-from rm_server.batcher import BatchingOptions
-from rm_server.main import ServerConfig
-from rm_server.models import ModelSettings
+from rm_contract.config_cli import ConfigError, option, parse_config
+from rm_server.core.settings import ModelSettings
+from rm_server.main import ServeArgs
+from rm_server.runtime.batcher import BatcherConfig
 
 NO_SOURCE = """
 import dataclasses
@@ -43,32 +43,58 @@ def test_help_text_needs_no_source_files(capsys):
 
 
 def test_environment_defaults_are_read_and_checked():
-    config = parse_config(ServerConfig, [], prog="rm-serve", env_prefix="RM", environ={"RM_MAX_QUEUE": "12"})
+    config = parse_config(ServeArgs, [], prog="rm-serve", env_prefix="RM", environ={"RM_MAX_QUEUE": "12"})
     assert config.max_queue == 12
     with pytest.raises(ConfigError, match="RM_VERIFY='maybe' is not a boolean"):
-        parse_config(ServerConfig, [], prog="rm-serve", env_prefix="RM", environ={"RM_VERIFY": "maybe"})
+        parse_config(ServeArgs, [], prog="rm-serve", env_prefix="RM", environ={"RM_VERIFY": "maybe"})
 
 
-def test_serving_knobs_are_declared_once_and_every_flag_is_documented():
-    """rm-serve's flags, the model settings and the batcher options are one declaration: same fields, same
-    defaults; every flag has help."""
-    knobs = {f.name: f.default for f in dataclasses.fields(BatchingOptions)}
-    settings = {f.name: f.default for f in dataclasses.fields(ModelSettings)}
-    server = {f.name: f.default for f in dataclasses.fields(ServerConfig)}
-    assert knobs.items() <= settings.items() <= server.items()
-    assert parse_config(ServerConfig, ["--bundle", "b"], prog="rm-serve").model_settings() == ModelSettings()
-    undocumented = [f.name for f in dataclasses.fields(ServerConfig) if not f.metadata.get("help")]
+def test_serving_flags_are_declared_once_and_become_plain_runtime_values():
+    """Every rm-serve flag has its help in ServeArgs alone; the runtime configs carry no command-line help and
+    inherit nothing from it, and the flags' defaults give the runtime's defaults."""
+    undocumented = [f.name for f in dataclasses.fields(ServeArgs) if not f.metadata.get("help")]
     assert undocumented == ["log_level"]
+    for runtime_config in (ModelSettings, BatcherConfig):
+        assert not any(f.metadata.get("help") for f in dataclasses.fields(runtime_config))
+        assert ServeArgs not in runtime_config.__mro__ and runtime_config not in ServeArgs.__mro__
+    assert parse_config(ServeArgs, ["--bundle", "b"], prog="rm-serve").model_settings() == ModelSettings()
+    parsed = parse_config(ServeArgs, ["--bundle", "b", "--max-queue", "7", "--providers", "cuda, cpu"], prog="rm-serve")
+    assert parsed.model_settings().batching.max_queue == 7
+    assert parsed.model_settings().providers == ("cuda", "cpu")
 
 
 def test_knob_limits_are_refused_with_the_flag_named():
     with pytest.raises(ConfigError, match="--max-queue must be at least 1"):
-        ServerConfig(bundle="b", max_queue=0).validate()
+        ServeArgs(bundle="b", max_queue=0).validate()
     with pytest.raises(ConfigError, match="--providers must name at least one execution provider"):
-        ServerConfig(bundle="b", providers=" , ").validate()
+        ServeArgs(bundle="b", providers=" , ").validate()
     with pytest.raises(ConfigError, match="--max-batch-tokens must not be negative"):
-        ServerConfig(bundle="b", max_batch_tokens=-1).validate()
+        ServeArgs(bundle="b", max_batch_tokens=-1).validate()
     with pytest.raises(ValueError, match="below the model's max length 512"):
-        BatchingOptions(max_batch_tokens=256).token_budget(max_length=512, on_gpu=False)
-    assert BatchingOptions().token_budget(max_length=512, on_gpu=False) == 1024
-    assert BatchingOptions().token_budget(max_length=512, on_gpu=True) == 16384
+        BatcherConfig(max_batch_tokens=256).token_budget(max_length=512, on_gpu=False)
+    assert BatcherConfig().token_budget(max_length=512, on_gpu=False) == 1024
+    assert BatcherConfig().token_budget(max_length=512, on_gpu=True) == 16384
+
+
+@dataclasses.dataclass(frozen=True)
+class Choosy:
+    template: str | None = option(None, "Input recipe (default: the checkpoint's).", choices=("pair", "chat"))
+    verify_only: str | None = option(None, "Check a bundle.", metavar="BUNDLE")
+    opset: int = option(17, "ONNX opset.")
+
+
+def test_choices_metavar_and_unset_defaults(capsys):
+    """A flag limited to some values refuses others with exit code 2; a value can be named in usage; a
+    default of None (not given) adds no "(default: None)" to help that already says what happens then."""
+    assert parse_config(Choosy, ["--template", "chat"], prog="demo") == Choosy(template="chat")
+    assert parse_config(Choosy, [], prog="demo") == Choosy()
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(Choosy, ["--template", "chatml"], prog="demo")
+    assert exit_info.value.code == 2 and "invalid choice: 'chatml'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        parse_config(Choosy, ["--help"], prog="demo")
+    assert exit_info.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--template {pair,chat} Input recipe (default: the checkpoint's)." in help_text
+    assert "--verify-only BUNDLE Check a bundle." in help_text and "ONNX opset. (default: 17)" in help_text
+    assert "(default: None)" not in help_text

@@ -18,7 +18,7 @@ from rm_client.samples import sample_to_pb
 from rm_contract.pb import reward_pb2 as pb
 from rm_contract.recipe import InputRecipe, SampleEncoder
 from rm_contract.records import parse_record
-from rm_server.convert import sample_from_pb
+from rm_server.transport.grpc.convert import sample_from_pb
 from rm_training.batching import tokenize_groups
 from rm_training.model import default_recipe, sample_encoder
 

@@ -19,7 +19,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rm_client import RewardClient
-from tests.servers import free_port
+from rm_server.launch import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = "localhost/rewardserve-base:bookworm"

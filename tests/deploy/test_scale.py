@@ -11,9 +11,9 @@ import re
 import numpy as np
 
 from rm_client import AsyncRewardClient, RetryPolicy
+from rm_server.launch import start_server, stop_server
 from tests.conftest import random_texts
 from tests.server.test_service import metrics
-from tests.servers import start_server, stop_server
 
 
 def samples_scored(server) -> int:

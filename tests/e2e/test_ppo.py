@@ -31,6 +31,7 @@ from rm_client.ppo.rollout import (
 )
 from rm_client.ppo.trainer import Batch, PPOTrainer
 from rm_contract.padding import pad_batch
+from rm_server.launch import start_server, stop_server
 from tests.conftest import (
     BAD,
     GOOD,
@@ -41,7 +42,6 @@ from tests.conftest import (
     train_tiny_encoder,
     write_jsonl,
 )
-from tests.servers import start_server, stop_server
 
 RM_PPO = str(Path(sys.executable).parent / "rm-ppo")
 
@@ -144,7 +144,7 @@ def test_ppo_raises_the_reward_of_a_tiny_policy(word_reward_bundle, tmp_path):
 
 
 def test_ppo_stops_loudly_when_the_reward_service_is_unreachable(tmp_path):
-    from tests.servers import free_port
+    from rm_server.launch import free_port
 
     policy_dir = word_policy(tmp_path / "policy0")
     prompts_file = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": "how was the food"}])
@@ -170,7 +170,7 @@ def test_bad_prompts_file_exits_2(tmp_path):
 def test_a_resumed_run_takes_the_very_step_an_uninterrupted_one_takes(word_reward_bundle, tmp_path):
     """Resuming restores the policy, value model, optimizers, KL coefficient and every RNG: step 3 of a run
     stopped after step 2 and resumed equals step 3 of a run never stopped, bit for bit (its metrics and the
-    final weights). Before, the test only checked that step numbers went on."""
+    final weights)."""
     policy_dir = word_policy(tmp_path / "policy0")
     prompts_file = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"how was the {t}"} for t in THINGS])
     server = start_server(word_reward_bundle, tmp_path / "serve.log")
@@ -205,13 +205,12 @@ def test_a_resumed_run_takes_the_very_step_an_uninterrupted_one_takes(word_rewar
 
 @pytest.mark.parametrize("top_p", [1.0, 0.5])
 def test_the_first_update_sees_a_ratio_of_one_with_dropout_in_the_checkpoint(tmp_path, top_p):
-    """Before: updates ran in train mode (dropout on) while the old log-probs came from sampling in eval
-    mode, so a checkpoint with dropout saw a ratio != 1 (approx KL > 0, clipping) before any update. Now
-    dropout is off in both passes, as TRL does; and pad id 0 is a pad id, not a missing one. With top-p,
-    the update's log-probs are the nucleus's, as the rollout's are."""
+    """Dropout is off in both the sampling and the update pass, as TRL does, so a checkpoint with dropout
+    sees a ratio of 1 (approx KL 0, no clipping) before any update; and pad id 0 is a pad id, not a missing
+    one. With top-p, the update's log-probs are the nucleus's, as the rollout's are."""
     policy_dir = word_policy(tmp_path / "policy")
     policy, tokenizer = load_policy(str(policy_dir))
-    assert policy.generation_config.pad_token_id == 0  # before: `pad or eos` took the eos id (1)
+    assert policy.generation_config.pad_token_id == 0  # not taken for missing (`pad or eos` would give the eos id, 1)
     policy.config.attention_dropout = 0.5
     for layer in policy.model.layers:
         layer.self_attn.attention_dropout = 0.5
@@ -228,10 +227,10 @@ def test_the_first_update_sees_a_ratio_of_one_with_dropout_in_the_checkpoint(tmp
 
 
 def test_top_p_log_probs_are_those_of_the_distribution_sampled(tmp_path):
-    """Before: log-probs (the rollout's, the update's, the KL's policy side) came from the full distribution
-    while `generate` samples from the top-p nucleus, renormalized. Now they are the nucleus's: the
-    log-softmax of the very scores generate sampled with. A token an update moves out of the nucleus keeps
-    a finite log-prob, and gradients stay finite."""
+    """Log-probs (the rollout's, the update's, the KL's policy side) are those of the renormalized top-p
+    nucleus that `generate` samples from, not the full distribution's: the log-softmax of the very scores
+    generate sampled with. A token an update moves out of the nucleus keeps a finite log-prob, and gradients
+    stay finite."""
     policy, tokenizer = load_policy(str(word_policy(tmp_path / "policy")))
     policy.eval()
     pad, eos, temperature, top_p = tokenizer.pad_token_id, tokenizer.eos_token_id, 0.7, 0.5

@@ -15,7 +15,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rm_contract.pb import reward_pb2 as pb
-from tests.servers import free_port, start_server, stop_server, timed_score
+from rm_server.launch import free_port, start_server, stop_server, timed_score
 
 
 class ProbeLatency:
@@ -58,7 +58,8 @@ def test_a_million_samples_are_refused_by_count_without_stalling_the_loop(server
     error = probes.during(lambda: raw_score(server, body))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "request has 1000000 samples; at most 64" in error.details()
-    # before: every RPC froze ~8 s while the samples were converted; now the probes stay at milliseconds
+    # refused by count before the samples are converted (converting them froze every RPC ~8 s): the probes
+    # stay at milliseconds
     assert probes.worst < 1.0, probes.worst
 
 
@@ -70,13 +71,13 @@ def test_a_conversation_of_two_million_messages_is_refused_without_stalling_the_
     error = probes.during(lambda: raw_score(server, body))
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "2000000 messages; at most 1024 per conversation" in error.details()
-    assert probes.worst < 1.0, probes.worst  # before: answered OK after 25-52 s, the loop frozen up to 28 s
+    assert probes.worst < 1.0, probes.worst  # converted first: answered after 25-52 s, the loop frozen up to 28 s
 
 
 def test_overload_is_refused_before_any_work(encoder_bundle, tmp_path):
-    """A 10x burst of requests that are slow to tokenize: what does not fit is refused at once. Before, a
-    request was refused only after its tokenization (seconds behind the others), and the tokenizer queue
-    grew without bound."""
+    """A 10x burst of requests that are slow to tokenize: what does not fit is refused at once, before its
+    tokenization, so a refusal does not wait seconds behind the others and the tokenizer queue stays
+    bounded."""
     server = start_server(encoder_bundle, tmp_path / "serve.log", "--max-queue", "64", "--tokenizer-processes", "1")
     long_text = "lovely wonderful day " * 10_000  # 210,000 characters: tens of ms to tokenize each
     request = pb.ScoreRequest(samples=[pb.Sample(text=pb.TextPair(prompt="Q", response=long_text))] * 16)
@@ -89,16 +90,16 @@ def test_overload_is_refused_before_any_work(encoder_bundle, tmp_path):
         stop_server(server)
     refused = [seconds for code, seconds in outcomes if code == "RESOURCE_EXHAUSTED"]
     assert {code for code, _ in outcomes} == {"OK", "RESOURCE_EXHAUSTED"}, outcomes
-    assert len(refused) >= 30  # before: none; every request waited for the tokenizer (53 s in all)
+    assert len(refused) >= 30  # refused after tokenization, every request waits for the tokenizer (53 s in all)
     # Each refusal waits only for the messages that arrived before it to be received and parsed: bench/
     # stall_bench.py measures p50 155 ms, max 245 ms on an idle machine (10x margin: CI shares the cores).
     assert max(refused) < 2.5, sorted(refused)
 
 
 def test_a_call_that_expired_stops_tokenizing(encoder_bundle, tmp_path):
-    """Before: a cancelled or expired call went on tokenizing every one of its samples, holding the tokenizer
-    thread from the calls behind it. Now it stops at its next sample: the next call waits for one sample,
-    not for the rest of the expired request (seconds here, measured in the test itself)."""
+    """A cancelled or expired call stops tokenizing at its next sample, freeing the tokenizer for the calls
+    behind it: the next call waits for one sample, not for the rest of the expired request (seconds here,
+    measured in the test itself)."""
     server = start_server(encoder_bundle, tmp_path / "serve.log", "--tokenizer-processes", "1")
     slow = pb.Sample(text=pb.TextPair(prompt="Q", response="lovely wonderful day " * 5_000))  # 105,000 chars
     small = pb.ScoreRequest(samples=[pb.Sample(text=pb.TextPair(prompt="Q", response="A"))])
@@ -121,10 +122,10 @@ def test_a_call_that_expired_stops_tokenizing(encoder_bundle, tmp_path):
 
 
 def test_a_one_sample_score_is_not_stuck_behind_maximum_size_requests(encoder_bundle, tmp_path):
-    """Before: one batching queue in arrival order, so a 1-sample Score behind a 4,096-sample request
-    waited for all of it (past a 60 s deadline in bench/stall_bench.py). Now requests take turns in the
-    batcher: a 1-sample call waits for the batches in hand and its own (bench/stall_bench.py: ~0.5 s on
-    the demo model), not for the large request's whole batching phase (measured here from its answer)."""
+    """Requests take turns in the batcher: a 1-sample Score behind a 4,096-sample request waits for the
+    batches in hand and its own (bench/stall_bench.py: ~0.5 s on the demo model), not for the large
+    request's whole batching phase (measured here from its answer). Served in arrival order, it waits past
+    a 60 s deadline in bench/stall_bench.py."""
     server = start_server(encoder_bundle, tmp_path / "serve.log")
     large = pb.ScoreRequest(samples=[pb.Sample(text=pb.TextPair(prompt="Q", response="lovely day " * 182))] * 4096)
     small = pb.ScoreRequest(samples=[pb.Sample(text=pb.TextPair(prompt="Q", response="A short answer."))])
@@ -148,8 +149,8 @@ def test_a_one_sample_score_is_not_stuck_behind_maximum_size_requests(encoder_bu
 
 
 def test_an_openrlhf_call_whose_client_hung_up_stops_tokenizing(encoder_bundle, tmp_path):
-    """The same on the OpenRLHF HTTP route: before, aiohttp kept running the handler of a client that had
-    hung up, so its whole request was tokenized while the calls behind it waited."""
+    """The same on the OpenRLHF HTTP route: the handler of a client that hangs up is cancelled, so the rest
+    of its request is not tokenized while the calls behind it wait (aiohttp, by default, runs it to its end)."""
     http_port = free_port()
     server = start_server(
         encoder_bundle, tmp_path / "serve.log", "--tokenizer-processes", "1", "--http-port", str(http_port)

@@ -9,8 +9,8 @@ import time
 import numpy as np
 import pytest
 
-from rm_server.batcher import Batcher, BatcherConfig
 from rm_server.errors import InferenceFailed, NotReady, QueueFull
+from rm_server.runtime.batcher import Batcher, BatcherConfig
 
 
 class RecordingEngine:
@@ -91,9 +91,9 @@ def test_batches_start_with_the_oldest_sample_and_group_similar_lengths():
 
 
 def test_a_one_sample_request_is_not_stuck_behind_a_large_one():
-    """Before: one queue in arrival order, so a 1-sample call arriving behind 4,096 samples waited for all
-    of them (a client sending maximum-size requests made every small call wait tens of seconds, past a
-    60 s deadline in bench/stall_bench.py). Now requests take turns: it rides in the next batch formed."""
+    """Requests take turns: a 1-sample call arriving behind 4,096 samples rides in the next batch formed.
+    Served in arrival order, it waits for all of them: a client sending maximum-size requests made every
+    small call wait tens of seconds, past a 60 s deadline in bench/stall_bench.py."""
     engine = RecordingEngine()
     engine.gate.clear()  # the first batch (the large request's first 8) waits in the engine
 
@@ -221,7 +221,7 @@ def test_a_batching_loop_failure_fails_its_requests_and_the_loop_goes_on():
     async def body(batcher):
         bad = asyncio.create_task(batcher.score([[1, 2], LengthlessSequence([5])]))
         with pytest.raises(InferenceFailed, match="injected batching-loop failure"):
-            await asyncio.wait_for(bad, 5)  # before: no answer at all, the request hung to its deadline
+            await asyncio.wait_for(bad, 5)  # answered with the failure, not left to hang to its deadline
         return (await asyncio.wait_for(batcher.score([[2, 2]]), 5)).rewards.tolist()
 
     assert run(with_batcher(RecordingEngine(), BatcherConfig(max_batch_tokens=64, max_delay_ms=1), body)) == [4.0]
@@ -248,8 +248,8 @@ def test_stopping_fails_the_requests_it_holds_at_once():
 
 
 def test_max_delay_waits_then_runs_a_partial_batch():
-    """The batch that is not full runs once max_delay_ms has passed (the wait that crashed the loop on
-    Python 3.10, where asyncio.wait_for raised a TimeoutError of another class)."""
+    """The batch that is not full runs once max_delay_ms has passed, on Python 3.10 too, where the wait's
+    asyncio.wait_for raises a TimeoutError of another class (uncaught, it would end the batching loop)."""
 
     async def body(batcher):
         started = time.perf_counter()
@@ -264,7 +264,7 @@ def test_max_delay_waits_then_runs_a_partial_batch():
 def test_max_delay_counts_from_the_oldest_request_wherever_its_turn_is():
     """A request served in part goes to the back of the turn order, behind newer ones; its remaining samples
     still wait at most max_delay_ms from its own arrival, not from the arrival of the request now in front
-    (that rule held them 3 s longer here)."""
+    (counting from the newer one's arrival would hold them 3 s longer here)."""
     engine = RecordingEngine()
     engine.gate.clear()
 
@@ -289,8 +289,8 @@ def test_max_delay_counts_from_the_oldest_request_wherever_its_turn_is():
 
 
 def test_a_request_reaching_a_stopped_batcher_is_refused_not_left_waiting():
-    """A request that finished tokenizing after its model version was unloaded (a reload under load, past
-    --grace-s) used to queue on the stopped batcher and wait forever."""
+    """A request that finishes tokenizing after its model version was unloaded (a reload under load, past
+    --grace-s) is refused with NotReady at once, not queued on the stopped batcher to wait forever."""
 
     async def body():
         batcher = Batcher(RecordingEngine(), BatcherConfig(max_batch_tokens=64))
@@ -304,7 +304,7 @@ def test_a_request_reaching_a_stopped_batcher_is_refused_not_left_waiting():
 
 def test_a_sample_over_the_token_budget_runs_alone_instead_of_never():
     """rm-serve keeps the budget at or above the model's max length, but a batcher built with less must
-    not spin: before, such a sample was never chosen and the batching loop spun without yielding."""
+    not spin: a sample over the budget runs in a batch of its own, and the batching loop yields."""
     engine = RecordingEngine()
 
     async def body(batcher):

@@ -12,11 +12,11 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter
 
 from rm_client import AsyncRewardClient, RewardClient
-from rm_server.cache import RewardCache
+from rm_server.launch import start_server, stop_server
+from rm_server.runtime.cache import RewardCache
 from tests.conftest import random_texts
 from tests.server.test_model_repo import add_version, make_repo, scorer_of, second_bundle, serve_repo  # noqa: F401
 from tests.server.test_service import metrics
-from tests.servers import start_server, stop_server
 
 
 def grpo_groups(seed: int, n_groups: int) -> list[tuple[list[str], list[str]]]:

@@ -11,11 +11,12 @@ import pytest
 
 from rm_contract.bundle import load_bundle
 from rm_contract.padding import pad_batch
-from rm_server import models as models_module
-from rm_server.batcher import BatcherConfig, budget_from_memory
-from rm_server.engine import OnnxEngine
-from rm_server.metrics import ServiceMetrics
-from rm_server.models import LoadedModel, ModelSettings
+from rm_server.core.metrics import ServiceMetrics
+from rm_server.core.model_version import ModelVersion
+from rm_server.core.settings import ModelSettings
+from rm_server.runtime import batcher as batcher_module
+from rm_server.runtime.batcher import BatcherConfig, budget_from_memory, gpu_token_budget
+from rm_server.runtime.engine import OnnxEngine
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +78,7 @@ class ArenaGpu:
             self.readers.append(threading.current_thread().name)
             return self.total - sum(self.arenas.values())
 
-    def attach(self, model: LoadedModel, before_claim=lambda: None) -> None:
+    def attach(self, model: ModelVersion, before_claim=lambda: None) -> None:
         score = model.engine.score
 
         def score_on_gpu(ids, mask):
@@ -91,14 +92,15 @@ class ArenaGpu:
 
 
 def test_models_sized_on_one_gpu_claim_no_more_than_it_has(encoder_bundle, monkeypatch):
-    """Each model's budget took 80% of the memory free when it measured, but its arena grew to it only when a
-    batch that large came: two models sized side by side both counted the same memory, and at full load the
-    GPU ran out. Now each claims its budget (one full batch) before the next measures, one at a time."""
+    """Models on one GPU are sized one at a time, each claiming its budget (one full batch) before the next
+    measures: a budget is 80% of the memory free when the model measures, and its arena grows to it only when
+    a batch that large comes, so two models sized side by side would count the same memory and run the GPU
+    out at full load."""
     gpu = ArenaGpu(total=3000)
-    monkeypatch.setattr(models_module, "free_gpu_memory", gpu.free)
+    monkeypatch.setattr(batcher_module, "free_gpu_memory", gpu.free)
     bundle = load_bundle(encoder_bundle)  # max length 256
     config = BatcherConfig(max_batch_tokens=512, max_batch_size=8)
-    a, b = (LoadedModel(name, "1", bundle, ModelSettings(), ServiceMetrics()) for name in ("a", "b"))
+    a, b = (ModelVersion(name, "1", bundle, ModelSettings(), ServiceMetrics()) for name in ("a", "b"))
 
     def b_measures_first() -> None:  # the worst interleaving: b reads free memory while a is about to claim
         deadline = time.monotonic() + 1  # b cannot start while a holds the sizing lock: then a goes on
@@ -109,7 +111,9 @@ def test_models_sized_on_one_gpu_claim_no_more_than_it_has(encoder_bundle, monke
     gpu.attach(b)
     budgets = {}
     threads = [
-        threading.Thread(target=lambda m=m: budgets.update({m.name: m._gpu_budget(config)}), name=m.name)
+        threading.Thread(
+            target=lambda m=m: budgets.update({m.name: gpu_token_budget(m.engine, config, 256, m.name)}), name=m.name
+        )
         for m in (a, b)
     ]
     threads[0].start()

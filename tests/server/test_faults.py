@@ -28,9 +28,9 @@ from rm_client import AsyncRewardClient, RetryPolicy
 from rm_client.samples import text_samples
 from rm_contract.bundle import hash_files
 from rm_contract.pb import reward_pb2 as pb
+from rm_server.launch import free_port, start_server, stop_server
 from tests.conftest import random_texts
 from tests.server.test_service import metrics
-from tests.servers import free_port, start_server, stop_server
 
 
 def test_sigkill_and_restart_mid_load(encoder_bundle, tmp_path, reference):
@@ -183,9 +183,10 @@ def test_a_slow_stream_reader_does_not_hold_up_others(server, reference):
     assert answers["0"].results[0].reward == pytest.approx(reference(first.prompt, first.response), abs=1e-5)
 
 
-def nan_on_token_graph(path: Path, reward: float, trigger: int) -> None:
-    """An ONNX graph giving every sample `reward`, except -inf (log 0) for samples holding token `trigger`:
-    a model that overflows on some inputs only, so it passes the load-time reference check."""
+def token_trigger_graph(path: Path, trigger: int, reward_of_flag: list, constants: list) -> None:
+    """An ONNX graph whose reward depends only on `flag` (1.0 for samples holding token `trigger`, else 0.0):
+    `reward_of_flag` are the nodes from `flag` (and `constants`) to `reward`. The mask is read (times 0) so
+    that both inputs are used."""
     h = onnx.helper
     ids = h.make_tensor_value_info("input_ids", onnx.TensorProto.INT64, ["batch", "sequence"])
     mask = h.make_tensor_value_info("attention_mask", onnx.TensorProto.INT64, ["batch", "sequence"])
@@ -193,40 +194,73 @@ def nan_on_token_graph(path: Path, reward: float, trigger: int) -> None:
     nodes = [
         h.make_node("Equal", ["input_ids", "trigger"], ["hit"]),
         h.make_node("Cast", ["hit"], ["hit_f"], to=onnx.TensorProto.FLOAT),
-        h.make_node("ReduceMax", ["hit_f"], ["flag"], axes=[1], keepdims=0),
-        h.make_node("Sub", ["one", "flag"], ["kept"]),
-        h.make_node("Log", ["kept"], ["log_kept"]),
+        h.make_node("ReduceMax", ["hit_f"], ["flag_only"], axes=[1], keepdims=0),
         h.make_node("Cast", ["attention_mask"], ["m"], to=onnx.TensorProto.FLOAT),
         h.make_node("ReduceSum", ["m", "axes"], ["s"], keepdims=0),
         h.make_node("Mul", ["s", "zero"], ["z"]),
-        h.make_node("Add", ["z", "log_kept"], ["zl"]),
-        h.make_node("Add", ["zl", "value"], ["reward"]),
+        h.make_node("Add", ["z", "flag_only"], ["flag"]),
+        *reward_of_flag,
     ]
     constants = [
         h.make_tensor("axes", onnx.TensorProto.INT64, [1], [1]),
         h.make_tensor("trigger", onnx.TensorProto.INT64, [], [trigger]),
-        h.make_tensor("one", onnx.TensorProto.FLOAT, [], [1.0]),
         h.make_tensor("zero", onnx.TensorProto.FLOAT, [], [0.0]),
+        *constants,
+    ]
+    graph = h.make_graph(nodes, "token_trigger", [ids, mask], [out], constants)
+    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)], ir_version=8), str(path))
+
+
+def nan_on_token_graph(path: Path, reward: float, trigger: int) -> None:
+    """Every sample gets `reward`, except -inf (log 0) for samples holding token `trigger`: a model that
+    overflows on some inputs only, so it passes the load-time reference check."""
+    h = onnx.helper
+    nodes = [
+        h.make_node("Sub", ["one", "flag"], ["kept"]),
+        h.make_node("Log", ["kept"], ["log_kept"]),
+        h.make_node("Add", ["log_kept", "value"], ["reward"]),
+    ]
+    constants = [
+        h.make_tensor("one", onnx.TensorProto.FLOAT, [], [1.0]),
         h.make_tensor("value", onnx.TensorProto.FLOAT, [], [reward]),
     ]
-    graph = h.make_graph(nodes, "nan_on_token", [ids, mask], [out], constants)
-    onnx.save(h.make_model(graph, opset_imports=[h.make_opsetid("", 17)], ir_version=8), str(path))
+    token_trigger_graph(path, trigger, nodes, constants)
+
+
+def step_on_token_graph(path: Path, step: float, trigger: int) -> None:
+    """Every sample gets 0.0, except `step` for samples holding token `trigger`."""
+    h = onnx.helper
+    token_trigger_graph(
+        path,
+        trigger,
+        [h.make_node("Mul", ["flag", "step"], ["reward"])],
+        [h.make_tensor("step", onnx.TensorProto.FLOAT, [], [step])],
+    )
+
+
+def bundle_with_graph(source: Path, tmp_path: Path, write_graph, reference_reward: float, trigger: int) -> Path:
+    """A copy of `source` whose fp32 graph is written by `write_graph(path)`, giving `reference_reward` on
+    the reference samples (none holds `trigger`), with bundle.json's hashes and reference rewards to match."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(source, bundle)
+    manifest = json.loads((bundle / "bundle.json").read_text())
+    assert all(trigger not in ids for ids in manifest["parity"]["reference_ids"])
+    write_graph(bundle / manifest["variants"]["fp32"]["file"])
+    manifest["variants"]["fp32"]["reference_rewards"] = [reference_reward] * len(manifest["parity"]["reference_ids"])
+    (bundle / "bundle.json").write_text(json.dumps(manifest))
+    manifest["files"] = hash_files(bundle)
+    (bundle / "bundle.json").write_text(json.dumps(manifest))
+    return bundle
 
 
 def test_a_non_finite_reward_is_a_failure_not_an_answer(encoder_bundle, tmp_path):
     """A graph that overflows on some inputs (an fp16 variant on long texts) gave NaN or inf as a reward,
     and a trainer would have trained on it. Such a sample fails its request (INTERNAL, naming it); the
     other requests are answered."""
-    bundle = tmp_path / "bundle"
-    shutil.copytree(encoder_bundle, bundle)
     trigger = 1000
-    manifest = json.loads((bundle / "bundle.json").read_text())
-    assert all(trigger not in ids for ids in manifest["parity"]["reference_ids"])
-    nan_on_token_graph(bundle / manifest["variants"]["fp32"]["file"], 0.5, trigger)
-    manifest["variants"]["fp32"]["reference_rewards"] = [0.5] * len(manifest["parity"]["reference_ids"])
-    (bundle / "bundle.json").write_text(json.dumps(manifest))
-    manifest["files"] = hash_files(bundle)
-    (bundle / "bundle.json").write_text(json.dumps(manifest))
+    bundle = bundle_with_graph(
+        encoder_bundle, tmp_path, lambda path: nan_on_token_graph(path, 0.5, trigger), 0.5, trigger
+    )
     server = start_server(bundle, tmp_path / "serve.log", "--cache-mb", "1")
     try:
         stub = server.stub()
@@ -292,9 +326,10 @@ def test_dead_tokenizer_processes_are_replaced_and_the_chunks_they_held_sent_aga
 
 
 def test_tokenizer_processes_stay_out_of_the_servers_way_and_die_with_it(encoder_bundle, tmp_path):
-    """Before: a SIGKILLed server left its forkserver and tokenizer processes running for good (each worker
-    holds both ends of its pool's pipes, so none saw the server go); workers imported the whole server
-    (grpc, ONNX Runtime: 96 MB each); and a signal to the server's process group reached them."""
+    """The forkserver and tokenizer processes die with a SIGKILLed server (each worker holds both ends of its
+    pool's pipes, so a closed pipe cannot tell it the server went); workers do not import the whole server
+    (grpc, ONNX Runtime: 96 MB each); and they are outside the server's process group, so a signal to it
+    does not reach them."""
     server = start_server(encoder_bundle, tmp_path / "serve.log")
     try:
         below = children(server.process.pid)
@@ -311,3 +346,22 @@ def test_tokenizer_processes_stay_out_of_the_servers_way_and_die_with_it(encoder
     while any(Path(f"/proc/{pid}").exists() for pid in below + workers) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not [pid for pid in below + workers if Path(f"/proc/{pid}").exists()]
+
+
+def test_compare_of_rewards_800_apart_is_a_probability_not_an_overflow(encoder_bundle, tmp_path):
+    """P(A preferred) = sigmoid(r_a - r_b) for any finite rewards: with r_b - r_a = 800 it is 0.0 (and 1.0 the
+    other way round), never an INTERNAL from math.exp overflowing."""
+    tokenizer = Tokenizer.from_file(str(encoder_bundle / "tokenizer.json"))
+    trigger = tokenizer.encode("excellent", add_special_tokens=False).ids[0]
+    bundle = bundle_with_graph(
+        encoder_bundle, tmp_path, lambda path: step_on_token_graph(path, 800.0, trigger), 0.0, trigger
+    )
+    server = start_server(bundle, tmp_path / "serve.log")
+    try:
+        stub = server.stub()
+        worse = stub.Compare(pb.CompareRequest(prompt="How was it?", response_a="fine", response_b="excellent"))
+        assert (worse.reward_a, worse.reward_b, worse.probability_a_preferred) == (0.0, 800.0, 0.0)
+        better = stub.Compare(pb.CompareRequest(prompt="How was it?", response_a="excellent", response_b="fine"))
+        assert better.probability_a_preferred == 1.0
+    finally:
+        stop_server(server)

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from rm_contract.pb import reward_pb2 as pb
-from tests.servers import start_server, stop_server
+from rm_server.launch import start_server, stop_server
 
 LIMIT = 64
 CLIENT_STATUSES = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED}
@@ -124,7 +124,8 @@ def test_raw_bytes_on_unary_method_paths(server, method, body):
 
 
 def test_a_malformed_stream_message_ends_the_stream_at_once(server):
-    """Before: the stream hung to the client's deadline (forever without one), and shutdown waited for it."""
+    """The stream ends with INVALID_ARGUMENT at once: it does not hang to the client's deadline (forever
+    without one), nor hold up shutdown."""
     stream = server.channel().stream_stream("/reward.v1.RewardService/ScoreStream")
     valid = pb.ScoreRequest(request_id="ok", samples=[pb.Sample(text=pb.TextPair(prompt="p", response="r"))])
     started = time.monotonic()
@@ -149,8 +150,8 @@ def test_the_server_is_healthy_after_all_of_it(server):
 
 
 def test_client_text_reaches_the_log_bounded_and_escaped_and_refusals_do_not_flood_it(encoder_bundle, tmp_path):
-    """Before: a request id was logged raw and whole (a 50 MB line; a newline forged a line of its own),
-    and every refusal was logged."""
+    """Client text (a request id, a model name) is logged cut short and escaped: a 50 MB id makes no 50 MB
+    line, and a newline in it forges no line of its own. A burst of refusals is logged as one line."""
     server = start_server(encoder_bundle, tmp_path / "serve.log")  # its own: no earlier refusals in its log
     try:
         refuse_hostile_text(server)
@@ -176,8 +177,9 @@ def refuse_hostile_text(server) -> None:
 
 
 def test_idle_metrics_connections_do_not_hold_threads(server):
-    """Before: a thread per metrics connection, kept for as long as the client stayed idle (516 threads
-    after 500 idle connections, here 20 after 20); now an idle connection is closed after 5 s."""
+    """An idle metrics connection is closed after 5 s, so idle clients do not each hold a thread: with a
+    thread kept per connection for as long as its client stays idle, 500 idle connections held 516 threads
+    (here 20 after 20)."""
     import socket
     import urllib.request
 

@@ -16,9 +16,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rm_contract.pb import reward_pb2 as pb
+from rm_server.launch import BIN, failed_start, free_port, start_server, stop_server
 from tests.bundles import large_vocabulary_copy
 from tests.server.test_service import metrics, text
-from tests.servers import BIN, failed_start, free_port, start_server, stop_server
 
 LONG = "It was a long and winding story with many turns and many more words. " * 20
 
@@ -35,10 +35,10 @@ def test_corrupted_bundle_fails_start_up_with_a_clear_message(encoder_bundle, tm
 
 
 def test_a_request_bigger_than_the_whole_queue_is_invalid_not_retryable(encoder_bundle, tmp_path):
-    """Before: --max-samples-per-request above --max-queue made such a request RESOURCE_EXHAUSTED forever (a
-    client retries that with backoff, endlessly). Now it is INVALID_ARGUMENT, and the per-request limit
-    GetModelInfo reports (the one clients split by) is capped at the queue. Filling the queue with several
-    requests still gets RESOURCE_EXHAUSTED at once (test_admission.py)."""
+    """A request larger than the whole queue is INVALID_ARGUMENT, not RESOURCE_EXHAUSTED (a client retries
+    that with backoff, endlessly, and it can never fit), even with --max-samples-per-request above
+    --max-queue; the per-request limit GetModelInfo reports (the one clients split by) is capped at the
+    queue. Filling the queue with several requests still gets RESOURCE_EXHAUSTED at once (test_admission.py)."""
     server = start_server(encoder_bundle, tmp_path / "log", "--max-queue", "8")
     try:
         assert server.stub().GetModelInfo(pb.GetModelInfoRequest(), timeout=10).max_samples_per_request == 8
@@ -53,8 +53,8 @@ def test_a_request_bigger_than_the_whole_queue_is_invalid_not_retryable(encoder_
 
 def test_deadline_exceeded_work_is_dropped_and_the_queue_drains(encoder_bundle, tmp_path):
     """Samples already waiting in the batcher when their call's deadline passes leave the queue unscored.
-    Token ids (no tokenization to outlast the deadline) and a poller prove they were queued: before, a
-    0.3 s deadline on text could pass while the request was still being tokenized, and the test with it."""
+    Token ids (no tokenization to outlast the deadline) and a poller prove they were queued: a 0.3 s
+    deadline on text can pass while the request is still being tokenized, and the test would pass with it."""
     server = start_server(encoder_bundle, tmp_path / "log", "--max-batch-size", "4")
     depths: list[float] = []
     done = threading.Event()
@@ -144,7 +144,8 @@ def test_unavailable_providers_fall_back_to_cpu_with_a_warning(encoder_bundle, t
 
 
 def test_sighup_and_sigusr_do_not_kill_the_server(encoder_bundle, tmp_path):
-    """Before: SIGHUP and SIGUSR1 ended the process at once, no drain (the default action)."""
+    """SIGHUP, SIGUSR1 and SIGUSR2 are handled: the server goes on serving, where the default action ends the
+    process at once, without a drain."""
     server = start_server(encoder_bundle, tmp_path / "log")
     try:
         for sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
@@ -180,7 +181,7 @@ def test_a_second_sigterm_ends_the_drain_at_once(encoder_bundle, tmp_path):
 
 
 def test_sigterm_during_start_up_abandons_it_and_exits_0(encoder_bundle, tmp_path):
-    """Before: SIGTERM while the model loaded killed the process (exit -15, the default action). The port
+    """SIGTERM while the model loads abandons start-up and exits 0, not -15 (the default action). The port
     answers NOT_SERVING from the first moment; a bundle with a ~40 MB tokenizer keeps start-up busy for
     seconds, and the signal lands in it."""
     bundle = tmp_path / "slow-to-load"

@@ -24,13 +24,14 @@ from rm_contract.bundle import BundleError, hash_files, load_bundle
 from rm_contract.padding import pad_batch
 from rm_contract.pb import reward_pb2 as pb
 from rm_contract.recipe import Sample
-from rm_server.engine import OnnxEngine
-from rm_server.metrics import ServiceMetrics
-from rm_server.models import ModelRegistry, ModelSettings
+from rm_server.core.metrics import ServiceMetrics
+from rm_server.core.registry import ModelRegistry
+from rm_server.core.settings import ModelSettings
+from rm_server.launch import start_server, stop_server, wait_for_log_line
+from rm_server.runtime.engine import OnnxEngine
 from tests.bundles import large_vocabulary_copy
 from tests.conftest import random_texts, rm_export, served_sha256
 from tests.contract.test_bundle_integrity import constant_graph
-from tests.servers import start_server, stop_server, wait_for_log_line
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +201,7 @@ def test_ensemble_arithmetic_matches_members_scored_separately(encoder_bundle, s
         with RewardClient(server.target, model="ens") as client:
             info = client.model_info()
         stub = server.stub()
-        for k in (float("nan"), float("inf"), -1.0):  # before: accepted, NaN or inverted rewards came back
+        for k in (float("nan"), float("inf"), -1.0):  # refused: they would give NaN or inverted rewards
             request = pb.ScoreRequest(
                 model="ens",
                 samples=text_samples(["p"], ["r"]),
@@ -239,8 +240,8 @@ def test_unloading_frees_the_engine(encoder_bundle):
 
 
 def test_bad_ensembles_are_rejected_by_name_and_the_rest_is_served(encoder_bundle, tmp_path):
-    """Before: any rejected ensemble raised "dictionary changed size during iteration" (start-up exited 1
-    with a traceback; every later scan failed)."""
+    """Each bad ensemble is rejected by name in the scan's report and the good one is served: a rejection
+    does not fail start-up or any later scan."""
     repo = make_repo(tmp_path, ("a", "1", encoder_bundle))
     ensembles = {"good": ["a", "a"], "selfish": ["selfish", "a"], "ghostly": ["a", "ghost"], "nested": ["a", "good"]}
     for name, members in ensembles.items():
@@ -264,9 +265,9 @@ def test_bad_ensembles_are_rejected_by_name_and_the_rest_is_served(encoder_bundl
 
 
 def test_versions_order_numerically_odd_ones_are_refused_once_and_deleted_ones_unload(encoder_bundle, tmp_path):
-    """Before: 'v3' outranked '10' (non-numeric names sorted first), a version symlinked out of the
-    repository was loaded, a rejected version was re-verified and re-reported on every scan, and a deleted
-    version or model stayed loaded."""
+    """Versions order numerically ('10' is newer than '2'; a non-numeric 'v3' is refused), a version
+    symlinked out of the repository is refused, a rejected version is verified and reported once, not on
+    every scan, and a deleted version or model is unloaded."""
     repo = make_repo(tmp_path, ("a", "2", encoder_bundle), ("a", "10", encoder_bundle), ("a", "v3", encoder_bundle))
     shutil.copytree(encoder_bundle, tmp_path / "elsewhere")
     (repo / "a" / "11").symlink_to(tmp_path / "elsewhere")
@@ -297,8 +298,8 @@ def test_versions_order_numerically_odd_ones_are_refused_once_and_deleted_ones_u
 
 
 def test_a_version_failing_at_load_leaves_no_task_thread_or_session_behind(encoder_bundle, tmp_path):
-    """Before: a version whose warm-up failed leaked its batching task, tokenizer threads and ONNX Runtime
-    session. Its load check fails here after all three exist (a graph that does not give the exported
+    """A version whose load fails leaves no batching task, tokenizer thread or ONNX Runtime session behind.
+    Its load check fails here after all three exist (a graph that does not give the exported
     rewards); the registry goes on without it."""
     broken = tmp_path / "broken"
     shutil.copytree(encoder_bundle, broken)
@@ -318,7 +319,7 @@ def test_a_version_failing_at_load_leaves_no_task_thread_or_session_behind(encod
         try:
             with pytest.raises(BundleError, match="does not reproduce the rewards recorded at export"):
                 await registry.add("toy", "1", broken)
-            assert registry.loaded() == []
+            assert registry.held() == []
             return {t for t in asyncio.all_tasks() if t is not asyncio.current_task()}
         finally:
             await registry.close()
@@ -333,9 +334,9 @@ def test_a_version_failing_at_load_leaves_no_task_thread_or_session_behind(encod
 
 
 def test_a_draining_version_does_not_hold_up_the_next_reload(encoder_bundle, tmp_path):
-    """A replaced version drains its calls for up to grace_s. Before, it drained inside the registry's lock
-    (60 s, hard-coded), then inside the scan: the poller's next scan (a fix pushed right after a bad version)
-    waited behind it. Scans here run one after the other, as the poller runs them."""
+    """A replaced version drains its calls for up to grace_s outside the registry's lock and outside the
+    scan: the poller's next scan (a fix pushed right after a bad version) does not wait behind it. Scans here
+    run one after the other, as the poller runs them."""
     repo = make_repo(tmp_path, ("a", "1", encoder_bundle))
 
     async def reloads():
@@ -364,9 +365,10 @@ def test_a_draining_version_does_not_hold_up_the_next_reload(encoder_bundle, tmp
 
 
 def test_a_new_version_with_a_large_tokenizer_loads_without_pausing_the_calls_being_served(encoder_bundle, tmp_path):
-    """Before: tokenizers parses tokenizer.json holding the GIL, so a new version's ~40 MB tokenizer paused
-    every call of the serving process while it loaded (2.3 s per parse measured). Now the version's own
-    tokenizer processes parse it. A 1-sample Score every 50 ms runs through the reload."""
+    """A new version's tokenizer is parsed in the version's own tokenizer processes, so the calls being
+    served are not paused: tokenizers parses tokenizer.json holding the GIL, and a ~40 MB one parsed in the
+    serving process paused every call (2.3 s per parse measured). A 1-sample Score every 50 ms runs through
+    the reload."""
     large = tmp_path / "large"
     large_vocabulary_copy(encoder_bundle, large)
     repo = make_repo(tmp_path, ("toy", "1", encoder_bundle))

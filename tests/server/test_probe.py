@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tests.servers import free_port, probe
+from rm_server.launch import free_port, probe
 
 
 def test_probe_passes_on_a_serving_server_and_fails_on_a_closed_port(server):

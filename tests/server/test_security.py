@@ -25,8 +25,8 @@ from rm_client import RetryPolicy, RewardClient, RewardServiceError, Security
 from rm_client.samples import text_samples
 from rm_contract.pb import reward_pb2 as pb
 from rm_contract.pb import reward_pb2_grpc
-from rm_server.security import read_token
-from tests.servers import BIN, free_port, probe, start_server, stop_server
+from rm_server.launch import BIN, free_port, probe, start_server, stop_server
+from rm_server.transport.security import read_token
 
 NO_RETRY = RetryPolicy(max_attempts=1)
 
@@ -103,18 +103,6 @@ def test_tls_and_mutual_tls(encoder_bundle, tmp_path, pki):
         assert "mutual TLS" in mtls.log()
     finally:
         stop_server(mtls)
-
-
-@pytest.fixture(scope="module")
-def token_server(encoder_bundle, tmp_path_factory):
-    directory = tmp_path_factory.mktemp("token")
-    (directory / "token").write_text("s3cret-token\n")
-    http_port = free_port()
-    flags = ["--auth-token-file", str(directory / "token"), "--http-port", str(http_port)]
-    server = start_server(encoder_bundle, directory / "serve.log", *flags)
-    server.http_url = f"http://127.0.0.1:{http_port}/get_reward"
-    yield server
-    stop_server(server)
 
 
 @pytest.mark.parametrize("token", [None, "wrong", "s3cret-token-but-longer", "s3cret-toke"])
@@ -208,7 +196,7 @@ def test_bad_security_options_exit_2(encoder_bundle, flags, message):
 
 
 def test_the_token_from_the_environment_is_stripped(monkeypatch):
-    """Before: RM_AUTH_TOKEN=$(cat file) kept a trailing newline, and no client could ever match it."""
+    """A token read with its trailing newline (RM_AUTH_TOKEN=$(cat file)) still matches: it is stripped."""
     monkeypatch.setenv("RM_AUTH_TOKEN", "s3cret\n")
     assert read_token(None) == "s3cret"
     monkeypatch.setenv("RM_AUTH_TOKEN", "  \n")
@@ -216,8 +204,8 @@ def test_the_token_from_the_environment_is_stripped(monkeypatch):
 
 
 def test_calls_without_a_token_are_refused_before_their_message_is_read(token_server):
-    """24 unauthenticated 60 MB Score calls. Before: each message was received and parsed before the refusal
-    (peak RSS 2.9 GB, 6 s); now the refusal comes first (peak ~270 MB, 1 s)."""
+    """24 unauthenticated 60 MB Score calls are refused before their messages are read: receiving and
+    parsing them first took 2.9 GB peak RSS and 6 s; refused first, ~270 MB and 1 s."""
     big = pb.ScoreRequest(samples=[pb.Sample(text=pb.TextPair(prompt="p", response="x" * (60 << 20)))])
     body = big.SerializeToString()
     channel = grpc.insecure_channel(token_server.target, options=[("grpc.max_send_message_length", 100 << 20)])
@@ -243,7 +231,8 @@ def peak_rss_mib(pid: int) -> float:
 
 
 def test_the_openrlhf_port_uses_the_grpc_ports_tls(encoder_bundle, tmp_path, pki):
-    """Before: plaintext HTTP beside a TLS gRPC port, so the bearer token crossed in clear."""
+    """With TLS on the gRPC port, the OpenRLHF port serves TLS too and refuses plaintext: the bearer token
+    never crosses in clear."""
     import ssl
 
     cert, key = pki["server"]

@@ -226,8 +226,8 @@ def test_the_int8_variant_is_served_and_named_apart_from_fp32(encoder_bundle, tm
     """`--variant int8` scores with the int8 graph (equal to it in this process, one by one), and its answers
     carry another identity than the same bundle's fp32: their rewards differ."""
     from rm_contract.padding import pad_batch
-    from rm_server.engine import OnnxEngine
-    from tests.servers import start_server, stop_server
+    from rm_server.launch import start_server, stop_server
+    from rm_server.runtime.engine import OnnxEngine
 
     bundle = load_bundle(encoder_bundle)
     int8, fp32 = (OnnxEngine(bundle.model_path(v)) for v in ("int8", "fp32"))

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from rm_contract.bundle import load_bundle
-from rm_contract.recipe import Sample
-from rm_server.tokenizer_processes import TextInput, TokenizerClosed, TokenizerCrashed, TokenizerProcesses
+from rm_contract.recipe import Sample, TextInput
+from rm_server.runtime.tokenizer_processes import TokenizerClosed, TokenizerCrashed, TokenizerProcesses
 
 
 class Poison:
@@ -78,7 +78,8 @@ def test_a_chunk_that_kills_its_workers_fails_alone_and_the_pool_goes_on(bundle,
 
 
 def test_a_worker_dying_while_it_loads_is_replaced_not_taken_for_a_broken_bundle(bundle, tmp_path, monkeypatch):
-    """Before: a worker killed while it loaded (out of memory) rejected the version until its files changed."""
+    """A worker killed while it loads (out of memory) is replaced, and the version loads: the death is not
+    taken for a broken bundle, which would reject the version until its files change."""
     recipe = bundle.recipe
     monkeypatch.setattr(type(bundle), "recipe", property(lambda _: DiesOnceLoading(recipe, tmp_path / "died")))
     sample = Sample.from_text("Q", "A short answer.")
@@ -93,7 +94,7 @@ def test_a_worker_dying_while_it_loads_is_replaced_not_taken_for_a_broken_bundle
 
 
 def test_closing_kills_the_workers_and_later_calls_are_refused(bundle):
-    """Even a wedged worker (stopped here): before, unloading waited for it forever, and so did shutdown."""
+    """Even a wedged worker (stopped here) is killed: unloading and shutdown do not wait for it."""
     pool = TokenizerProcesses(bundle, 2)
     assert len(workers()) == 2
     os.kill(workers()[0].pid, signal.SIGSTOP)

@@ -20,10 +20,10 @@ import pytest
 
 from rm_contract.bundle import load_bundle
 from rm_contract.padding import pad_batch
-from rm_server.engine import OnnxEngine
+from rm_server.launch import free_port, start_server, stop_server
+from rm_server.runtime.engine import OnnxEngine
 from tests.conftest import random_texts, served_sha256
 from tests.server.test_service import metrics
-from tests.servers import free_port, start_server, stop_server
 
 CHAT = [
     {"role": "system", "content": "You are a helpful assistant."},
@@ -263,8 +263,8 @@ def test_errors_have_vllms_shape_and_name_the_problem(server, path, body, status
 
 
 def test_compressed_bodies_are_refused_before_they_are_read(server):
-    """A few hundred KB of gzip unpacked to tens of MB of JSON, parsed on the event loop: every caller
-    stalled for seconds, and a corrupt stream was a plain-text 500. Compressed bodies are refused."""
+    """Compressed bodies, valid or corrupt, are refused with a JSON 415 before they are read: a few hundred
+    KB of gzip unpacks to tens of MB of JSON, which parsed on the event loop stalls every caller for seconds."""
     small = gzip.compress(json.dumps({"input": "Lovely."}).encode())
     for body in (small, b"\x1f\x8b not gzip"):
         response = post(server, "/classify", body, **{"Content-Encoding": "gzip"})
@@ -274,7 +274,7 @@ def test_compressed_bodies_are_refused_before_they_are_read(server):
 
 def test_malformed_http_requests_do_not_flood_the_log(server):
     """aiohttp logs each malformed request at ERROR with a traceback and the raw header: 2,000 of them wrote
-    1.2 MB of log in a second. At most one line per 10 s now, without the traceback."""
+    1.2 MB of log in a second. They are logged at most one line per 10 s, without the traceback."""
     port = int(server.http.rsplit(":", 1)[1])
     before = len(server.log())
     for _ in range(300):

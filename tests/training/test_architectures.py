@@ -27,9 +27,9 @@ from rm_client.samples import text_samples
 from rm_contract.bundle import load_bundle
 from rm_contract.pb import reward_pb2 as pb
 from rm_contract.recipe import Sample
+from rm_server.launch import start_server, stop_server
 from rm_training import export
 from rm_training.model import SUPPORTED_MODEL_TYPES
-from tests.servers import start_server, stop_server
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "bundle.md"
 DECODER = dict(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import shutil
@@ -30,15 +31,17 @@ from rm_contract.bundle import BundleError, hash_files, load_bundle
 from rm_contract.padding import pad_batch
 from rm_contract.pb import reward_pb2 as pb
 from rm_contract.recipe import Message, Sample
-from rm_server.engine import OnnxEngine
-from rm_training.export import Checked, VerificationError, check_weights_files, prepare_checks, run_checks
+from rm_server.launch import start_server, stop_server
+from rm_server.runtime.engine import OnnxEngine
+from rm_training.export import INLINE_LIMIT_MB, ExportArgs, ExportPlan
+from rm_training.export import main as export_main
 from rm_training.model import load_reward_model, sample_encoder
 from rm_training.onnx_export import export_graph, external_data_files, make_int8
 from rm_training.parity import MAX_BATCH_TOKENS, VerificationSet, check_variant, reference_rewards
 from rm_training.train import TrainConfig, train
+from rm_training.verification import Checked, VerificationError, check_weights_files, prepare_checks, run_checks
 from tests.conftest import rm_export, sentiment_pairs, tiny_llama_config, write_jsonl
 from tests.contract.test_bundle_integrity import constant_graph, edit_manifest
-from tests.servers import start_server, stop_server
 
 
 def test_encoder_bundle_holds_verified_variants_and_every_field(encoder_bundle):
@@ -88,6 +91,57 @@ def test_onnx_reward_equals_pytorch_in_mixed_batches(encoder_bundle, trained_enc
     np.testing.assert_allclose(batched, alone, atol=1e-4)
 
 
+def test_flags_resolve_into_one_frozen_plan_and_bad_flags_exit_2_before_any_checkpoint_is_read(tmp_path, capsys):
+    """fp32 first, --eval-data and the int8 calibration data defaulting to what rm-train recorded, the
+    external-data threshold capped at INLINE_LIMIT_MB; the parsed flags stay as given."""
+    checkpoint, output = tmp_path / "rm", tmp_path / "out" / "toy"
+    checkpoint.mkdir()
+    train_file = write_jsonl(tmp_path / "train.jsonl", sentiment_pairs(4, seed=0))
+    eval_file = write_jsonl(tmp_path / "eval.jsonl", sentiment_pairs(4, seed=1))
+    report = {"config": {"data": str(train_file), "eval_data": str(eval_file)}}
+    (checkpoint / "report.json").write_text(json.dumps(report))
+    args = ExportArgs(model=str(checkpoint), output=str(output), dtype="int8, fp16", external_data_over_mb=4096)
+    plan = args.plan()
+    assert plan == ExportPlan(
+        checkpoint=str(checkpoint),
+        output=output,
+        dtypes=("fp32", "int8", "fp16"),
+        eval_data=str(eval_file),
+        calibration_data=str(train_file),
+        name="toy",
+        version="1",
+        template=None,
+        max_length=None,
+        opset=17,
+        external_data_over_mb=INLINE_LIMIT_MB,
+    )
+    assert args.eval_data is None and args.external_data_over_mb == 4096
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.eval_data = None  # type: ignore[misc]
+    given = ExportArgs(model=str(checkpoint), output=str(output), eval_data="mine.jsonl", name="served").plan()
+    assert (given.dtypes, given.calibration_data, given.name) == (("fp32",), None, "served")
+    assert given.eval_data == "mine.jsonl"
+
+    (checkpoint / "report.json").unlink()
+    model = ["--model", str(checkpoint), "--output", str(output)]
+    for argv, message in [
+        (["--output", str(output)], "--model and --output are required (or --verify-only BUNDLE)"),
+        ([*model, "--external-data-over-mb", "-1"], "--external-data-over-mb must not be negative"),
+        ([*model, "--dtype", "fp32,bf16"], "--dtype takes a comma-separated list of fp32, fp16, int8"),
+        ([*model, "--dtype", " , "], "--dtype takes a comma-separated list of fp32, fp16, int8"),
+        ([*model, "--dtype", "int8"], "--dtype int8 needs --eval-data: int8 is accepted only if it keeps pairwise"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            export_main(argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and err[0].startswith(f"rm-export: error: {message}"), err
+    with pytest.raises(SystemExit) as exit_info:
+        export_main([*model, "--template", "chatml"])
+    assert exit_info.value.code == 2 and "invalid choice: 'chatml'" in capsys.readouterr().err
+    assert not output.exists()
+
+
 def test_corrupted_bundle_is_detected(encoder_bundle, tmp_path):
     broken = tmp_path / "broken"
     subprocess.run(["cp", "-r", str(encoder_bundle), str(broken)], check=True)
@@ -111,8 +165,8 @@ def edited_copy(bundle: Path, copy: Path, **fields) -> Path:
 
 
 def test_verify_only_reruns_the_checks_on_a_good_bundle_and_says_what_it_could_not(encoder_bundle, tmp_path):
-    """Before: without its eval data, --verify-only skipped int8's accuracy check and still printed the same
-    "verified" line."""
+    """--verify-only says what it re-checked: without its eval data, it says int8's accuracy check was not
+    re-run, and its "verified" line leaves that check out."""
     result = rm_export("--verify-only", str(encoder_bundle))
     assert result.returncode == 0, result.stderr
     checks = "sha256 of every file, each variant's reference rewards, parity, batch invariance"
@@ -125,8 +179,8 @@ def test_verify_only_reruns_the_checks_on_a_good_bundle_and_says_what_it_could_n
 
 
 def test_verify_only_without_the_source_checkpoint_still_checks_every_graph(encoder_bundle, tmp_path):
-    """Before: with the source checkpoint gone it checked hashes alone and said "verified", so a swapped graph
-    with its hash rewritten passed. Every variant must reproduce the rewards recorded at export."""
+    """With the source checkpoint gone, every variant must still reproduce the rewards recorded at export:
+    hashes alone would pass a swapped graph with its hash rewritten."""
     copy = edited_copy(encoder_bundle, tmp_path / "bundle", source_checkpoint=str(tmp_path / "deleted"))
     result = rm_export("--verify-only", str(copy))
     assert result.returncode == 0, result.stderr
@@ -359,23 +413,23 @@ def test_int8_variant_keeps_its_weights_in_its_own_file(tiny_decoder_checkpoint,
 
 def test_an_uninstalled_checkout_exports(monkeypatch):
     """rm-export run from a checkout on PYTHONPATH (no installed metadata, as on the GPU machine) names its
-    version "source" instead of failing after the whole export, as it once did there."""
+    version "source" instead of failing after the whole export."""
     import importlib.metadata
 
-    import rm_training.export as export
+    import rm_training.manifest as manifest
 
     def not_installed(name: str) -> str:
         raise importlib.metadata.PackageNotFoundError(name)
 
-    assert export.exporter_version() == importlib.metadata.version("rewardserve-training")
-    monkeypatch.setattr(export, "version", not_installed)
-    assert export.exporter_version() == "source"
+    assert manifest.exporter_version() == importlib.metadata.version("rewardserve-training")
+    monkeypatch.setattr(manifest, "version", not_installed)
+    assert manifest.exporter_version() == "source"
 
 
 EXPORT_MEMORY = """
 import sys
 from pathlib import Path
-from rm_training.export import to_fp32
+from rm_training.memory import to_fp32
 from rm_training.model import load_reward_model
 from rm_training.onnx_export import export_graph
 

@@ -93,6 +93,15 @@ def test_bad_options_exit_with_code_2_and_one_line(toy_data, tmp_path, args, mes
     assert last_line.startswith("rm-train: error: ") and message in last_line
 
 
+def test_rm_eval_refuses_a_batch_size_below_one_with_code_2_and_one_line(capsys):
+    from rm_training.evaluate import main as rm_eval
+
+    with pytest.raises(SystemExit) as exit_info:
+        rm_eval(["--model", "m", "--data", "d.jsonl", "--batch-size", "0"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines() == ["rm-eval: error: --batch-size must be at least 1"]
+
+
 def test_bad_data_exits_with_code_2_naming_file_line_and_field(tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "Q", "chosen": "a"}])
     for command in (

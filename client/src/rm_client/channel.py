@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import itertools
 import json
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +13,26 @@ import grpc
 
 MiB = 1024 * 1024
 URI_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "xds:")
+TOKEN_ENV = "RM_AUTH_TOKEN"
+"""The bearer token's environment variable: the name rm-serve reads its own token from."""
+TOKEN_ENV_ALIAS = "RM_TOKEN"
+"""Also read, when RM_AUTH_TOKEN is unset or empty."""
+
+
+def read_token(token_file: str | None = None, environ: Mapping[str, str] | None = None) -> str | None:
+    """The bearer token, by rm-serve's names: the content of `token_file` (`--auth-token-file`) when one is
+    named, else the RM_AUTH_TOKEN environment variable, else RM_TOKEN; None when none holds one.
+
+    Surrounding whitespace is stripped, as the server strips its own (a trailing newline would fail every
+    call). An empty token file raises ValueError, an unreadable one OSError: a file named and not used
+    would send calls without the token."""
+    if token_file:
+        token = Path(token_file).read_text().strip()
+        if not token:
+            raise ValueError(f"the token file {token_file} is empty")
+        return token
+    environ = os.environ if environ is None else environ
+    return next((t for t in (environ.get(n, "").strip() for n in (TOKEN_ENV, TOKEN_ENV_ALIAS)) if t), None)
 
 
 @dataclass(frozen=True)

@@ -10,65 +10,87 @@ Exit codes: 0 success, 1 the service failed (its status and message are printed)
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from google.protobuf.json_format import MessageToDict
 from tqdm import tqdm
 
-from rm_client.channel import Security
+from rm_client.channel import Security, read_token
 from rm_client.client import RewardClient
 from rm_client.errors import RewardServiceError
 from rm_client.samples import sample_to_pb
+from rm_contract.config_cli import option, parse_subcommands
 from rm_contract.records import DataError, parse_record, read_records
 
 BLOCK = 1024
 """Samples per progress step (the client splits each block further into concurrent requests)."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="rm-client", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+@dataclass(kw_only=True)
+class ServiceOptions:
+    """Where the reward service is and how to reach it: the options of every command."""
+
+    target: str = option(help="host:port, comma-separated replicas, or dns:///name:port")
+    timeout: float = option(120.0, "deadline per call in seconds, retries included")
+    tls: bool = option(False, "connect with TLS")
+    ca: str | None = option(None, "CA certificate (PEM) that signed the server's certificate")
+    cert: str | None = option(None, "client certificate (PEM) for mutual TLS")
+    key: str | None = option(None, "client private key (PEM) for mutual TLS")
+    auth_token_file: str | None = option(
+        None,
+        "file holding the bearer token, as rm-serve's --auth-token-file; without it, the token is the "
+        "RM_AUTH_TOKEN environment variable, else RM_TOKEN",
     )
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--target", required=True, help="host:port, comma-separated replicas, or dns:///name:port")
-    common.add_argument("--timeout", type=float, default=120.0, help="deadline per call in seconds, retries included")
-    common.add_argument("--tls", action="store_true", help="connect with TLS")
-    common.add_argument("--ca", help="CA certificate (PEM) that signed the server's certificate")
-    common.add_argument("--cert", help="client certificate (PEM) for mutual TLS")
-    common.add_argument("--key", help="client private key (PEM) for mutual TLS")
-    common.add_argument(
-        "--token-file", help="file holding the bearer token (default: the RM_TOKEN environment variable)"
-    )
-    commands = parser.add_subparsers(dest="command", required=True)
+    token_file: str | None = option(None, "the same as --auth-token-file, which wins when both are given")
 
-    score = commands.add_parser("score", parents=[common], help="score a JSONL file of any training data format")
-    score.add_argument("--input", required=True, type=Path)
-    score.add_argument("--output", required=True, type=Path)
-    score.add_argument("--normalize", action="store_true", help="rewards normalized with the bundle's statistics")
-
-    compare = commands.add_parser("compare", parents=[common], help="P(A preferred to B) for one prompt")
-    compare.add_argument("--prompt", required=True)
-    compare.add_argument("--a", required=True, help="response A")
-    compare.add_argument("--b", required=True, help="response B")
-
-    commands.add_parser("info", parents=[common], help="the served model's name, version, limits, bundle.json")
-    commands.add_parser("health", parents=[common], help="grpc.health.v1 status (exit 1 unless SERVING)")
-    return parser
+    def security(self, environ: Mapping[str, str] | None = None) -> Security:
+        return Security(
+            tls=self.tls or bool(self.ca or self.cert),
+            ca_file=self.ca,
+            cert_file=self.cert,
+            key_file=self.key,
+            token=read_token(self.auth_token_file or self.token_file, environ),
+        )
 
 
-def security_from(args: argparse.Namespace) -> Security:
-    token = Path(args.token_file).read_text().strip() if args.token_file else os.environ.get("RM_TOKEN")
-    return Security(
-        tls=args.tls or bool(args.ca or args.cert),
-        ca_file=args.ca,
-        cert_file=args.cert,
-        key_file=args.key,
-        token=token or None,
-    )
+@dataclass(kw_only=True)
+class ScoreArgs(ServiceOptions):
+    """score a JSONL file of any training data format"""
+
+    input: Path = option(help="JSONL records: pairs, single responses, rankings or conversations")
+    output: Path = option(help="where the records go, in input order, each with its rewards")
+    normalize: bool = option(False, "rewards normalized with the bundle's statistics")
+
+
+@dataclass(kw_only=True)
+class CompareArgs(ServiceOptions):
+    """P(A preferred to B) for one prompt"""
+
+    prompt: str = option(help="the prompt both responses answer")
+    a: str = option(help="response A")
+    b: str = option(help="response B")
+
+
+@dataclass(kw_only=True)
+class InfoArgs(ServiceOptions):
+    """the served model's name, version, limits, bundle.json"""
+
+
+@dataclass(kw_only=True)
+class HealthArgs(ServiceOptions):
+    """grpc.health.v1 status (exit 1 unless SERVING)"""
+
+
+COMMANDS = {"score": ScoreArgs, "compare": CompareArgs, "info": InfoArgs, "health": HealthArgs}
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[str, ServiceOptions]:
+    """(command, its options); argparse exits with code 2 and a message on bad usage."""
+    return parse_subcommands(COMMANDS, argv, prog="rm-client", description=__doc__)
 
 
 REWARD_FIELDS = {"pair": ("reward_chosen", "reward_rejected"), "response": ("reward",)}
@@ -108,16 +130,15 @@ def score_file(client: RewardClient, source: Path, destination: Path, normalize:
     return summary
 
 
-def run(args: argparse.Namespace) -> int:
-    options = {"timeout_s": args.timeout, "security": security_from(args)}
-    with RewardClient(args.target, **options) as client:
-        if args.command == "score":
+def run(args: ServiceOptions) -> int:
+    with RewardClient(args.target, timeout_s=args.timeout, security=args.security()) as client:
+        if isinstance(args, ScoreArgs):
             summary = score_file(client, args.input, args.output, args.normalize)
             line = f"scored {summary['samples']} samples in {summary['records']} records -> {args.output}"
             if "pairs" in summary:
                 line += f"; pairwise accuracy {summary['pairwise_accuracy']:.4f} on {summary['pairs']} pairs"
             print(line)
-        elif args.command == "compare":
+        elif isinstance(args, CompareArgs):
             c = client.compare(args.prompt, args.a, args.b)
             print(
                 json.dumps(
@@ -128,9 +149,9 @@ def run(args: argparse.Namespace) -> int:
                     }
                 )
             )
-        elif args.command == "info":
+        elif isinstance(args, InfoArgs):
             print(json.dumps(MessageToDict(client.model_info(), preserving_proto_field_name=True), indent=2))
-        elif args.command == "health":
+        elif isinstance(args, HealthArgs):
             status = client.health()
             print(status)
             return 0 if status == "SERVING" else 1
@@ -138,7 +159,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    _, args = parse_args(argv)
     try:
         sys.exit(run(args))
     except (ValueError, OSError) as e:  # DataError is a ValueError

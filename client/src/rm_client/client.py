@@ -136,6 +136,22 @@ class AsyncRewardClient:
 
     # --- scoring -----------------------------------------------------------------------------------------
 
+    def _score_request(
+        self, samples: Sequence[pb.Sample], normalize: bool, truncation: str, request_id: str = ""
+    ) -> pb.ScoreRequest:
+        """The reward.v1 ScoreRequest of every scoring call, unary or streamed: the samples with this client's
+        model, version and ensemble reduction."""
+        return pb.ScoreRequest(
+            request_id=request_id,
+            samples=samples,
+            normalize=normalize,
+            truncation=TRUNCATION[truncation],
+            model=self.model,
+            model_version=self.model_version,
+            ensemble_reduce=self._reduce,
+            ensemble_k=self.ensemble_k,
+        )
+
     async def score(
         self, prompts: Sequence[str], responses: Sequence[str], *, normalize: bool = False, truncation: str = "truncate"
     ) -> np.ndarray:
@@ -168,8 +184,7 @@ class AsyncRewardClient:
 
         One deadline (`timeout_s`) covers the whole call: the model-info lookup, every chunk, its wait for a
         slot among `max_in_flight` and its retries. The first chunk that fails cancels the others."""
-        if truncation not in TRUNCATION:
-            raise ValueError(f"truncation must be one of {sorted(TRUNCATION)}, not {truncation!r}")
+        _check_truncation(truncation)
         if not samples:
             return np.empty(0, dtype=np.float32)
         deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
@@ -177,15 +192,7 @@ class AsyncRewardClient:
         models: set[str] = set()
 
         async def one(chunk: Sequence[pb.Sample]) -> list[float]:
-            request = pb.ScoreRequest(
-                samples=chunk,
-                normalize=normalize,
-                truncation=TRUNCATION[truncation],
-                model=self.model,
-                model_version=self.model_version,
-                ensemble_reduce=self._reduce,
-                ensemble_k=self.ensemble_k,
-            )
+            request = self._score_request(chunk, normalize, truncation)
             async with gate:
                 if failed.is_set():  # a sibling failed while this one waited for a slot: the call is over
                     return []
@@ -273,10 +280,12 @@ class AsyncRewardClient:
         *,
         in_flight: int = 8,
         normalize: bool = False,
+        truncation: str = "truncate",
         timeout_s: float | None = USE_CLIENT_TIMEOUT,
     ) -> AsyncIterator[tuple[int, np.ndarray]]:
         """Score many requests over one ScoreStream, keeping `in_flight` of them outstanding; yields
         `(index, rewards)` as each finishes (not necessarily in order). A failed request raises.
+        `normalize` and `truncation` apply to every request, as in `score_samples`.
 
         `timeout_s` (default: the client's) bounds the whole stream; None for a stream without end. A stream
         broken with a retryable status (a replica restarting) is opened again, up to the retry policy's
@@ -285,13 +294,14 @@ class AsyncRewardClient:
         produced) never blocks the event loop."""
         if in_flight < 1:
             raise ValueError("in_flight must be at least 1")
+        _check_truncation(truncation)
         timeout_s = self.timeout_s if timeout_s is USE_CLIENT_TIMEOUT else timeout_s
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         source = _StreamSource(requests)
         self._retry_budget.record_call()
         for attempt in range(1, self.retry.max_attempts + 1):
             try:
-                async for answer in self._stream_once(source, in_flight, normalize, _left(deadline)):
+                async for answer in self._stream_once(source, in_flight, normalize, truncation, _left(deadline)):
                     yield answer
                 return
             except RewardServiceError as error:  # reopened with what it left unanswered, as a unary call retries
@@ -299,7 +309,7 @@ class AsyncRewardClient:
             await asyncio.sleep(pause)
 
     async def _stream_once(
-        self, source: _StreamSource, in_flight: int, normalize: bool, timeout_s: float | None
+        self, source: _StreamSource, in_flight: int, normalize: bool, truncation: str, timeout_s: float | None
     ) -> AsyncIterator[tuple[int, np.ndarray]]:
         """One ScoreStream call: first the requests a broken stream left unanswered, then new ones."""
         if timeout_s is not None and timeout_s <= 0:
@@ -311,15 +321,7 @@ class AsyncRewardClient:
             async for index, samples in source.resend_then_next():
                 await window.acquire()
                 sent.add(index)
-                yield pb.ScoreRequest(
-                    request_id=str(index),
-                    samples=samples,
-                    normalize=normalize,
-                    model=self.model,
-                    model_version=self.model_version,
-                    ensemble_reduce=self._reduce,
-                    ensemble_k=self.ensemble_k,
-                )
+                yield self._score_request(samples, normalize, truncation, request_id=str(index))
 
         call = self._stub().ScoreStream(outgoing(), timeout=timeout_s, metadata=self._metadata)
         try:
@@ -397,6 +399,11 @@ class _StreamSource:
 
 
 _END = object()
+
+
+def _check_truncation(truncation: str) -> None:
+    if truncation not in TRUNCATION:
+        raise ValueError(f"truncation must be one of {sorted(TRUNCATION)}, not {truncation!r}")
 
 
 def _left(deadline: float | None) -> float | None:

@@ -9,6 +9,10 @@ retries), so no step ever trains on missing rewards. "none" returns None for eve
 instead, which TRL reads as "this reward function does not apply": the step goes on with the other reward
 functions, or, with this one alone, with those completions' rewards missing (TRL warns) -- a run that
 survives an outage at the price of steps trained on fewer rewards. A warning is logged each time.
+
+Other keyword arguments go to the client (`RewardClient`, `AsyncRewardClient`). Without `security=`, calls
+carry the bearer token of the RM_AUTH_TOKEN environment variable (or RM_TOKEN) when one is set, the name
+rm-serve reads its own token from (`rm_client.read_token`).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+from rm_client.channel import Security, read_token
 from rm_client.client import AsyncRewardClient, RewardClient
 from rm_client.errors import RewardServiceError
 
@@ -44,6 +49,8 @@ class _RewardFunction:
     ):
         self.__name__ = name  # TRL logs each reward function's mean under its name
         self.normalize, self.on_failure = normalize, _on_failure(on_failure)
+        if "security" not in options:
+            options["security"] = Security(token=read_token())
         self._target, self._options = target, options
 
     def _missing(self, error: RewardServiceError, n: int) -> list[None]:

@@ -22,7 +22,8 @@ Config (veRL's `reward.custom_reward_function`; before its 2026 config move, the
           timeout_s: 180
 
 Failures (after the client's retries within `timeout_s`) raise `RewardServiceError`, which stops the step
-rather than training on a missing reward.
+rather than training on a missing reward. When rm-serve requires a bearer token, the reward workers read it
+from the RM_AUTH_TOKEN environment variable (or RM_TOKEN), the name rm-serve reads its own from.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import weakref
 from collections.abc import Mapping
 from typing import Any
 
+from rm_client.channel import Security, read_token
 from rm_client.client import AsyncRewardClient
 
 PROMPT_KEYS = ("prompt", "question")
@@ -98,5 +100,6 @@ def _client(target: str, model: str, timeout_s: float) -> AsyncRewardClient:
     clients = _clients.setdefault(asyncio.get_running_loop(), {})
     key = (target, model, timeout_s)
     if key not in clients:
-        clients[key] = AsyncRewardClient(target, model=model, timeout_s=timeout_s)
+        security = Security(token=read_token())
+        clients[key] = AsyncRewardClient(target, model=model, timeout_s=timeout_s, security=security)
     return clients[key]

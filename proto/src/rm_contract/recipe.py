@@ -63,6 +63,15 @@ class Sample:
 
 
 @dataclass(frozen=True)
+class TextInput:
+    """A model input already rendered as one text (a chat-templated string, as veRL sends to vLLM):
+    tokenized as it is (`SampleEncoder.encode_text`), then truncated like token ids."""
+
+    text: str
+    add_special_tokens: bool | None = None
+
+
+@dataclass(frozen=True)
 class InputRecipe:
     """How samples are turned into ids; stored with the checkpoint and later in the bundle."""
 
@@ -82,8 +91,8 @@ class InputRecipe:
     date: str | None = None
     """The day (YYYY-MM-DD) a chat template renders through `strftime_now` (Llama-3's "Today Date: ..."),
     fixed when the recipe is made (rm-train; rm-export for checkpoints trained elsewhere): with the clock,
-    a sample's ids and reward changed from day to day, and between training and serving. None (recipes
-    written before this field): the current day."""
+    a sample's ids and reward would change from day to day, and between training and serving. None (recipes
+    written without this field): the current day."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -111,6 +120,14 @@ def truncate_prompt_left(prompt: list[int], response: list[int], budget: int) ->
     if len(response) >= budget:
         return [], response[: budget - 1] + response[-1:], True
     return prompt[len(prompt) + len(response) - budget :], response, True
+
+
+def keep_last_ids(ids: Sequence[int], keep: int, keep_first: bool = False) -> list[int]:
+    """Over-long token ids (sent as ids, or a text's ids) cut to `keep`: the last ones (the response; a
+    decoder's pooled last token), and with `keep_first` a cls-pooled encoder's pooled first id in the place
+    of the oldest of them."""
+    head = list(ids[:1]) if keep_first else []
+    return head + list(ids[len(ids) - keep + len(head) :])
 
 
 def render_chat(

@@ -5,17 +5,29 @@ rm-eval --model runs/demo/rm --data rm_training/data/demo/test.jsonl
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
+from dataclasses import dataclass
 
 import torch
 
+from rm_contract.config_cli import ConfigError, option, parse_config
 from rm_contract.recipe import RecipeError
 from rm_contract.records import DataError, load_groups
 from rm_training.batching import TokenizedGroup, pair_rows, score_sequences, tokenize_groups
 from rm_training.losses import bradley_terry_loss, pairwise_accuracy
 from rm_training.model import CheckpointError, RewardModel, load_reward_model, sample_encoder
+
+
+@dataclass(frozen=True)
+class EvalArgs:
+    model: str = option(help="reward-model checkpoint directory written by rm-train")
+    data: str = option(help="preference data: JSONL or a saved datasets directory")
+    batch_size: int = option(32, "sequences per forward pass")
+
+    def validate(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError("--batch-size must be at least 1")
 
 
 def evaluate_groups(model: RewardModel, groups: list[TokenizedGroup], pad_id: int, batch_size: int = 32) -> dict:
@@ -40,20 +52,13 @@ def evaluate_groups(model: RewardModel, groups: list[TokenizedGroup], pad_id: in
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="rm-eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--model", required=True, help="reward-model checkpoint directory written by rm-train")
-    parser.add_argument("--data", required=True, help="preference data: JSONL or a saved datasets directory")
-    parser.add_argument("--batch-size", type=int, default=32, help="sequences per forward pass")
-    args = parser.parse_args(argv)
-    if args.batch_size < 1:
-        parser.error("--batch-size must be at least 1")
     try:
+        args = parse_config(EvalArgs, argv, prog="rm-eval", description=__doc__)
+        args.validate()
         groups = load_groups(args.data)
         model, tokenizer, metadata = load_reward_model(args.model)
         tokenized = tokenize_groups(groups, sample_encoder(tokenizer, metadata.recipe))
-    except (DataError, CheckpointError, RecipeError) as e:
+    except (ConfigError, DataError, CheckpointError, RecipeError) as e:
         print(f"rm-eval: error: {e}", file=sys.stderr)
         sys.exit(2)
     metrics = evaluate_groups(model, tokenized, tokenizer.pad_token_id, args.batch_size)

@@ -7,7 +7,7 @@
 fp32 is always exported (it is the reference the other variants derive from); `--dtype` adds fp16
 (for the CUDA execution provider) and int8 (static quantization calibrated on real samples, for CPU
 serving). Every export scores a verification set with PyTorch and ONNX Runtime and fails when a variant
-is off (see rm_training.parity); the bundle is only written when every check passes.
+is off (see rm_training.verification); the bundle is only written when every check passes.
 
 Checkpoints of any dtype (bf16, as most reward models ship; fp16; fp32) are exported from fp32 weights,
 the reference every variant is checked against. Models whose fp32 weights exceed
@@ -17,329 +17,196 @@ listed and hashed in bundle.json like every other file.
 
 from __future__ import annotations
 
-import argparse
-import ctypes
 import dataclasses
 import datetime
-import itertools
 import json
 import random
-import resource
 import shutil
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-import numpy as np
-import onnxruntime as ort
-import torch
-
-from rm_contract.bundle import (
-    FORMAT_VERSION,
-    MANIFEST,
-    VARIANT_FILES,
-    VARIANTS,
-    BundleError,
-    hash_files,
-    load_bundle,
-)
+from rm_contract.bundle import VARIANT_FILES, VARIANTS, BundleError, load_bundle
+from rm_contract.config_cli import ConfigError, option, parse_config
 from rm_contract.recipe import RecipeError, SampleEncoder
 from rm_contract.records import DataError, load_groups
-from rm_server.engine import OnnxEngine
-from rm_training.batching import TokenizedGroup, tokenize_groups
-from rm_training.model import CheckpointError, RewardModel, load_reward_model, sample_encoder
-from rm_training.onnx_export import (
-    export_graph,
-    external_data_files,
-    make_int8,
-    optimize,
-    save_fp16,
-    weights_file,
-)
-from rm_training.parity import (
-    BATCH_INVARIANCE,
-    MAX_INT8_ACCURACY_DROP,
-    TOLERANCE,
-    VerificationSet,
-    check_variant,
-    onnx_scorer,
-    pairwise_accuracy,
-    reference_rewards,
-    reference_rows,
-    torch_scorer,
-    verification_samples,
+from rm_training.manifest import build_manifest, write_manifest
+from rm_training.memory import peak_rss_mb, release_freed_memory, to_fp32
+from rm_training.model import CheckpointError, load_reward_model
+from rm_training.onnx_export import export_graph, make_int8, optimize, save_fp16
+from rm_training.verification import (
+    VerificationError,
+    check_recorded_rewards,
+    check_weights_files,
+    prepare_checks,
+    run_checks,
 )
 
 INLINE_LIMIT_MB = 1536
 """Weights above this always go to external files: a graph holding them inline nears protobuf's 2 GB limit."""
 
 
-class VerificationError(RuntimeError):
-    """A variant failed parity, batch invariance or accuracy; the message says which and by how much."""
+@dataclass(frozen=True)
+class ExportArgs:
+    """rm-export's flags as given; `plan()` derives what an export does from them."""
+
+    model: str | None = option(
+        None, "checkpoint directory: from rm-train, TRL's RewardTrainer, or any seq-cls reward model"
+    )
+    output: str | None = option(None, "bundle directory to write (replaced if it exists)")
+    dtype: str = option("fp32", "variants, comma-separated: fp32 (always), fp16, int8")
+    eval_data: str | None = option(None, "preference pairs for the accuracy check (default: rm-train's eval split)")
+    calibration_data: str | None = option(None, "samples calibrating int8 (default: rm-train's training data)")
+    name: str | None = option(None, "model name served (default: the output directory's name)")
+    version: str = option("1", "model version served")
+    template: str | None = option(
+        None, "input recipe for checkpoints trained elsewhere", choices=("pair", "concat", "chat")
+    )
+    max_length: int | None = option(None, "maximum length for checkpoints trained elsewhere")
+    opset: int = option(17, "ONNX opset")
+    external_data_over_mb: float = option(
+        1024,
+        "models whose fp32 weights exceed this keep each variant's weights in one .data file beside its"
+        f" graph; 0 always does; over {INLINE_LIMIT_MB} they always do (protobuf holds at most 2 GB)",
+    )
+    verify_only: str | None = option(None, "re-run the checks on an existing bundle", metavar="BUNDLE")
+
+    def plan(self) -> ExportPlan:
+        """The export these flags ask for, every default resolved; ConfigError (exit code 2) for flags that
+        make no sense. Not for `--verify-only`, which reads only the bundle and `--eval-data`."""
+        if not self.model or not self.output:
+            raise ConfigError("--model and --output are required (or --verify-only BUNDLE)")
+        if self.external_data_over_mb < 0:
+            raise ConfigError("--external-data-over-mb must not be negative")
+        dtypes = ("fp32", *(d for d in parse_dtypes(self.dtype) if d != "fp32"))
+        eval_data = self.eval_data or trained_data(Path(self.model), "eval_data")
+        if "int8" in dtypes and not eval_data:
+            raise ConfigError("--dtype int8 needs --eval-data: int8 is accepted only if it keeps pairwise accuracy")
+        calibration_data = None
+        if "int8" in dtypes:
+            calibration_data = self.calibration_data or trained_data(Path(self.model), "data") or eval_data
+        return ExportPlan(
+            checkpoint=self.model,
+            output=Path(self.output),
+            dtypes=dtypes,
+            eval_data=eval_data,
+            calibration_data=calibration_data,
+            name=self.name or Path(self.output).name,
+            version=self.version,
+            template=self.template,
+            max_length=self.max_length,
+            opset=self.opset,
+            external_data_over_mb=min(self.external_data_over_mb, INLINE_LIMIT_MB),
+        )
 
 
-@dataclass
-class Checked:
-    """Everything the checks need: the PyTorch reference, the verification set, eval pairs (if any)."""
+@dataclass(frozen=True)
+class ExportPlan:
+    """One export, derived from ExportArgs right after parsing: plain values, every default resolved."""
 
-    pad_id: int
-    vset: VerificationSet
-    eval_groups: list[TokenizedGroup]
-    sides: tuple[str, ...]
-    encoder: SampleEncoder
-    torch_eval_accuracy: float | None
-    """PyTorch's pairwise accuracy on the eval pairs, computed up front so the weights can go before ONNX work."""
-
-
-def prepare_checks(model: RewardModel, tokenizer, recipe, eval_data: str | None) -> Checked:
-    encoder = sample_encoder(tokenizer, recipe)
-    eval_groups = load_groups(eval_data) if eval_data else []
-    samples = [s for g in eval_groups for s in g.samples]
-    ids = verification_samples(samples, encoder)
-    vset = VerificationSet(ids, reference_rewards(model, ids))
-    tokenized = tokenize_groups(eval_groups, encoder, desc="tokenize eval") if eval_groups else []
-    sides = ("right",) if model.pooling == "cls" else ("right", "left")
-    pad_id = tokenizer.pad_token_id
-    accuracy = pairwise_accuracy(torch_scorer(model, pad_id), tokenized) if tokenized else None
-    return Checked(pad_id, vset, tokenized, sides, encoder, accuracy)
+    checkpoint: str
+    output: Path
+    dtypes: tuple[str, ...]
+    """fp32 first (the reference every other variant is checked against), then the others asked for."""
+    eval_data: str | None
+    """--eval-data, else the eval split rm-train recorded for the checkpoint when that file still exists."""
+    calibration_data: str | None
+    """With int8 only: --calibration-data, else rm-train's training data, else the eval data."""
+    name: str
+    version: str
+    template: str | None
+    max_length: int | None
+    opset: int
+    external_data_over_mb: float
+    """Models whose fp32 weights exceed this keep their weights in external files (at most INLINE_LIMIT_MB)."""
 
 
-def run_checks(checked: Checked, variant_paths: dict[str, Path]) -> dict:
-    """Per variant: parity, batch invariance, accuracy; raises VerificationError listing every failure."""
-    scale = max(1.0, float(np.std(checked.vset.reference)))
-    report: dict = {"reward_scale": scale, "n_samples": len(checked.vset.ids), "padding_sides": list(checked.sides)}
-    reference = reference_rows(checked.vset)
-    report["reference_ids"] = [checked.vset.ids[i] for i in reference]
-    if checked.torch_eval_accuracy is not None:
-        report["torch_eval_accuracy"] = checked.torch_eval_accuracy
-    failures, variants = [], {}
-    for dtype, path in variant_paths.items():
-        # fp16 is meant for CUDA; without a GPU it is still checked, on the CPU provider (slowly).
-        providers = ("cuda", "cpu") if dtype == "fp16" and torch.cuda.is_available() else ("cpu",)
-        engine = None  # a session from a failed check must not live on while the next one is built
-        try:
-            engine = OnnxEngine(path, providers)
-            result, alone = check_variant(engine, checked.vset, checked.pad_id, checked.sides)
-        except Exception as e:  # noqa: BLE001 - e.g. fp16 kernels missing on the CPU provider
-            reason = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
-            variants[dtype] = {"verified": False, "reason": reason}
-            failures.append(f"{dtype} could not be checked ({reason})")  # unchecked is not shipped
-            continue
-        result["provider"] = engine.providers[0]
-        result["reference_rewards"] = [float(alone[i]) for i in reference]
-        result["verified"] = True
-        if checked.eval_groups:
-            result["eval_accuracy"] = pairwise_accuracy(onnx_scorer(engine, checked.pad_id), checked.eval_groups)
-        del engine  # one ONNX Runtime session at a time: each holds a copy of the weights
-        release_freed_memory()
-        limit = TOLERANCE.get(dtype)
-        if limit is not None and not result["parity_max_abs_diff"] <= limit * scale:  # NaN fails too
-            failures.append(f"{dtype} parity {result['parity_max_abs_diff']:.2e} > {limit * scale:.1e}")
-        limit = BATCH_INVARIANCE[dtype]
-        if not result["batch_invariance_max_abs_diff"] <= limit * scale:
-            failures.append(
-                f"{dtype} batch invariance {result['batch_invariance_max_abs_diff']:.2e} > {limit * scale:.1e}"
-            )
-        variants[dtype] = result
-    if "int8" in variants and variants["int8"].get("verified") and checked.eval_groups:
-        # One-sided: quantization noise that happens to flip pairs the right way is not a defect.
-        drop = variants["fp32"]["eval_accuracy"] - variants["int8"]["eval_accuracy"]
-        variants["int8"]["accuracy_change_vs_fp32_points"] = round(-100 * drop, 2)
-        if drop > MAX_INT8_ACCURACY_DROP:
-            failures.append(
-                f"int8 loses {100 * drop:.2f} points of eval accuracy (> {100 * MAX_INT8_ACCURACY_DROP:.0f})"
-            )
-    report["variants"] = variants
-    if failures:
-        raise VerificationError("verification failed: " + "; ".join(failures))
-    return report
+def main(argv: list[str] | None = None) -> None:
+    try:
+        args = parse_config(ExportArgs, argv, prog="rm-export", description=__doc__)
+        if args.verify_only:
+            verify_only(args.verify_only, args.eval_data)
+            return
+        export(args.plan())
+    except (ConfigError, CheckpointError, DataError, RecipeError) as e:
+        print(f"rm-export: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except (BundleError, VerificationError) as e:
+        print(f"rm-export: {e}", file=sys.stderr)
+        sys.exit(1)
 
 
-def export(args: argparse.Namespace) -> Path:
+def export(plan: ExportPlan) -> Path:
+    """Export the checkpoint's variants into a staging directory, check them, write bundle.json, and only
+    then put the bundle at `plan.output`."""
     started = time.perf_counter()
-    dtypes = ["fp32"] + [d for d in parse_dtypes(args.dtype) if d != "fp32"]
-    model, tokenizer, metadata = load_reward_model(args.model, args.template, args.max_length)
-    if metadata.recipe.template == "chat" and metadata.recipe.date is None:  # trained before recipes kept it
-        metadata.recipe = dataclasses.replace(metadata.recipe, date=datetime.date.today().isoformat())
+    model, tokenizer, metadata = load_reward_model(plan.checkpoint, plan.template, plan.max_length)
+    if metadata.recipe.template == "chat" and metadata.recipe.date is None:
+        # A chat recipe without a date (trained elsewhere, or a reward_model.json without one): the day its
+        # template renders (strftime_now) is fixed here, as rm-train fixes it when it makes the recipe.
+        recipe = dataclasses.replace(metadata.recipe, date=datetime.date.today().isoformat())
+        metadata = dataclasses.replace(metadata, recipe=recipe)
     checkpoint_dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     model = to_fp32(model).eval()  # bf16/fp16 checkpoints: fp32 is the reference graph and the parity baseline
     fp32_mb = sum(p.numel() for p in model.parameters()) * 4 / 2**20
-    external = fp32_mb > min(args.external_data_over_mb, INLINE_LIMIT_MB)
-    eval_data = args.eval_data = args.eval_data or trained_data(Path(args.model), "eval_data")
-    if "int8" in dtypes and not eval_data:
-        raise DataError("--dtype int8 needs --eval-data: int8 is accepted only if it keeps pairwise accuracy")
+    external = fp32_mb > plan.external_data_over_mb
     if metadata.pooling == "last_non_pad" and tokenizer.pad_token_id == tokenizer.eos_token_id:
         print(
             "rm-export: warning: pad == eos; this checkpoint uses transformers' pooling rule (the last token that"
             " is not pad), which scores the token before a trailing eos, not the eos itself",
             file=sys.stderr,
         )
-    output = Path(args.output)
-    checked = prepare_checks(model, tokenizer, metadata.recipe, eval_data)
+    checked = prepare_checks(model, tokenizer, metadata.recipe, plan.eval_data)
+    output = plan.output
     with tempfile.TemporaryDirectory(dir=output.parent if output.parent.exists() else None) as tmp:
         staging = Path(tmp) / "bundle"
         staging.mkdir()
-        export_graph(model, Path(tmp) / "raw.onnx", args.opset, external)
-        if "fp16" in dtypes:  # cast in place: half the memory
-            export_graph(model.half(), Path(tmp) / "raw.fp16.onnx", args.opset, external)
+        export_graph(model, Path(tmp) / "raw.onnx", plan.opset, external)
+        if "fp16" in plan.dtypes:  # cast in place: half the memory
+            export_graph(model.half(), Path(tmp) / "raw.fp16.onnx", plan.opset, external)
         model.to("meta")  # the PyTorch weights are done with (references and accuracy are computed): free them
         release_freed_memory()
         optimization = optimize(Path(tmp) / "raw.onnx", staging / VARIANT_FILES["fp32"], external)
-        if "fp16" in dtypes:
+        if "fp16" in plan.dtypes:
             save_fp16(Path(tmp) / "raw.fp16.onnx", staging / VARIANT_FILES["fp16"], external)
-        if "int8" in dtypes:
-            calibration = calibration_sequences(args, checked.encoder)
+        if "int8" in plan.dtypes:
+            calibration = calibration_sequences(plan.calibration_data, checked.encoder)
             make_int8(Path(tmp) / "raw.onnx", staging / VARIANT_FILES["int8"], calibration, external)
-        paths = {d: staging / VARIANT_FILES[d] for d in dtypes}
+        paths = {d: staging / VARIANT_FILES[d] for d in plan.dtypes}
         weights = {d: check_weights_files(path, external) for d, path in paths.items()}
         report = run_checks(checked, paths)
         tokenizer.save_pretrained(staging)
         make_readable(staging)
-        manifest = build_manifest(args, model, metadata, report, optimization, eval_data)
-        for dtype, name in weights.items():
-            if name:
-                manifest["variants"][dtype]["weights_file"] = name
-        manifest["checkpoint_dtype"] = checkpoint_dtype
-        manifest["exporter"] |= {
-            "seconds": round(time.perf_counter() - started, 1),
-            "peak_rss_mb": peak_rss_mb(),
-            "external_data": external,
-        }
-        manifest["files"] = hash_files(staging)
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        (staging / MANIFEST).chmod(0o644)
+        manifest = build_manifest(
+            model,
+            metadata,
+            report,
+            name=plan.name,
+            model_version=plan.version,
+            source_checkpoint=str(Path(plan.checkpoint).resolve()),
+            eval_data=plan.eval_data,
+            opset=plan.opset,
+            optimization=optimization,
+            weights_files=weights,
+            checkpoint_dtype=checkpoint_dtype,
+            seconds=round(time.perf_counter() - started, 1),
+            peak_rss_mb=peak_rss_mb(),
+            external_data=external,
+        )
+        manifest = write_manifest(staging, manifest)
         if output.exists():
             shutil.rmtree(output)
         shutil.move(str(staging), str(output))
     print_table(manifest)
     weights_note = "; weights in one .data file per variant" if external else ""
     print(
-        f"wrote bundle {output} ({', '.join(dtypes)}{weights_note}) from a {checkpoint_dtype} checkpoint of "
+        f"wrote bundle {output} ({', '.join(plan.dtypes)}{weights_note}) from a {checkpoint_dtype} checkpoint of "
         f"{fp32_mb:,.0f} MiB in fp32, in {manifest['exporter']['seconds']:.0f} s, "
         f"peak RSS {manifest['exporter']['peak_rss_mb']:,.0f} MiB"
     )
     return output
-
-
-def check_weights_files(path: Path, external: bool) -> str | None:
-    """The variant's weights file when it has one; VerificationError when its graph reads weights from
-    anywhere but that one file beside it, or the file is not there (the bundle would not load)."""
-    files = external_data_files(path)
-    expected = {weights_file(path)} if external else set()
-    if files != expected:
-        found, wanted = sorted(files) or "itself", sorted(expected) or "itself"
-        raise VerificationError(f"{path.name} reads weights from {found}; expected {wanted}")
-    if files and not (path.parent / weights_file(path)).is_file():
-        raise VerificationError(f"{path.name}: weights file {weights_file(path)} was not written")
-    return weights_file(path) if files else None
-
-
-def make_readable(directory: Path) -> None:
-    """Files 0644, folders 0755: onnx writes weights files owner-only, and the server may run as another user
-    (the image's user 10001) on a bundle written by someone else."""
-    directory.chmod(0o755)
-    for path in directory.rglob("*"):
-        path.chmod(0o755 if path.is_dir() else 0o644)
-
-
-def to_fp32(model: RewardModel) -> RewardModel:
-    """Cast to fp32 in place, one tensor at a time, handing back each source tensor's file pages as it goes.
-
-    transformers memory-maps a safetensors checkpoint, so a bf16 model's weights are pages of its file, and
-    `model.float()` kept every page it had read resident until the last tensor was cast: the bf16 checkpoint
-    on top of its fp32 copy (3.4x the checkpoint at the export's peak on a 0.6B model; 2x without).
-    """
-    maps = private_file_mappings()
-    for tensor in itertools.chain(model.parameters(), model.buffers()):
-        if tensor.is_floating_point() and tensor.dtype != torch.float32:
-            source = tensor.data
-            tensor.data = source.float()
-            drop_file_pages(source, maps)
-    return model
-
-
-def private_file_mappings() -> list[tuple[int, int]]:
-    """(start, end) of this process's private mappings of files (how safetensors maps a checkpoint): the only
-    memory whose pages `drop_file_pages` touches. A dropped page that is read again comes back from the file,
-    so nothing that still reads the checkpoint can see zeros, unlike anonymous memory."""
-    spans = []
-    for line in Path("/proc/self/maps").read_text().splitlines() if Path("/proc/self/maps").exists() else []:
-        fields = line.split(maxsplit=5)
-        if len(fields) == 6 and fields[1].endswith("p") and fields[5].startswith("/"):
-            start, end = (int(x, 16) for x in fields[0].split("-"))
-            spans.append((start, end))
-    return spans
-
-
-def drop_file_pages(tensor: torch.Tensor, maps: list[tuple[int, int]]) -> None:
-    """madvise(MADV_DONTNEED) the whole pages of `tensor` when they lie in a private file mapping."""
-    page = resource.getpagesize()
-    start = -(-tensor.data_ptr() // page) * page  # whole pages only: a neighbour may share the edge pages
-    end = (tensor.data_ptr() + tensor.numel() * tensor.element_size()) // page * page
-    if tensor.is_contiguous() and end > start and any(lo <= start and end <= hi for lo, hi in maps):
-        ctypes.CDLL(None).madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), 4)  # 4: MADV_DONTNEED
-
-
-def release_freed_memory() -> None:
-    """Hand the pages of freed weights back to the OS before the next step loads a variant: glibc keeps freed
-    tensors' pages in its heap once its mmap threshold has risen, which left 840 MiB of a 0.6B model's freed
-    fp16 weights resident under the ONNX Runtime session built next."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to hand back this way
-        pass
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory so far, in MiB (Linux reports KiB)."""
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-
-
-def build_manifest(args, model: RewardModel, metadata, report: dict, optimization: str, eval_data) -> dict:
-    config = model.model.config
-    variants = {}
-    for dtype, result in report.pop("variants").items():
-        variants[dtype] = {"file": VARIANT_FILES[dtype], "dtype": dtype, **result}
-    variants["fp32"]["optimization"] = optimization
-    return {
-        "format_version": FORMAT_VERSION,
-        "name": args.name or Path(args.output).name,
-        "version": args.version,
-        "source_checkpoint": str(Path(args.model).resolve()),
-        "architecture": (config.architectures or [type(model.model).__name__])[0],
-        "model_type": config.model_type,
-        "pooling": metadata.pooling,
-        "segment_sep_id": metadata.segment_sep_id,
-        "pad_token_id": model.pad_token_id,
-        "padding_side": "right",
-        "max_length": metadata.recipe.max_length,
-        "truncation": "prompt_left_keep_response_keep_final_token",
-        "recipe": metadata.recipe.to_dict(),
-        "normalization": vars(metadata.normalization),
-        "eval_data": eval_data,
-        "eval_accuracy": report.get("torch_eval_accuracy"),
-        "parity": report,
-        "variants": variants,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "exporter": {
-            "rewardserve-training": exporter_version(),
-            "torch": torch.__version__,
-            "onnxruntime": ort.__version__,
-            "opset": args.opset,
-        },
-    }
-
-
-def exporter_version() -> str:
-    """rewardserve-training's version, or "source" when it runs from a checkout on PYTHONPATH, not installed
-    (as bench/gpu/device.sh runs it on a machine without a registry)."""
-    try:
-        return version("rewardserve-training")
-    except PackageNotFoundError:
-        return "source"
 
 
 def verify_only(bundle_dir: str, eval_data: str | None) -> None:
@@ -347,11 +214,7 @@ def verify_only(bundle_dir: str, eval_data: str | None) -> None:
     against the source checkpoint when it is still there. Says what it could not check."""
     bundle = load_bundle(bundle_dir)  # raises on any sha256 mismatch or missing file
     manifest = bundle.manifest
-    pad_id = manifest.get("pad_token_id") or 0
-    for variant in bundle.variants:
-        problem = bundle.reference_mismatch(variant, OnnxEngine(bundle.model_path(variant)).score, pad_id)
-        if problem:
-            raise VerificationError(f"verification failed: {problem}")
+    check_recorded_rewards(bundle)
     checked = "sha256 of every file, each variant's reference rewards"
     source = Path(manifest["source_checkpoint"])
     if not (source / "config.json").is_file():
@@ -386,6 +249,14 @@ def print_table(manifest: dict) -> None:
         print(f"{'torch':8} {'(reference)':24} {'':17} {'':11} {torch_accuracy:10.4f}")
 
 
+def make_readable(directory: Path) -> None:
+    """Files 0644, folders 0755: onnx writes weights files owner-only, and the server may run as another user
+    (the image's user 10001) on a bundle written by someone else."""
+    directory.chmod(0o755)
+    for path in directory.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+
+
 def trained_data(checkpoint: Path, split: str) -> str | None:
     """The `data` or `eval_data` file a checkpoint from rm-train used, when it still exists."""
     report = checkpoint / "report.json"
@@ -396,9 +267,8 @@ def trained_data(checkpoint: Path, split: str) -> str | None:
     return None
 
 
-def calibration_sequences(args: argparse.Namespace, encoder: SampleEncoder, limit: int = 128) -> list[list[int]]:
-    """Responses for int8 calibration: --calibration-data, else the training data, else the eval data."""
-    source = args.calibration_data or trained_data(Path(args.model), "data") or args.eval_data
+def calibration_sequences(source: str, encoder: SampleEncoder, limit: int = 128) -> list[list[int]]:
+    """Responses for int8 calibration: `limit` samples of `source`, shuffled with a fixed seed."""
     groups = load_groups(source)
     samples = [s for g in groups for s in g.samples]
     random.Random(0).shuffle(samples)
@@ -409,54 +279,8 @@ def parse_dtypes(value: str) -> list[str]:
     dtypes = [d.strip() for d in value.split(",") if d.strip()]
     unknown = [d for d in dtypes if d not in VARIANTS]
     if unknown or not dtypes:
-        raise argparse.ArgumentTypeError(f"--dtype takes a comma-separated list of {', '.join(VARIANTS)}")
+        raise ConfigError(f"--dtype takes a comma-separated list of {', '.join(VARIANTS)}")
     return dtypes
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="rm-export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--model", help="checkpoint directory: from rm-train, TRL's RewardTrainer, or any seq-cls reward model"
-    )
-    parser.add_argument("--output", help="bundle directory to write (replaced if it exists)")
-    parser.add_argument("--dtype", default="fp32", help="variants, comma-separated: fp32 (always), fp16, int8")
-    parser.add_argument("--eval-data", help="preference pairs for the accuracy check (default: rm-train's eval split)")
-    parser.add_argument("--calibration-data", help="samples calibrating int8 (default: rm-train's training data)")
-    parser.add_argument("--name", help="model name served (default: the output directory's name)")
-    parser.add_argument("--version", default="1", help="model version served")
-    parser.add_argument(
-        "--template", choices=["pair", "concat", "chat"], help="input recipe for checkpoints trained elsewhere"
-    )
-    parser.add_argument("--max-length", type=int, help="maximum length for checkpoints trained elsewhere")
-    parser.add_argument("--opset", type=int, default=17, help="ONNX opset")
-    parser.add_argument(
-        "--external-data-over-mb",
-        type=float,
-        default=1024,
-        help="models whose fp32 weights exceed this keep each variant's weights in one .data file beside its"
-        f" graph; 0 always does; over {INLINE_LIMIT_MB} they always do (protobuf holds at most 2 GB)"
-        " (default: 1024)",
-    )
-    parser.add_argument("--verify-only", metavar="BUNDLE", help="re-run the checks on an existing bundle")
-    args = parser.parse_args(argv)
-    try:
-        if args.verify_only:
-            verify_only(args.verify_only, args.eval_data)
-            return
-        if not args.model or not args.output:
-            parser.error("--model and --output are required (or --verify-only BUNDLE)")
-        if args.external_data_over_mb < 0:
-            parser.error("--external-data-over-mb must not be negative")
-        parse_dtypes(args.dtype)
-        export(args)
-    except (argparse.ArgumentTypeError, CheckpointError, DataError, RecipeError) as e:
-        print(f"rm-export: error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except (BundleError, VerificationError) as e:
-        print(f"rm-export: {e}", file=sys.stderr)
-        sys.exit(1)
 
 
 if __name__ == "__main__":

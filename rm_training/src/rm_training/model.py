@@ -151,7 +151,7 @@ def default_recipe(
         eos_token=tokenizer.eos_token,
         chat_template=tokenizer.chat_template if chat else None,
         special_tokens=special if chat else None,
-        date=date.today().isoformat() if chat else None,  # what strftime_now renders, from now on
+        date=date.today().isoformat() if chat else None,  # what strftime_now renders wherever the recipe is used
     )
 
 

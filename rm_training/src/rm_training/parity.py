@@ -16,7 +16,7 @@ import torch
 
 from rm_contract.padding import pad_batch
 from rm_contract.recipe import Sample, SampleEncoder
-from rm_server.engine import OnnxEngine
+from rm_server.runtime.engine import OnnxEngine
 from rm_training.batching import TokenizedGroup, bounded_batches, pad, pair_rows, score_by_length
 from rm_training.model import RewardModel
 

@@ -10,7 +10,6 @@ SIGINT): health goes NOT_SERVING, new calls are refused, calls in flight finish 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import logging
 import signal
@@ -19,35 +18,25 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
-
 from rm_contract.bundle import BundleError, load_bundle
 from rm_contract.config_cli import ConfigError, option, parse_config
-from rm_contract.pb import reward_pb2, reward_pb2_grpc
-from rm_server.http_server import HttpServer
-from rm_server.malformed import MalformedRequestInterceptor
-from rm_server.metrics import ServiceMetrics
-from rm_server.models import ModelRegistry, ModelSettings
-from rm_server.security import (
-    HEALTH_METHODS,
-    BearerTokenInterceptor,
-    http_ssl_context,
-    read_token,
-    server_credentials,
-)
-from rm_server.service import RewardService
+from rm_server.core.inference import Inference
+from rm_server.core.metrics import ServiceMetrics
+from rm_server.core.registry import ModelRegistry
+from rm_server.core.settings import ModelSettings
+from rm_server.runtime.batcher import BatcherConfig
+from rm_server.transport.grpc.server import GrpcServer, GrpcSettings
+from rm_server.transport.http.app import HttpServer, http_ssl_context
+from rm_server.transport.metrics_endpoint import serve_metrics
+from rm_server.transport.security import read_token
 
 log = logging.getLogger("rm_server")
-MIN_PING_INTERVAL_MS = 1000
-"""Keepalive pings closer together than this count as abuse (gRPC core's default is 5 minutes)."""
-SERVICE_NAME = reward_pb2.DESCRIPTOR.services_by_name["RewardService"].full_name
 
 
 @dataclass(frozen=True)
-class ServerConfig(ModelSettings):
-    """rm-serve's flags: these, and the serving knobs inherited from ModelSettings (declared once there)."""
+class ServeArgs:
+    """rm-serve's flags, each declared once with its help; `model_settings()` turns them into the runtime's
+    plain values, whose modules hold the rules (bounds, what 0 means)."""
 
     bundle: str | None = option(None, "Model bundle directory written by rm-export (or --model-repo).")
     model_repo: str | None = option(
@@ -62,6 +51,42 @@ class ServerConfig(ModelSettings):
     poll_s: float = option(
         0.0,
         "Seconds between model-repository scans (0: scan at start and on the ReloadModels admin call only).",
+    )
+    variant: str = option("fp32", "Bundle variant to serve: fp32, int8 or fp16.")
+    providers: str = option("cpu", "Execution providers in order of preference, comma-separated: tensorrt, cuda, cpu.")
+    threads: int = option(0, "ONNX Runtime intra-op threads (0: one per core).")
+    tokenizer_processes: int = option(
+        2,
+        "Processes per model version that parse its tokenizer and tokenize requests (0: threads of the serving "
+        "process, where a new version's tokenizer pauses every call while it parses).",
+    )
+    max_batch_tokens: int = option(
+        0,
+        "Padded tokens per batch (rows x longest row); 0: 1024 on CPU (bigger batches run slower per sample "
+        "there, docs/benchmarks.md); on GPU sized from the free GPU memory after a 16384-token warm-up batch; "
+        "never below the model's max length.",
+    )
+    max_batch_size: int = option(64, "Rows per batch.")
+    max_delay_ms: float = option(
+        0.0,
+        "Longest wait for more work before running a batch that is not full (0: batches form while the engine "
+        "is busy, and an idle engine starts at once).",
+    )
+    max_queue: int = option(
+        8192,
+        "Samples held at most (being tokenized, waiting or being scored); further requests get RESOURCE_EXHAUSTED "
+        "at once, before any work.",
+    )
+    max_samples_per_request: int = option(
+        4096,
+        "Samples accepted in one request, at most --max-queue; larger requests get INVALID_ARGUMENT (the "
+        "client splits them by the limit GetModelInfo reports).",
+    )
+    verify: bool = option(True, "Check every bundle file's sha256 before loading.")
+    cache_mb: float = option(
+        0,
+        "Exact reward cache per loaded model version, in MiB (0: off): rewards by token ids, identical samples "
+        "in flight computed once.",
     )
     host: str = option(
         "127.0.0.1",
@@ -91,8 +116,25 @@ class ServerConfig(ModelSettings):
     log_level: str = "INFO"
     log_format: str = option("text", "text, or json (one object per line, for log pipelines).")
 
+    def model_settings(self) -> ModelSettings:
+        return ModelSettings(
+            variant=self.variant,
+            providers=tuple(p.strip() for p in self.providers.split(",") if p.strip()),
+            threads=self.threads,
+            tokenizer_processes=self.tokenizer_processes,
+            max_samples_per_request=self.max_samples_per_request,
+            verify=self.verify,
+            cache_mb=self.cache_mb,
+            batching=BatcherConfig(
+                max_batch_tokens=self.max_batch_tokens,
+                max_batch_size=self.max_batch_size,
+                max_delay_ms=self.max_delay_ms,
+                max_queue=self.max_queue,
+            ),
+        )
+
     def validate(self) -> None:
-        super().validate()
+        self.model_settings().validate()
         if bool(self.bundle) == bool(self.model_repo):
             raise ConfigError("give exactly one of --bundle and --model-repo")
         if self.poll_s < 0:
@@ -113,80 +155,66 @@ class ServerConfig(ModelSettings):
             raise ConfigError(f"--pin must be NAME=VERSION[,NAME=VERSION], not {self.pin!r}")
         return dict(p.split("=") for p in pairs)
 
-    def model_settings(self) -> ModelSettings:
-        return ModelSettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(ModelSettings)})
-
 
 class RewardServer:
-    """The running service: gRPC server, health, metrics endpoint, and the models (engines and batchers)."""
+    """The running service: the inference core (models, engines, batchers) and its ports: gRPC with health,
+    the optional HTTP port, the metrics endpoint."""
 
-    def __init__(self, config: ServerConfig):
+    def __init__(self, config: ServeArgs):
         config.validate()
         self.config = config
         self.token = read_token(config.auth_token_file)
-        self.credentials = (
-            server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca) if config.tls_cert else None
-        )
         self.metrics = ServiceMetrics()
-        self.health = health.aio.HealthServicer()
         self.registry = ModelRegistry(config.model_settings(), self.metrics, config.default_model, config.grace_s)
-        self.port = 0
+        admin = self.reload if (config.model_repo and self.token) else None
+        self.inference = Inference(self.registry, self.metrics, admin)
+        self.grpc = GrpcServer(
+            self.inference,
+            GrpcSettings(
+                config.host,
+                config.port,
+                config.max_message_mb,
+                self.token,
+                config.health_requires_auth,
+                config.tls_cert,
+                config.tls_key,
+                config.tls_client_ca,
+            ),
+        )
         self._metrics_http = None
         self._poller: asyncio.Task | None = None
         self.http: HttpServer | None = None
+        self._started = False
+
+    @property
+    def port(self) -> int:
+        return self.grpc.port
 
     async def start(self) -> None:
         config = self.config
-        admin = self.reload if (config.model_repo and self.token) else None
-        self.service = RewardService(self.registry, self.metrics, admin)
-        message_bytes = config.max_message_mb * 1024 * 1024
-        open_methods = () if config.health_requires_auth else HEALTH_METHODS
-        interceptors = [BearerTokenInterceptor(self.token, open_methods)] if self.token else []
-        interceptors.append(MalformedRequestInterceptor())
-        self.server = grpc.aio.server(
-            interceptors=interceptors,
-            options=[
-                ("grpc.max_receive_message_length", message_bytes),
-                ("grpc.max_send_message_length", message_bytes),
-                # rm_client pings idle channels (30 s, without calls): accept that instead of answering
-                # GOAWAY too_many_pings, which costs a long run's next call an UNAVAILABLE
-                ("grpc.keepalive_permit_without_calls", 1),
-                ("grpc.http2.min_ping_interval_without_data_ms", MIN_PING_INTERVAL_MS),
-            ],
-        )
-        reward_pb2_grpc.add_RewardServiceServicer_to_server(self.service, self.server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
-        for service in ("", SERVICE_NAME):
-            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
-        address = f"{config.host}:{config.port}"
-        if self.credentials:
-            self.port = self.server.add_secure_port(address, self.credentials)
-        else:
-            self.port = self.server.add_insecure_port(address)
+        self._started = True
+        await self.grpc.start()
         if config.metrics_port >= 0:
-            self._metrics_http = self.metrics.serve(config.metrics_host, config.metrics_port)
+            self._metrics_http = serve_metrics(self.metrics.registry, config.metrics_host, config.metrics_port)
         self.metrics.model.info({"variant": config.variant, "providers": config.providers})
         self.metrics.queue_depth.set_function(lambda: self.registry.queue_depth)
         self.metrics.cache_bytes.set_function(lambda: self.registry.cache_bytes)
-        await self.server.start()
         await self._load_models()
         if config.http_port >= 0:
-            self.http = HttpServer(self.service, config.max_message_mb, self.token)
+            self.http = HttpServer(self.inference, config.max_message_mb, self.token)
             tls = http_ssl_context(config.tls_cert, config.tls_key, config.tls_client_ca) if config.tls_cert else None
             await self.http.start(config.host, config.http_port, tls)
-        self.service.ready = True
-        for service in ("", SERVICE_NAME):
-            await self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self.inference.ready = True
+        await self.grpc.set_serving(True)
         if config.model_repo and config.poll_s > 0:
             self._poller = asyncio.create_task(self._poll(), name="model-repo-poll")
         metrics_at = f"{config.metrics_host}:{config.metrics_port}" if config.metrics_port >= 0 else "off"
         scheme = "https" if config.tls_cert else "http"
         http_at = f"{scheme}://{config.host}:{self.http.port}" if self.http else "off"
         models = ", ".join(
-            f"{n} v{v}" + (f" (sha256 {sha256})" if sha256 else "")
-            for n, v, serving, _, sha256 in self.registry.loaded()
-            if serving
+            f"{m.name} v{m.version}" + (f" (sha256 {m.sha256})" if m.sha256 else "")
+            for m in self.registry.held()
+            if m.serving
         )
         log.info(
             "serving %s (%s) on %s:%d (%s, %s); metrics %s; HTTP (OpenRLHF, vLLM API) %s",
@@ -194,7 +222,7 @@ class RewardServer:
             config.variant,
             config.host,
             self.port,
-            ("mutual TLS" if config.tls_client_ca else "TLS") if self.credentials else "plaintext",
+            ("mutual TLS" if config.tls_client_ca else "TLS") if self.grpc.credentials else "plaintext",
             "bearer token required" if self.token else "no authentication",
             metrics_at,
             http_at,
@@ -227,8 +255,7 @@ class RewardServer:
             await self._scan()
 
     async def rescan(self, why: str) -> None:
-        service = getattr(self, "service", None)
-        if not (self.config.model_repo and service and service.ready):
+        if not (self.config.model_repo and self.inference.ready):
             log.info("%s ignored: no model repository to rescan, or not serving yet", why)
             return
         log.info("%s: rescanning the model repository", why)
@@ -243,8 +270,8 @@ class RewardServer:
     async def close(self, grace_s: float = 0.0) -> None:
         """Close whatever start-up opened: the gRPC port (calls in flight get `grace_s` more), the HTTP port,
         the models, the metrics port. At once when start-up is abandoned; the end of a drain otherwise."""
-        if getattr(self, "server", None) is not None:
-            await self.server.stop(grace_s)
+        if self._started:
+            await self.grpc.stop(grace_s)
         if self.http is not None:
             await self.http.stop()
         await self.registry.close()
@@ -256,19 +283,19 @@ class RewardServer:
         (or until `hurry` is set: a second signal)."""
         hurry = hurry or asyncio.Event()
         log.info(
-            "shutting down: draining %d calls in flight (grace %.0f s)", self.service.inflight, self.config.grace_s
+            "shutting down: draining %d calls in flight (grace %.0f s)", self.inference.inflight, self.config.grace_s
         )
         # Refuse new calls (UNAVAILABLE) and report NOT_SERVING while the calls in flight finish; the port
         # stays open meanwhile so that probes and load balancers can see the new status.
-        self.service.ready = False
+        self.inference.ready = False
         if self._poller is not None:  # awaited: a scan in progress must not load into a closing registry
             self._poller.cancel()
             await asyncio.gather(self._poller, return_exceptions=True)
-        await self.health.enter_graceful_shutdown()
+        await self.grpc.enter_graceful_shutdown()
         deadline = time.monotonic() + self.config.grace_s
         quiet_since = None
         while time.monotonic() < deadline and not hurry.is_set():  # drained once no call has been in flight a while
-            if self.service.inflight:
+            if self.inference.inflight:
                 quiet_since = None
             elif quiet_since is None:
                 quiet_since = time.monotonic()
@@ -280,7 +307,7 @@ class RewardServer:
         log.info("stopped (samples scored: %d)", served)
 
 
-async def serve(config: ServerConfig) -> None:
+async def serve(config: ServeArgs) -> None:
     """Start, serve until SIGTERM or SIGINT, drain. Signals are handled from the first moment (docs/operations.md):
     a stop during start-up abandons it and exits 0; a second stop ends the drain at once; SIGHUP rescans the
     model repository; SIGUSR1 and SIGUSR2 are logged and ignored (they would otherwise kill the server)."""
@@ -340,7 +367,7 @@ def configure_logging(level: str, fmt: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     try:
-        config = parse_config(ServerConfig, argv, prog="rm-serve", description=__doc__, env_prefix="RM")
+        config = parse_config(ServeArgs, argv, prog="rm-serve", description=__doc__, env_prefix="RM")
         configure_logging(config.log_level, config.log_format)
         asyncio.run(serve(config))
     except (ConfigError, BundleError) as e:

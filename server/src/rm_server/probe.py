@@ -9,15 +9,23 @@ works with --health-requires-auth.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
+from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from rm_contract.config_cli import ConfigError
-from rm_server.security import read_token
+from rm_contract.config_cli import ConfigError, option, parse_config
+from rm_server.transport.security import read_token
+
+
+@dataclass
+class ProbeConfig:
+    """rm-serve-probe's command line."""
+
+    target: str = option("127.0.0.1:50051", "host:port of rm-serve (plaintext gRPC)")
+    timeout: float = option(3.0, "seconds to wait for the answer")
 
 
 def check(target: str, timeout_s: float, token: str | None = None) -> str:
@@ -34,10 +42,7 @@ def check(target: str, timeout_s: float, token: str | None = None) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="rm-serve-probe", description=__doc__)
-    parser.add_argument("--target", default="127.0.0.1:50051", help="host:port of rm-serve (plaintext gRPC)")
-    parser.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer")
-    args = parser.parse_args(argv)
+    args = parse_config(ProbeConfig, argv, prog="rm-serve-probe", description=__doc__)
     try:
         token = read_token(os.environ.get("RM_AUTH_TOKEN_FILE"))
     except ConfigError as e:

@@ -1,4 +1,4 @@
-"""Deprecated alias of `rm_contract.pb` (the stubs moved to the rewardserve-contract package); it goes away
+"""Deprecated alias of `rm_contract.pb` (the stubs live in the rewardserve-contract package); it goes away
 in the next release. The modules are the very same objects: a second copy of the generated module would
 register reward.proto twice and fail at import.
 """

@@ -4,6 +4,7 @@
 
 OUTPUT receives metrics.jsonl (one line per step), curves.png, checkpoint/ (resume with --resume) and
 policy/: the trained policy with its tokenizer and chat template, loadable by transformers alone.
+The reward service's bearer token, when it requires one, is read from RM_AUTH_TOKEN (or RM_TOKEN).
 Exit codes: 0 done, 1 the reward service failed (after the client's retries), 2 bad options or inputs.
 """
 
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from rm_client.channel import Security, read_token
 from rm_client.client import RewardClient
 from rm_client.errors import RewardServiceError
 from rm_client.ppo.config import PPOConfig
@@ -47,6 +49,7 @@ def run(config: PPOConfig) -> Path:
     prompts = read_prompts(config.prompts)
     policy, tokenizer = load_policy(config.policy)
     options = {"model": config.reward_model, "ensemble_reduce": config.ensemble_reduce, "ensemble_k": config.ensemble_k}
+    options["security"] = Security(token=read_token())
     with RewardClient(config.reward_target, timeout_s=config.reward_timeout_s, **options) as client:
         info = client.model_info()  # fail before any work when the service is unreachable
         log.info("reward model %s v%s (%s) at %s", info.name, info.version, info.dtype, config.reward_target)

@@ -14,7 +14,9 @@ anything with `score(ids, mask) -> rewards`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import threading
 import time
 from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -23,9 +25,10 @@ from typing import Protocol
 
 import numpy as np
 
-from rm_contract.config_cli import option
+from rm_contract.config_cli import ConfigError
 from rm_contract.padding import pad_batch
 from rm_server.errors import InferenceFailed, NotReady, QueueFull
+from rm_server.runtime.gpu_memory import free_gpu_memory
 
 log = logging.getLogger(__name__)
 PIPELINE_DEPTH = 2
@@ -37,29 +40,36 @@ class Engine(Protocol):
 
 
 @dataclass(frozen=True)
-class BatchingOptions:
-    """The batching knobs, declared once: rm-serve's flags and every model's batcher read these fields."""
+class BatcherConfig:
+    """One batcher's settings (rm-serve's flags of the same names). The rule behind each lives here:
+    `validate` its bounds, `resolved` what a token budget of 0 means on the device, `gpu_token_budget` the
+    budget sized from free GPU memory."""
 
-    max_batch_tokens: int = option(
-        0,
-        "Padded tokens per batch (rows x longest row); 0: 1024 on CPU (bigger batches run slower per sample "
-        "there, docs/benchmarks.md); on GPU sized from the free GPU memory after a 16384-token warm-up batch; "
-        "never below the model's max length.",
-    )
-    max_batch_size: int = option(64, "Rows per batch.")
-    max_delay_ms: float = option(
-        0.0,
-        "Longest wait for more work before running a batch that is not full (0: batches form while the engine "
-        "is busy, and an idle engine starts at once).",
-    )
-    max_queue: int = option(
-        8192,
-        "Samples held at most (being tokenized, waiting or being scored); further requests get RESOURCE_EXHAUSTED "
-        "at once, before any work.",
-    )
+    max_batch_tokens: int = 0
+    """Padded tokens per batch (rows x longest row); 0: resolved per device (`resolved`)."""
+    max_batch_size: int = 64
+    max_delay_ms: float = 0.0
+    """Longest wait for more work before running a batch that is not full (0: batches form while the engine
+    is busy, and an idle engine starts at once)."""
+    max_queue: int = 8192
+    """Samples held at most (being tokenized, waiting or being scored)."""
+    lookahead: int = 4
+    """Batches' worth of the oldest waiting samples among which a batch picks similar lengths."""
+    pad_id: int = 0
+
+    def validate(self) -> None:
+        if self.max_batch_tokens < 0:
+            raise ConfigError("--max-batch-tokens must not be negative")
+        for name in ("max_batch_size", "max_queue"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.max_delay_ms < 0:
+            raise ConfigError("--max-delay-ms must not be negative")
 
     def token_budget(self, max_length: int, on_gpu: bool) -> int:
-        """`max_batch_tokens` with 0 resolved for the device; ValueError when a longest sample could not fit."""
+        """`max_batch_tokens` with 0 resolved for the device: 1024 on CPU (bigger batches run slower per
+        sample there, docs/benchmarks.md), 16384 on GPU before `gpu_token_budget` sizes it; never below the
+        model's max length. ValueError when a longest sample could not fit."""
         if not self.max_batch_tokens:
             return max(16384 if on_gpu else 1024, max_length)
         if self.max_batch_tokens < max_length:
@@ -68,6 +78,9 @@ class BatchingOptions:
                 "a long sample could never be batched"
             )
         return self.max_batch_tokens
+
+    def resolved(self, max_length: int, on_gpu: bool, pad_id: int) -> BatcherConfig:
+        return dataclasses.replace(self, max_batch_tokens=self.token_budget(max_length, on_gpu), pad_id=pad_id)
 
 
 def budget_from_memory(free_bytes: int, bytes_per_token: float, measured_tokens: int, cap: int) -> int:
@@ -78,17 +91,40 @@ def budget_from_memory(free_bytes: int, bytes_per_token: float, measured_tokens:
     return max(measured_tokens, min(cap, measured_tokens + int(0.8 * free_bytes / bytes_per_token)))
 
 
-@dataclass(frozen=True)
-class BatcherConfig(BatchingOptions):
-    """One batcher's settings: the options with the token budget resolved (see `token_budget`)."""
+_GPU_SIZING = threading.Lock()
+"""Models measure free GPU memory and claim their budgets one at a time (see `gpu_token_budget`)."""
 
-    lookahead: int = 4
-    """Batches' worth of the oldest waiting samples among which a batch picks similar lengths."""
-    pad_id: int = 0
 
-    def __post_init__(self) -> None:
-        if self.max_batch_tokens < 1:
-            raise ValueError("BatcherConfig needs a resolved max_batch_tokens (BatchingOptions.token_budget)")
+def gpu_token_budget(engine: Engine, config: BatcherConfig, max_length: int, name: str) -> int:
+    """Run the default budget's worth of longest rows, size the budget from the memory it took, then claim
+    it: one batch of the whole budget runs, so ONNX Runtime's arena holds that memory from now on. Sized
+    without the claim, each model of a repository (or a reload beside the old version) would count the
+    memory the others take later as free, and together they would overcommit the GPU. One model at a time."""
+    rows = max(1, config.max_batch_tokens // max_length)
+    with _GPU_SIZING:
+        before = free_gpu_memory()
+        engine.score(*pad_batch([[1] * max_length] * rows, 0))
+        after = free_gpu_memory()
+        if before is None or after is None:
+            log.warning("GPU memory unreadable (nvidia-ml-py); token budget stays %d", config.max_batch_tokens)
+            return config.max_batch_tokens
+        tokens = rows * max_length
+        cap = config.max_batch_size * max_length
+        budget = budget_from_memory(after, (before - after) / tokens, tokens, cap) // max_length * max_length
+        try:
+            engine.score(*pad_batch([[1] * max_length] * (budget // max_length), 0))
+        except Exception as e:  # noqa: BLE001 - out of memory after all: keep what is known to fit
+            log.warning("%s: a batch of %d padded tokens failed (%s); token budget %d", name, budget, e, tokens)
+            return tokens
+        log.info(
+            "%s: %d padded tokens took %.0f MiB of GPU memory; %.0f MiB free; token budget %d (claimed)",
+            name,
+            tokens,
+            (before - after) / 2**20,
+            after / 2**20,
+            budget,
+        )
+        return budget
 
 
 def timed(fn, *args):
@@ -143,6 +179,8 @@ class JobResult:
 
 class Batcher:
     def __init__(self, engine: Engine, config: BatcherConfig, on_batch=None):
+        if config.max_batch_tokens < 1:
+            raise ValueError("the Batcher needs a resolved token budget (BatcherConfig.resolved)")
         self.engine = engine
         self.config = config
         self.on_batch = on_batch or (lambda stats: None)

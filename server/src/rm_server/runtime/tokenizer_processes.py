@@ -31,7 +31,7 @@ from multiprocessing.process import BaseProcess
 from tokenizers import Tokenizer
 
 from rm_contract.bundle import TOKENIZER_FILE, Bundle, BundleError
-from rm_contract.recipe import EncodedSample, InputRecipe, RecipeError, Sample, SampleEncoder
+from rm_contract.recipe import EncodedSample, InputRecipe, RecipeError, Sample, SampleEncoder, TextInput
 
 log = logging.getLogger("rm_server")
 
@@ -54,15 +54,6 @@ class TokenizerCrashed(Exception):
 
 class _DiedLoading(BundleError):
     """A worker died before it had loaded the tokenizer."""
-
-
-@dataclass(frozen=True)
-class TextInput:
-    """A model input already rendered as one text (a chat-templated string, as veRL sends to vLLM):
-    tokenized as it is (`SampleEncoder.encode_text`), then truncated like token ids."""
-
-    text: str
-    add_special_tokens: bool | None = None
 
 
 Encodable = Sample | TextInput
@@ -271,7 +262,7 @@ def _receive(worker: _Worker, timeout_s: float):
 
 def _context() -> multiprocessing.context.BaseContext:
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["rm_server.tokenizer_processes"])
+    context.set_forkserver_preload(["rm_server.runtime.tokenizer_processes"])
     return context
 
 

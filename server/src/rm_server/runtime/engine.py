@@ -46,20 +46,6 @@ def preload_cuda_libraries() -> None:
             log.debug("onnxruntime.preload_dlls failed: %s", e)
 
 
-def free_gpu_memory(device_id: int = 0) -> int | None:
-    """Free bytes on the GPU (NVML, from nvidia-ml-py), or None where no NVIDIA driver answers."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        try:
-            return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(device_id)).free)
-        finally:
-            pynvml.nvmlShutdown()
-    except Exception:  # noqa: BLE001 - no driver, no library: the caller keeps its default
-        return None
-
-
 @dataclass
 class BoundBuffers:
     """Device buffers for the largest batch: ids and mask (tokens,) int64, rewards (rows,)."""

@@ -1,37 +1,18 @@
-"""Who may call: TLS / mutual TLS credentials and bearer-token authentication for gRPC and HTTP.
-
-The token is compared in constant time (hmac.compare_digest), so response timing does not leak how much of
-a guess was right. Health checks may stay open (probes rarely carry tokens); everything else, reflection
-included, needs the token when one is configured.
-"""
+"""gRPC's side of security: TLS / mutual TLS credentials and the bearer-token interceptor. Health checks may
+stay open (probes rarely carry tokens); everything else, reflection included, needs the token when one is
+configured."""
 
 from __future__ import annotations
 
-import hmac
-import os
-import ssl
-from collections.abc import Collection, Mapping
+from collections.abc import Collection
 from pathlib import Path
 
 import grpc
 
 from rm_contract.config_cli import ConfigError
+from rm_server.transport.security import token_matches
 
 HEALTH_METHODS = frozenset({"/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"})
-TOKEN_ENV = "RM_AUTH_TOKEN"
-
-
-def read_token(token_file: str | None) -> str | None:
-    """The bearer token from --auth-token-file, else the RM_AUTH_TOKEN environment variable, else None."""
-    if token_file:
-        try:
-            token = Path(token_file).read_text().strip()
-        except OSError as e:
-            raise ConfigError(f"--auth-token-file: cannot read {token_file}: {e.strerror}") from None
-        if not token:
-            raise ConfigError(f"--auth-token-file {token_file} is empty")
-        return token
-    return os.environ.get(TOKEN_ENV, "").strip() or None  # a trailing newline would lock every client out
 
 
 def server_credentials(cert: str, key: str, client_ca: str | None) -> grpc.ServerCredentials:
@@ -46,23 +27,6 @@ def server_credentials(cert: str, key: str, client_ca: str | None) -> grpc.Serve
     root = read(client_ca, "--tls-client-ca") if client_ca else None
     pairs = [(read(key, "--tls-key"), read(cert, "--tls-cert"))]
     return grpc.ssl_server_credentials(pairs, root_certificates=root, require_client_auth=root is not None)
-
-
-def http_ssl_context(cert: str, key: str, client_ca: str | None) -> ssl.SSLContext:
-    """The gRPC port's TLS settings for the HTTP port: the same certificate, and the same client CA."""
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    try:
-        context.load_cert_chain(cert, key)
-        if client_ca:
-            context.load_verify_locations(client_ca)
-            context.verify_mode = ssl.CERT_REQUIRED
-    except (OSError, ssl.SSLError) as e:
-        raise ConfigError(f"TLS files for the HTTP port: {e}") from None
-    return context
-
-
-def token_matches(header: str | None, token: str) -> bool:
-    return hmac.compare_digest((header or "").encode(), f"Bearer {token}".encode())
 
 
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
@@ -92,8 +56,3 @@ def _refusal(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     without a token), with no deserializer; responses keep the method's shape."""
     make = grpc.stream_stream_rpc_method_handler if handler.response_streaming else grpc.stream_unary_rpc_method_handler
     return make(_deny, request_deserializer=None, response_serializer=handler.response_serializer)
-
-
-def authorized(headers: Mapping[str, str], token: str | None) -> bool:
-    """An HTTP request is let in: no token configured, or its `Authorization: Bearer <token>` matches."""
-    return not token or token_matches(headers.get("Authorization"), token)

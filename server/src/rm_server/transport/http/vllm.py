@@ -21,38 +21,38 @@ Every answer names the model in `reward_model` and in an `X-Reward-Model` header
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import grpc
 from aiohttp import web
 
-from rm_contract.recipe import Message, RecipeError, Sample
-from rm_server.convert import MAX_MESSAGES_PER_CONVERSATION
+from rm_contract.recipe import Message, Sample, TextInput
+from rm_server import errors
+from rm_server.core.inference import Inference, new_request_id
+from rm_server.core.inputs import Limits, SampleInput, ScoreRequest, TokenInput, check_conversation_length, conversation
+from rm_server.core.results import ScoreResult
+from rm_server.core.scoring import sigmoid
 from rm_server.errors import InvalidRequest
-from rm_server.http_body import BodyError, json_body
-from rm_server.models import Ensemble
-from rm_server.scoring import Limits, SampleInput, TextInput, TokenInput
-from rm_server.security import authorized
-from rm_server.service import Rewards, RewardService, new_request_id
+from rm_server.transport.http.body import BodyError, json_body
+from rm_server.transport.http.identity import model_headers
+from rm_server.transport.http.status import http_status
 
-ERRORS = {  # gRPC status -> (HTTP status, vLLM's error type)
-    grpc.StatusCode.INVALID_ARGUMENT: (400, "BadRequestError"),
-    grpc.StatusCode.NOT_FOUND: (404, "NotFoundError"),
-    grpc.StatusCode.RESOURCE_EXHAUSTED: (503, "ServiceUnavailableError"),
-    grpc.StatusCode.UNAVAILABLE: (503, "ServiceUnavailableError"),
+ERROR_TYPES = {  # HTTP status -> vLLM's error type
+    400: "BadRequestError",
+    401: "Unauthorized",
+    403: "PermissionDeniedError",
+    404: "NotFoundError",
+    413: "BadRequestError",
+    415: "BadRequestError",
+    503: "ServiceUnavailableError",
 }
 INPUT_SHAPES = "a string, a list of strings, a list of token ids or a list of lists of token ids"
 
 
-class BadField(InvalidRequest):
+def bad_field(param: str, message: str) -> InvalidRequest:
     """Bad input in one named field (vLLM's `param`)."""
-
-    def __init__(self, param: str, message: str):
-        super().__init__(message)
-        self.param = param
+    return InvalidRequest(message, field=param)
 
 
 @dataclass(frozen=True)
@@ -64,22 +64,24 @@ class PoolingRequest:
     max_tokens: int | None
 
 
-def add_routes(app: web.Application, service: RewardService, token: str | None) -> None:
-    routes = VllmRoutes(service, token)
+def add_routes(app: web.Application, inference: Inference) -> list[str]:
+    routes = VllmRoutes(inference)
     app.router.add_post("/classify", routes.classify)
     app.router.add_post("/pooling", routes.pooling)
     app.router.add_get("/v1/models", routes.models)
     app.router.add_get("/health", routes.health)
+    return ["/classify", "/pooling", "/v1/models", "/health"]
 
 
-def error_response(status: int, kind: str, message: str, param: str | None = None) -> web.Response:
+def error_response(status: int, message: str, kind: str | None = None, param: str | None = None) -> web.Response:
+    kind = kind or ERROR_TYPES.get(status, "InternalServerError")
     body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
     return web.json_response(body, status=status, headers={"Retry-After": "1"} if status == 503 else None)
 
 
 class VllmRoutes:
-    def __init__(self, service: RewardService, token: str | None):
-        self.service, self.token = service, token
+    def __init__(self, inference: Inference):
+        self.inference = inference
         self.created = int(time.time())
 
     async def classify(self, request: web.Request) -> web.Response:
@@ -89,63 +91,58 @@ class VllmRoutes:
         return await self._score(request, "Pooling", pooling_body)
 
     async def _score(self, request: web.Request, method: str, answer: Callable[..., dict]) -> web.Response:
-        if not authorized(request.headers, self.token):
-            return error_response(401, "Unauthorized", "missing or invalid bearer token (Authorization header)")
         try:
             body = await json_body(request)
         except BodyError as e:
-            return error_response(e.status, "BadRequestError", str(e))
+            return error_response(e.status, str(e))
         request_id = request.headers.get("X-Request-Id") or _request_id_of(body)
-        parsed: PoolingRequest | None = None
-        param: str | None = None  # the field an error is about, vLLM's `param`
+        parsed = None
 
-        async def work() -> Rewards:
-            nonlocal parsed, param
-            try:
-                parsed = parse_request(body, self.service.registry.settings.limits, pooling=method == "Pooling")
-            except BadField as e:
-                param = e.param
-                raise
-            return await self.service.rewards_of(parsed.inputs, parsed.model, "", parsed.strict, parsed.max_tokens)
+        async def work() -> ScoreResult:
+            nonlocal parsed
+            parsed = parse_request(body, self.inference.limits, pooling=method == "Pooling")
+            score = ScoreRequest(parsed.inputs, parsed.model, strict=parsed.strict, max_tokens=parsed.max_tokens)
+            return await self.inference.score(score)
 
-        code, result = await self.service.answer(method, request_id, work())
-        if code == grpc.StatusCode.OK:
-            return web.json_response(answer(request_id, parsed, result), headers=result.model.http_headers)
-        status, kind = ERRORS.get(code, (500, "InternalServerError"))
-        if code == grpc.StatusCode.NOT_FOUND:
-            param = "model"
-        elif code == grpc.StatusCode.INVALID_ARGUMENT and param is None:  # found while scoring: the samples
-            fields = ("input", "messages") if isinstance(body, dict) else ()
-            sample_field = next((f for f in fields if f in body), None)
-            param = "truncate_prompt_tokens" if result.startswith("truncate_prompt_tokens") else sample_field
-        return error_response(status, kind, result, param)
+        try:
+            result = await self.inference.call(method, request_id, work())
+        except errors.RewardServiceError as e:
+            return error_response(http_status(e), str(e), param=_param_of(e, body))
+        return web.json_response(answer(request_id, parsed, result), headers=model_headers(result.model))
 
     async def models(self, request: web.Request) -> web.Response:
-        if not authorized(request.headers, self.token):
-            return error_response(401, "Unauthorized", "missing or invalid bearer token (Authorization header)")
-        cards = []
-        for name, version, serving, _, sha256 in self.service.registry.loaded():
-            if not serving:
-                continue
-            model = self.service.registry.resolve(name, version)
-            max_length = None if isinstance(model, Ensemble) else model.bundle.recipe.max_length
-            cards.append(
-                {
-                    "id": name,
-                    "object": "model",
-                    "created": self.created,
-                    "owned_by": "rewardserve",
-                    "root": name,
-                    "parent": None,
-                    "max_model_len": max_length,
-                    "permission": [],
-                    "reward_model": {"name": name, "version": version, "sha256": sha256},
-                }
-            )
+        cards = [
+            {
+                "id": m.name,
+                "object": "model",
+                "created": self.created,
+                "owned_by": "rewardserve",
+                "root": m.name,
+                "parent": None,
+                "max_model_len": m.max_length,
+                "permission": [],
+                "reward_model": {"name": m.name, "version": m.version, "sha256": m.sha256},
+            }
+            for m in self.inference.served_models()
+        ]
         return web.json_response({"object": "list", "data": cards})
 
     async def health(self, request: web.Request) -> web.Response:
-        return web.Response(status=200 if self.service.ready else 503)
+        return web.Response(status=200 if self.inference.ready else 503)
+
+
+def _param_of(error: errors.RewardServiceError, body: object) -> str | None:
+    """vLLM's `param`: the field an error is about."""
+    if isinstance(error, errors.ModelNotFound):
+        return "model"
+    if not isinstance(error, InvalidRequest):
+        return None
+    if error.field is not None:
+        return error.field
+    if str(error).startswith("truncate_prompt_tokens"):
+        return "truncate_prompt_tokens"
+    fields = ("input", "messages") if isinstance(body, dict) else ()  # found while scoring: the samples
+    return next((f for f in fields if f in body), None)
 
 
 def _request_id_of(body: object) -> str:
@@ -161,12 +158,12 @@ def parse_request(body: object, limits: Limits, pooling: bool = False) -> Poolin
     model = body.get("model")
     model = "" if model is None else model
     if not isinstance(model, str):
-        raise BadField("model", "'model' must be a string: the name of a loaded model (GET /v1/models)")
+        raise bad_field("model", "'model' must be a string: the name of a loaded model (GET /v1/models)")
     if pooling:
         _check_pooling_options(body)
     add_special_tokens = body.get("add_special_tokens")
     if add_special_tokens is not None and not isinstance(add_special_tokens, bool):
-        raise BadField("add_special_tokens", "'add_special_tokens' must be true or false")
+        raise bad_field("add_special_tokens", "'add_special_tokens' must be true or false")
     has_input, has_messages = body.get("input") is not None, body.get("messages") is not None
     if has_input == has_messages:
         raise InvalidRequest("send exactly one of 'input' and 'messages'")
@@ -183,7 +180,7 @@ def _inputs(value: object, limits: Limits, add_special_tokens: bool | None) -> l
     if isinstance(value, str):
         return [_text(0, value, add_special_tokens)]
     if not isinstance(value, list) or not value:
-        raise BadField("input", f"'input' must be {INPUT_SHAPES} (not empty)")
+        raise bad_field("input", f"'input' must be {INPUT_SHAPES} (not empty)")
     if _is_int(value[0]):  # one token-id sequence
         return [TokenInput(_token_ids(0, value, limits))]
     limits.check_count(len(value))
@@ -192,13 +189,13 @@ def _inputs(value: object, limits: Limits, add_special_tokens: bool | None) -> l
     if all(isinstance(v, list) for v in value):
         return [TokenInput(_token_ids(i, v, limits)) for i, v in enumerate(value)]
     if all(isinstance(v, int | float) and not isinstance(v, bool) for v in value):
-        raise BadField("input", "input 0: token ids must be integers >= 0")
-    raise BadField("input", f"'input' must be {INPUT_SHAPES}; this list mixes kinds")
+        raise bad_field("input", "input 0: token ids must be integers >= 0")
+    raise bad_field("input", f"'input' must be {INPUT_SHAPES}; this list mixes kinds")
 
 
 def _text(index: int, text: str, add_special_tokens: bool | None) -> TextInput:
     if not text:
-        raise BadField("input", f"input {index}: empty text")
+        raise bad_field("input", f"input {index}: empty text")
     return TextInput(text, add_special_tokens)
 
 
@@ -208,35 +205,34 @@ def _is_int(value: object) -> bool:
 
 def _token_ids(index: int, ids: list, limits: Limits) -> tuple[int, ...]:
     if not ids:
-        raise BadField("input", f"input {index}: empty token ids")
+        raise bad_field("input", f"input {index}: empty token ids")
     if len(ids) > limits.max_chars_per_sample:  # before looking at each one, on the event loop
-        raise BadField("input", f"input {index}: {len(ids)} token ids; at most {limits.max_chars_per_sample}")
+        raise bad_field("input", f"input {index}: {len(ids)} token ids; at most {limits.max_chars_per_sample}")
     if not all(_is_int(t) and t >= 0 for t in ids):
-        raise BadField("input", f"input {index}: token ids must be integers >= 0")
+        raise bad_field("input", f"input {index}: token ids must be integers >= 0")
     return tuple(ids)
 
 
 def _conversation(messages: object) -> Sample:
     if not isinstance(messages, list) or not messages:
-        raise BadField("messages", "'messages' must be a non-empty list of {role, content} objects")
-    if len(messages) > MAX_MESSAGES_PER_CONVERSATION:
-        raise BadField("messages", f"{len(messages)} messages; at most {MAX_MESSAGES_PER_CONVERSATION} are accepted")
+        raise bad_field("messages", "'messages' must be a non-empty list of {role, content} objects")
     try:
-        return Sample.from_messages([_message(i, m) for i, m in enumerate(messages)])
-    except RecipeError as e:
-        raise BadField("messages", str(e)) from None
+        check_conversation_length(len(messages))  # before looking at each one
+        return conversation([_message(i, m) for i, m in enumerate(messages)])
+    except InvalidRequest as e:
+        raise bad_field("messages", str(e)) from None
 
 
 def _message(index: int, message: object) -> Message:
     if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-        raise BadField("messages", f"message {index}: must be an object with a string 'role' and a 'content'")
+        raise bad_field("messages", f"message {index}: must be an object with a string 'role' and a 'content'")
     content = message.get("content")
     if isinstance(content, list):  # OpenAI content parts: only text can be scored
         if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
-            raise BadField("messages", f"message {index}: only text content parts are supported")
+            raise bad_field("messages", f"message {index}: only text content parts are supported")
         content = "\n".join(p["text"] for p in content)  # as vLLM joins text parts
     if not isinstance(content, str):
-        raise BadField("messages", f"message {index}: 'content' must be a string or a list of text parts")
+        raise bad_field("messages", f"message {index}: 'content' must be a string or a list of text parts")
     return Message(message["role"], content)
 
 
@@ -245,22 +241,22 @@ def _check_chat_options(body: dict) -> None:
     the assistant's response."""
     for flag in ("add_generation_prompt", "continue_final_message"):
         if body.get(flag):
-            raise BadField(flag, f"'{flag}' is not supported: a reward is read after the assistant's response")
+            raise bad_field(flag, f"'{flag}' is not supported: a reward is read after the assistant's response")
     for field in ("chat_template", "chat_template_kwargs"):
         if body.get(field):
-            raise BadField(field, f"'{field}' is not supported: the bundle's chat template (from training) is used")
+            raise bad_field(field, f"'{field}' is not supported: the bundle's chat template (from training) is used")
 
 
 def _check_pooling_options(body: dict) -> None:
     task = body.get("task")
     if task not in (None, "classify"):
-        raise BadField(
+        raise bad_field(
             "task", f"Task {task} is not supported: this reward model gives one score per sequence (task 'classify')"
         )
     if body.get("dimensions") is not None:
-        raise BadField("dimensions", "dimensions is currently not supported")
+        raise bad_field("dimensions", "dimensions is currently not supported")
     if body.get("encoding_format") not in (None, "float"):
-        raise BadField("encoding_format", "only encoding_format 'float' is supported")
+        raise bad_field("encoding_format", "only encoding_format 'float' is supported")
 
 
 def _truncation(body: dict) -> tuple[bool, int | None]:
@@ -268,7 +264,7 @@ def _truncation(body: dict) -> tuple[bool, int | None]:
     model's maximum, k keeps the last k ids (a reward model reads its score at the end)."""
     side = body.get("truncation_side")
     if side not in (None, "left"):
-        raise BadField(
+        raise bad_field(
             "truncation_side",
             "only truncation_side 'left' is supported: the end of an input, where a reward model "
             "reads its score, is kept",
@@ -277,7 +273,7 @@ def _truncation(body: dict) -> tuple[bool, int | None]:
     if k is None:
         return True, None
     if not _is_int(k) or k == 0 or k < -1:
-        raise BadField("truncate_prompt_tokens", "'truncate_prompt_tokens' must be -1 (the model's maximum) or >= 1")
+        raise bad_field("truncate_prompt_tokens", "'truncate_prompt_tokens' must be -1 (the model's maximum) or >= 1")
     return False, None if k == -1 else k
 
 
@@ -286,24 +282,16 @@ def _use_activation(body: dict) -> bool:
         value = body.get(field)
         if value is not None:
             if not isinstance(value, bool):
-                raise BadField(field, f"'{field}' must be true or false")
+                raise bad_field(field, f"'{field}' must be true or false")
             return value
     return True
 
 
-def _probability(reward: float) -> float:
-    """sigmoid(reward), what vLLM's classifier pooler returns for one label with use_activation."""
-    if reward >= 0:
-        return 1.0 / (1.0 + math.exp(-reward))
-    e = math.exp(reward)
-    return e / (1.0 + e)
+def _values(request: PoolingRequest, rewards: ScoreResult) -> list[float]:
+    return [sigmoid(r) if request.use_activation else r for r in rewards.rewards]
 
 
-def _values(request: PoolingRequest, rewards: Rewards) -> list[float]:
-    return [_probability(r) if request.use_activation else r for r in rewards.rewards]
-
-
-def _envelope(prefix: str, request_id: str, rewards: Rewards, data: list[dict]) -> dict:
+def _envelope(prefix: str, request_id: str, rewards: ScoreResult, data: list[dict]) -> dict:
     tokens = sum(rewards.num_tokens)
     return {
         "id": f"{prefix}-{request_id}",
@@ -321,7 +309,7 @@ def _envelope(prefix: str, request_id: str, rewards: Rewards, data: list[dict]) 
     }
 
 
-def classify_body(request_id: str, request: PoolingRequest, rewards: Rewards) -> dict:
+def classify_body(request_id: str, request: PoolingRequest, rewards: ScoreResult) -> dict:
     data = [
         {"index": i, "label": None, "probs": [value], "num_classes": 1}
         for i, value in enumerate(_values(request, rewards))
@@ -329,6 +317,6 @@ def classify_body(request_id: str, request: PoolingRequest, rewards: Rewards) ->
     return _envelope("classify", request_id, rewards, data)
 
 
-def pooling_body(request_id: str, request: PoolingRequest, rewards: Rewards) -> dict:
+def pooling_body(request_id: str, request: PoolingRequest, rewards: ScoreResult) -> dict:
     data = [{"index": i, "object": "pooling", "data": [value]} for i, value in enumerate(_values(request, rewards))]
     return _envelope("pool", request_id, rewards, data)

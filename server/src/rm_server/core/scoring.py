@@ -1,4 +1,4 @@
-"""Scoring in domain terms: validate, tokenize off the event loop, batch, normalize. No protobuf here."""
+"""One model version's scoring: validate, tokenize off the event loop, batch (through the cache), normalize."""
 
 from __future__ import annotations
 
@@ -8,75 +8,23 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 
 from rm_contract.bundle import Bundle
-from rm_contract.recipe import EncodedSample, Sample
-from rm_server.batcher import Batcher, JobResult
-from rm_server.cache import RewardCache
+from rm_contract.recipe import EncodedSample, TextInput, keep_last_ids
+from rm_server.core.inputs import Limits, SampleInput, TokenInput, characters
+from rm_server.core.results import SampleScore, ScoreOutcome, Timing
 from rm_server.errors import InferenceFailed, InvalidRequest, NotReady, QueueFull, TokenizationFailed
-from rm_server.tokenizer_processes import (
+from rm_server.runtime.batcher import Batcher, JobResult
+from rm_server.runtime.cache import RewardCache
+from rm_server.runtime.tokenizer_processes import (
     Encoded,
     RequestTokenizer,
-    TextInput,
     TokenizerClosed,
     TokenizerCrashed,
     chunks,
 )
-
-
-@dataclass(frozen=True)
-class TokenInput:
-    """Pre-tokenized ids, scored as they are."""
-
-    ids: tuple[int, ...]
-
-
-SampleInput = Sample | TokenInput | TextInput
-
-
-@dataclass(frozen=True)
-class SampleScore:
-    reward: float
-    num_tokens: int
-    truncated: bool
-
-
-@dataclass(frozen=True)
-class Timing:
-    queue_ms: float
-    tokenization_ms: float
-    inference_ms: float
-    total_ms: float
-
-
-@dataclass(frozen=True)
-class ScoreOutcome:
-    results: list[SampleScore]
-    timing: Timing
-    normalized: bool
-
-
-@dataclass(frozen=True)
-class Limits:
-    max_samples_per_request: int
-    """From ModelSettings (the --max-samples-per-request flag)."""
-    max_admitted: int = 8192
-    """Samples held at once (being tokenized, waiting or being scored): from --max-queue."""
-    max_chars_per_sample: int = 1_000_000
-    """Text longer than this is refused before tokenization (tokenizing it would stall a worker)."""
-
-    def check_count(self, samples: int) -> None:
-        """Refuse a request by its sample count alone: transports call this on the wire message, before
-        converting anything (a million tiny samples once froze the event loop for seconds)."""
-        if not samples:
-            raise InvalidRequest("request has no samples")
-        if samples > self.max_samples_per_request:
-            raise InvalidRequest(
-                f"request has {samples} samples; at most {self.max_samples_per_request} are accepted per request"
-            )
 
 
 class Scorer:
@@ -126,7 +74,7 @@ class Scorer:
                 f"of {self.max_length} tokens"
             )
         for index, sample in enumerate(inputs):  # every sample's size before tokenizing any (len() is O(1))
-            self._check_chars(index, _chars(sample))
+            self._check_chars(index, characters(sample))
         self._admit(len(inputs))
         gone = threading.Event()
         try:
@@ -184,7 +132,7 @@ class Scorer:
     ) -> list[EncodedSample]:
         """Token ids are checked here; samples and texts go to a tokenizer process a chunk at a time."""
         encoded = []
-        for chunk in chunks([len(s.ids) if isinstance(s, TokenInput) else _chars(s) for s in inputs]):
+        for chunk in chunks([len(s.ids) if isinstance(s, TokenInput) else characters(s) for s in inputs]):
             if gone.is_set():  # nobody waits for the answer: free the tokenizer for the others
                 raise RequestGone
             texts = [i for i in chunk if not isinstance(inputs[i], TokenInput)]
@@ -237,24 +185,21 @@ class Scorer:
         return EncodedSample(list(ids), False)
 
     def _keep_end(self, ids: Sequence[int], keep: int) -> list[int]:
-        """The last `keep` ids (the response; a decoder's pooled last token), and a cls-pooled encoder's
-        pooled first id in the place of the oldest of them."""
-        head = list(ids[:1]) if self.keep_first_id else []
-        return head + list(ids[len(ids) - keep + len(head) :])
-
-
-def _chars(sample: SampleInput) -> int:
-    if isinstance(sample, TextInput):
-        return len(sample.text)
-    if isinstance(sample, Sample):
-        return sum(len(m.content) for m in sample.prompt + sample.response)
-    return 0
+        return keep_last_ids(ids, keep, keep_first=self.keep_first_id)
 
 
 class RequestGone(Exception):
     """Tokenization stopped because its call was cancelled or expired; nobody reads this."""
 
 
+def sigmoid(x: float) -> float:
+    """The logistic function without overflow for any finite x (math.exp(-x) overflows below x = -709)."""
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    e = math.exp(x)
+    return e / (1.0 + e)
+
+
 def preference_probability(reward_a: float, reward_b: float) -> float:
     """Bradley-Terry: P(A preferred to B) = sigmoid(r_A - r_B)."""
-    return 1.0 / (1.0 + math.exp(-(reward_a - reward_b)))
+    return sigmoid(reward_a - reward_b)

@@ -1,43 +1,16 @@
-"""Prometheus metrics of the scoring service, in a registry of their own (one per server)."""
+"""Prometheus metrics of the scoring service, in a registry of their own (one per server), recorded by the
+core and the batcher for every transport alike (transport/metrics_endpoint.py exposes them)."""
 
 from __future__ import annotations
 
-import socket
-import threading
-from wsgiref.simple_server import WSGIRequestHandler, make_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, make_wsgi_app
-from prometheus_client.exposition import ThreadingWSGIServer
-
-from rm_server.batcher import BatchStats
+from rm_server.core.results import ScoreOutcome
+from rm_server.runtime.batcher import BatchStats
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 TOKEN_BUCKETS = (64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
-IDLE_TIMEOUT_S = 5.0
-"""A metrics connection that sends nothing for this long is closed (each one holds a thread)."""
-
-
-class _QuietHandler(WSGIRequestHandler):
-    timeout = IDLE_TIMEOUT_S  # the socket timeout: an idle connection's thread ends instead of waiting forever
-
-    def log_message(self, format: str, *args) -> None:  # noqa: A002 - the base class's signature
-        pass
-
-    def handle(self) -> None:
-        try:
-            super().handle()
-        except (TimeoutError, ConnectionError):  # an idle or vanished scraper: close quietly, no traceback
-            pass
-
-
-class _IPv4Server(ThreadingWSGIServer):
-    daemon_threads = True
-
-
-class _IPv6Server(ThreadingWSGIServer):
-    daemon_threads = True
-    address_family = socket.AF_INET6
 
 
 class ServiceMetrics:
@@ -92,10 +65,9 @@ class ServiceMetrics:
         self.tokens.inc(stats.real_tokens)
         self.samples.inc(stats.rows)
 
-    def serve(self, host: str, port: int):
-        """Expose the metrics on their own port (prometheus-client's WSGI app, with an idle timeout per
-        connection); returns the HTTP server so it can be shut down."""
-        server_class = _IPv6Server if ":" in host else _IPv4Server
-        server = make_server(host, port, make_wsgi_app(self.registry), server_class, handler_class=_QuietHandler)
-        threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
-        return server
+    def record_outcome(self, outcome: ScoreOutcome) -> None:
+        """A request's stage times and truncated samples, whichever transport it came through."""
+        self.latency.labels("queue").observe(outcome.timing.queue_ms / 1000)
+        self.latency.labels("tokenization").observe(outcome.timing.tokenization_ms / 1000)
+        self.latency.labels("inference").observe(outcome.timing.inference_ms / 1000)
+        self.truncated.inc(sum(r.truncated for r in outcome.results))
