@@ -30,7 +30,7 @@ PATH = "/get_reward"
 
 
 def error_response(status: int, message: str, code: str | None = None) -> web.Response:
-    code = code or {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 413: "INVALID_ARGUMENT"}.get(status, "INTERNAL")
+    code = code or ("UNAUTHENTICATED" if status == 401 else "INVALID_ARGUMENT")  # refusals before scoring
     headers = {"Retry-After": "1"} if status == 503 else None
     return web.json_response({"error": message, "code": code}, status=status, headers=headers)
 
