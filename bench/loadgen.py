@@ -102,7 +102,7 @@ def load_http(
     base_url: str, protocol: HttpProtocol, requests: list[Request], concurrency: int, tokens_of: Callable
 ) -> dict:
     """A JSON-over-HTTP server from `concurrency` client threads (one connection per request, as `requests`
-    without a session does)."""
+    without a session does); `tokens_of(sample)` counts a request's samples' tokens."""
     queue = list(reversed(requests))
     latencies, counts = [], {"samples": 0, "tokens": 0}
 
@@ -118,7 +118,7 @@ def load_http(
             if len(rewards) != len(request):
                 raise RuntimeError(f"{base_url} answered {len(rewards)} rewards for {len(request)} samples")
             counts["samples"] += len(rewards)
-            counts["tokens"] += sum(tokens_of(p, r) for p, r in request)
+            counts["tokens"] += sum(map(tokens_of, request))
 
     started = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:

@@ -127,6 +127,17 @@ def latency_cdf_plot(latencies: dict[str, list[float]], path: Path) -> Path:
     return _save(fig, ax, path)
 
 
+def bar_plot(series: dict[str, list[float]], groups: list[str], ylabel: str, path: Path) -> Path:
+    """Grouped bars: one group per entry of `groups`, one bar per series (system) in each."""
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    width = 0.8 / max(1, len(series))
+    for k, (name, values) in enumerate(series.items()):
+        ax.bar(np.arange(len(groups)) + k * width, values, width, label=name)
+    ax.set_xticks(np.arange(len(groups)) + width * (len(series) - 1) / 2, groups)
+    ax.set(ylabel=ylabel)
+    return _save(fig, ax, path)
+
+
 def _save(fig, ax, path: Path) -> Path:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)

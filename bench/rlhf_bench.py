@@ -108,7 +108,7 @@ def main() -> None:
             str(group_concurrency)
         ]
     print("naive server ...", flush=True)
-    tokens_of = lambda p, r: len(encoder.encode(Sample.from_text(p, r)).ids)  # noqa: E731
+    tokens_of = lambda pair: len(encoder.encode(Sample.from_text(*pair)).ids)  # noqa: E731
     with servers.naive_server(args.checkpoint) as base_url:
         loadgen.load_http(base_url, loadgen.NAIVE, per_sample[:8], 2, tokens_of)  # warm up
         result["naive_per_sample"] = loadgen.load_http(base_url, loadgen.NAIVE, per_sample, args.concurrency, tokens_of)

@@ -162,8 +162,8 @@ def main() -> None:
     sequences = [encoder.encode(Sample.from_text(p, r)).ids for request in requests for p, r in request]
     token_counts = {pair: len(encoder.encode(Sample.from_text(*pair)).ids) for pair in pairs}
 
-    def tokens_of(prompt: str, response: str) -> int:
-        return token_counts[(prompt, response)]
+    def tokens_of(pair: tuple[str, str]) -> int:
+        return token_counts[pair]
 
     results: dict = {"machine": describe_machine(), "skipped": {}}
     print("offline references ...", flush=True)

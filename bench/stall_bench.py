@@ -5,7 +5,11 @@
 1. Probe latency: a health check every 20 ms and a 1-sample Score every 50 ms, on an idle server, then
    while another client sends maximum-size requests (4,096 samples of 2,000 characters, 8 MB each) back
    to back: p50 / p99 / max of each probe.
-2. Refusal latency: a 10x burst (40 clients, 16-sample requests of 210,000-character texts, against
+2. Bulk mix (issue 27): a 1-sample `/classify` every 100 ms on an idle server, then while another client
+   sends one `/classify` of 4,096 samples of 300 token ids after another: its p50 / p99 / max against the
+   target of 3x its idle p50 plus one batch's engine time (the bulk request's mean batch alone, from the
+   server's metrics).
+3. Refusal latency: a 10x burst (40 clients, 16-sample requests of 210,000-character texts, against
    `--max-queue 64`): how fast RESOURCE_EXHAUSTED comes back (p50 / p99 / max), and how many were refused.
 
 Writes stall.json and stall.md to --results. The machine is shared and noisy: compare the loaded figures
@@ -20,6 +24,7 @@ import os
 import platform
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,7 +36,7 @@ from servers import rm_serve
 
 from rm_contract.pb import reward_pb2 as pb
 from rm_contract.pb import reward_pb2_grpc
-from rm_server.launch import timed_score
+from rm_server.launch import free_port, start_server, stop_server, timed_score
 
 
 def sample(text: str) -> pb.Sample:
@@ -93,6 +98,65 @@ def maximum_size_load(target: str) -> Callable[[threading.Event], None]:
     return load
 
 
+def classify(base_url: str, body: bytes, timeout_s: float = 600) -> None:
+    request = urllib.request.Request(f"{base_url}/classify", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout_s) as response:
+        response.read()
+
+
+def batch_seconds(metrics_url: str) -> tuple[float, float]:
+    """(engine seconds, batches) run so far, from the server's rm_batch_inference_seconds histogram."""
+    values = {}
+    with urllib.request.urlopen(metrics_url, timeout=30) as response:
+        for line in response.read().decode().splitlines():
+            name, _, value = line.partition(" ")
+            if name in ("rm_batch_inference_seconds_sum", "rm_batch_inference_seconds_count"):
+                values[name] = float(value)
+    return values["rm_batch_inference_seconds_sum"], values["rm_batch_inference_seconds_count"]
+
+
+def bulk_mix(base_url: str, metrics_url: str, seconds: float) -> dict:
+    """A 1-sample /classify every 100 ms, idle and then while 4,096-sample requests of 300 ids are scored."""
+    one = json.dumps({"input": "Q: how are you? A: fine, thanks."}).encode()
+    rng = np.random.default_rng(0)
+    bulk = json.dumps({"input": rng.integers(1000, 20000, (4096, 300)).tolist(), "truncate_prompt_tokens": -1}).encode()
+    classify(base_url, one, 30)
+    stop = threading.Event()
+    with ThreadPoolExecutor(2) as pool:
+        idle = pool.submit(probe, lambda: classify(base_url, one, 60), 0.1, stop)
+        time.sleep(seconds)
+        stop.set()
+        idle_ms = percentiles(idle.result())
+    stop.clear()
+
+    def load() -> None:  # until the server stops: the request in progress then fails, unread
+        try:
+            while not stop.is_set():
+                classify(base_url, bulk)
+        except OSError:
+            pass
+
+    threading.Thread(target=load, daemon=True).start()
+    time.sleep(2)  # the bulk request is parsed and queued
+    before = batch_seconds(metrics_url)
+    time.sleep(3)  # the bulk request's batches alone: one batch's time
+    engine_s, batches = (a - b for a, b in zip(batch_seconds(metrics_url), before))
+    with ThreadPoolExecutor(1) as pool:
+        loaded = pool.submit(probe, lambda: classify(base_url, one, 60), 0.1, stop)
+        time.sleep(seconds)
+        stop.set()
+        loaded_ms = percentiles(loaded.result())
+    batch_ms = 1000 * engine_s / max(batches, 1)
+    target_ms = 3 * idle_ms["p50_ms"] + batch_ms
+    return {
+        "idle": idle_ms,
+        "under_bulk": loaded_ms,
+        "mean_batch_ms": batch_ms,
+        "target_max_ms": target_ms,
+        "meets_target": loaded_ms["max_ms"] <= target_ms,
+    }
+
+
 def burst(target: str) -> dict:
     stub = reward_pb2_grpc.RewardServiceStub(grpc.insecure_channel(target))
     request = pb.ScoreRequest(samples=[sample("lovely wonderful day " * 10_000)] * 16)
@@ -121,12 +185,24 @@ def report(results: dict) -> str:
                 f"| {name} | {phase.replace('_', ' ')} | {row['p50_ms']:.1f} | {row['p99_ms']:.1f} | "
                 f"{row['max_ms']:.1f} |"
             )
+    m = results["bulk_mix"]
+    for phase, label in (("idle", "idle"), ("under_bulk", "scoring 4,096 x 300 ids")):
+        row = m[phase]
+        lines.append(
+            f"| 1-sample /classify | {label} | {row['p50_ms']:.1f} | {row['p99_ms']:.1f} | {row['max_ms']:.1f} |"
+        )
     b = results["burst"]
     if b["refusal"]:
         lines.append(
             f"| RESOURCE_EXHAUSTED ({b['refused']} of {b['requests']} refused) | 10x burst | "
             f"{b['refusal']['p50_ms']:.1f} | {b['refusal']['p99_ms']:.1f} | {b['refusal']['max_ms']:.1f} |"
         )
+    lines += [
+        "",
+        f"Under bulk, the 1-sample /classify's worst latency {m['under_bulk']['max_ms']:.0f} ms against a target of "
+        f"{m['target_max_ms']:.0f} ms (3x its idle p50 + the mean batch of {m['mean_batch_ms']:.0f} ms): "
+        + ("met." if m["meets_target"] else "NOT met."),
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -142,6 +218,14 @@ def main() -> None:
         results["idle"] = probes(target, args.seconds, None)
         print("probes while another client sends maximum-size requests ...", flush=True)
         results["under_maximum_size_requests"] = probes(target, args.seconds, maximum_size_load(target))
+    http_port = free_port()
+    server = start_server(args.bundle, None, "--variant", "fp32", "--http-port", str(http_port), timeout_s=240)
+    try:
+        print("a 1-sample /classify every 100 ms, idle and while 4,096 x 300 ids are scored ...", flush=True)
+        metrics_url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+        results["bulk_mix"] = bulk_mix(f"http://127.0.0.1:{http_port}", metrics_url, args.seconds)
+    finally:
+        stop_server(server)
     with rm_serve(args.bundle, "fp32", ["--max-queue", "64", "--tokenizer-processes", "1"]) as (target, _):
         print("10x burst against --max-queue 64 ...", flush=True)
         results["burst"] = burst(target)

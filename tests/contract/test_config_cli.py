@@ -43,8 +43,11 @@ def test_help_text_needs_no_source_files(capsys):
 
 
 def test_environment_defaults_are_read_and_checked():
-    config = parse_config(ServeArgs, [], prog="rm-serve", env_prefix="RM", environ={"RM_MAX_QUEUE": "12"})
-    assert config.max_queue == 12
+    environ = {"RM_MAX_QUEUE": "12", "RM_SERVED_MODEL_NAME": " rm  /ckpt/rm "}
+    config = parse_config(ServeArgs, [], prog="rm-serve", env_prefix="RM", environ=environ)
+    assert (config.max_queue, config.served_model_name) == (12, ("rm", "/ckpt/rm"))
+    flags = ["--served-model-name", "a", "b", "--max-queue", "3"]
+    assert parse_config(ServeArgs, flags, prog="rm-serve").served_model_name == ("a", "b")
     with pytest.raises(ConfigError, match="RM_VERIFY='maybe' is not a boolean"):
         parse_config(ServeArgs, [], prog="rm-serve", env_prefix="RM", environ={"RM_VERIFY": "maybe"})
 

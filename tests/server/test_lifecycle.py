@@ -180,6 +180,34 @@ def test_a_second_sigterm_ends_the_drain_at_once(encoder_bundle, tmp_path):
     assert "SIGTERM again: ending the drain now" in server.log()
 
 
+def test_http_calls_still_running_after_the_grace_period_do_not_hold_the_exit(encoder_bundle, tmp_path):
+    """After --grace-s the server exits even with HTTP calls in flight (aiohttp's own shutdown waited up to 60 s
+    more for them: a server under a bulk /classify took 90 s to stop)."""
+    http_port = free_port()
+    args = ("--grace-s", "1", "--max-batch-size", "1", "--max-queue", "16000", "--http-port", str(http_port))
+    server = start_server(encoder_bundle, tmp_path / "log", *args)
+    outcomes = []
+
+    def bulk():  # one row per batch: ~10 s of work per call, ~40 s for the four
+        try:
+            body = {"input": [f"Q {LONG}"] * 4000, "truncate_prompt_tokens": -1}
+            outcomes.append(httpx.post(f"http://127.0.0.1:{http_port}/classify", json=body, timeout=120).status_code)
+        except httpx.HTTPError as e:
+            outcomes.append(type(e).__name__)
+
+    threads = [threading.Thread(target=bulk) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1.5)  # the calls are being scored
+    started = time.monotonic()
+    server.process.send_signal(signal.SIGTERM)
+    assert server.process.wait(timeout=30) == 0
+    assert time.monotonic() - started < 10  # the grace (1 s), the quiet period and closing: measured ~2 s
+    for thread in threads:
+        thread.join(30)
+    assert len(outcomes) == 4 and 200 not in outcomes  # cut off, not answered
+
+
 def test_sigterm_during_start_up_abandons_it_and_exits_0(encoder_bundle, tmp_path):
     """SIGTERM while the model loads abandons start-up and exits 0, not -15 (the default action). The port
     answers NOT_SERVING from the first moment; a bundle with a ~40 MB tokenizer keeps start-up busy for

@@ -25,6 +25,7 @@ from rm_server.runtime.engine import OnnxEngine
 from tests.conftest import random_texts, served_sha256
 from tests.server.test_service import metrics
 
+VERL_PATH = "/data/checkpoints/Skywork-Reward-V2"
 CHAT = [
     {"role": "system", "content": "You are a helpful assistant."},
     {"role": "user", "content": "How was the film?"},
@@ -43,7 +44,8 @@ def repo(encoder_bundle, decoder_bundle, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def server(repo, tmp_path_factory):
     http_port = free_port()
-    args = ("--http-port", str(http_port), "--default-model", "toy")
+    # veRL sends its model path as `model`: an alias of the default model
+    args = ("--http-port", str(http_port), "--default-model", "toy", "--served-model-name", VERL_PATH, "reward")
     running = start_server(repo, tmp_path_factory.mktemp("vllm") / "serve.log", *args, bundle_flag="--model-repo")
     running.http = f"http://127.0.0.1:{http_port}"
     yield running
@@ -98,6 +100,7 @@ def test_classify_answers_vllms_shapes_with_the_rewards_of_the_ids_vllm_would_fe
         ({"input": texts, "use_activation": True}, [sigmoid(r) for r in raw], every),
         ({"model": "toy", "input": ids[1], "use_activation": False}, raw[1:2], len(ids[1])),
         ({"model": "toy", "input": ids, "activation": False}, raw, every),  # vLLM < 0.11.2's name (older veRL)
+        ({"model": VERL_PATH, "input": texts[0], "use_activation": False}, raw[:1], len(ids[0])),  # an alias
     ]
     for body, expected, n_tokens in cases:
         response = post(server, "/classify", body, **{"X-Request-Id": "abc"})
@@ -168,12 +171,35 @@ def test_pooling_models_and_health(server, toy, chat, minilm_tokenizer):
     models = httpx.get(server.http + "/v1/models", timeout=10).json()
     assert models["object"] == "list"
     cards = {card["id"]: card for card in models["data"]}
-    assert set(cards) == {"toy", "chat"}
+    assert set(cards) == {"toy", "chat", VERL_PATH, "reward"}
+    assert cards[VERL_PATH]["root"] == cards["reward"]["root"] == "toy"
     assert cards["toy"]["max_model_len"] == toy.max_length and cards["chat"]["max_model_len"] == chat.max_length
     assert cards["chat"]["reward_model"] == {"name": "chat", "version": "1", "sha256": chat.sha256}
     assert all(card["object"] == "model" for card in cards.values())
     health = httpx.get(server.http + "/health", timeout=10)
     assert health.status_code == 200 and health.content == b""
+
+
+def test_served_model_name_renames_a_bundle_and_adds_aliases(encoder_bundle, toy, tmp_path, minilm_tokenizer):
+    """vLLM's --served-model-name on a single bundle: answers and /v1/models carry the first name, the others
+    are accepted as aliases, and the bundle's own name is no longer one of the served names."""
+    http_port = free_port()
+    args = ("--http-port", str(http_port), "--served-model-name", "policy-rm", VERL_PATH)
+    running = start_server(encoder_bundle, tmp_path / "serve.log", *args)
+    running.http = f"http://127.0.0.1:{http_port}"
+    try:
+        text = "It was wonderful."
+        for name in ("policy-rm", VERL_PATH, None):
+            body = {"input": text, "use_activation": False} | ({"model": name} if name else {})
+            answer = post(running, "/classify", body).json()
+            assert answer["model"] == answer["reward_model"]["name"] == "policy-rm"
+            assert answer["data"][0]["probs"][0] == pytest.approx(toy(minilm_tokenizer(text)["input_ids"]), rel=1e-5)
+        refused = post(running, "/classify", {"model": "toy", "input": text})
+        assert refused.status_code == 404 and refused.json()["error"]["param"] == "model"
+        cards = httpx.get(running.http + "/v1/models", timeout=10).json()["data"]
+        assert [(c["id"], c["root"]) for c in cards] == [("policy-rm", "policy-rm"), (VERL_PATH, "policy-rm")]
+    finally:
+        stop_server(running)
 
 
 def test_truncate_prompt_tokens_keeps_the_end_and_the_pooled_first_id(server, toy, minilm_tokenizer):

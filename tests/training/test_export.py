@@ -305,9 +305,14 @@ def test_bf16_checkpoint_exports_served_with_one_weights_file_per_variant(tiny_d
     AutoModelForSequenceClassification.from_pretrained(tiny_decoder_checkpoint).to(torch.bfloat16).save_pretrained(bf16)
     AutoTokenizer.from_pretrained(tiny_decoder_checkpoint).save_pretrained(bf16)
     out = tmp_path / "bundle"
-    args = ("--dtype", "fp32,fp16", "--max-length", "64", "--external-data-over-mb", "0")
+    args = ("--dtype", "fp32,fp16", "--max-length", "64", "--external-data-over-mb", "0", "--progress-every-s", "0.05")
     result = rm_export("--model", str(bf16), "--output", str(out), *args)
     assert result.returncode == 0, result.stderr
+    # output to a pipe, as to a log: a line per stage, and heartbeats while one runs
+    stages = [line for line in result.stderr.splitlines() if line.startswith("rm-export: ")]
+    for stage in ("loading", "exporting the fp16 graph", "checking fp16: parity", "writing the bundle"):
+        assert any(line.startswith(f"rm-export: {stage}") for line in stages), result.stderr
+    assert any(line.startswith("rm-export: still ") for line in stages), result.stderr
     manifest = json.loads((out / "bundle.json").read_text())
     assert manifest["checkpoint_dtype"] == "bfloat16" and manifest["exporter"]["external_data"] is True
     assert manifest["recipe"]["date"] == datetime.date.today().isoformat()  # what chat templates render, frozen

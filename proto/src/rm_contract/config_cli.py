@@ -58,7 +58,7 @@ def parse_config(
         prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     _add_fields(parser, cls, env_prefix, os.environ if environ is None else environ)
-    return cls(**vars(parser.parse_args(argv)))
+    return cls(**_values(parser.parse_args(argv)))
 
 
 def parse_subcommands(
@@ -92,7 +92,7 @@ def parse_subcommands(
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         _add_fields(subparser, cls, env_prefix, environ)
-    values = vars(parser.parse_args(argv))
+    values = _values(parser.parse_args(argv))
     name = values.pop(COMMAND)
     return name, commands[name](**values)
 
@@ -115,7 +115,9 @@ def _add_fields(parser: argparse.ArgumentParser, cls: type, env_prefix: str | No
             if env_name in environ:
                 default = _from_env(env_name, environ[env_name], kind)
         value = {key: f.metadata[key] for key in ("choices", "metavar") if key in f.metadata}
-        if kind is bool:
+        if typing.get_origin(kind) is tuple:  # a list of words: `--flag A B C`, or the variable's "A B C"
+            parser.add_argument(flag, nargs="+", type=str, default=tuple(default), help=help_text, **value)
+        elif kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         elif default is dataclasses.MISSING:
             parser.add_argument(flag, type=kind, required=True, help=help_text, **value)
@@ -123,6 +125,11 @@ def _add_fields(parser: argparse.ArgumentParser, cls: type, env_prefix: str | No
             parser.add_argument(flag, type=kind, default=None, help=help_text, **value)
         else:
             parser.add_argument(flag, type=kind, default=default, help=f"{help_text} (default: {default})", **value)
+
+
+def _values(namespace: argparse.Namespace) -> dict[str, Any]:
+    """argparse's values as the fields take them: a word list as a tuple (frozen configs stay hashable)."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in vars(namespace).items()}
 
 
 def _without_none(hint):
@@ -135,6 +142,8 @@ def _without_none(hint):
 
 
 def _from_env(name: str, value: str, kind: type):
+    if typing.get_origin(kind) is tuple:
+        return tuple(value.split())
     if kind is bool:
         if value.lower() not in ("1", "true", "yes", "0", "false", "no"):
             raise ConfigError(f"environment variable {name}={value!r} is not a boolean")

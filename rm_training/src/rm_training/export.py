@@ -36,6 +36,7 @@ from rm_training.manifest import build_manifest, write_manifest
 from rm_training.memory import peak_rss_mb, release_freed_memory, to_fp32
 from rm_training.model import CheckpointError, load_reward_model
 from rm_training.onnx_export import export_graph, make_int8, optimize, save_fp16
+from rm_training.progress import Progress
 from rm_training.verification import (
     VerificationError,
     check_recorded_rewards,
@@ -72,6 +73,9 @@ class ExportArgs:
         f" graph; 0 always does; over {INLINE_LIMIT_MB} they always do (protobuf holds at most 2 GB)",
     )
     verify_only: str | None = option(None, "re-run the checks on an existing bundle", metavar="BUNDLE")
+    progress_every_s: float = option(
+        30.0, "seconds between progress lines while a stage runs, for logs (0: a line per stage only)"
+    )
 
     def plan(self) -> ExportPlan:
         """The export these flags ask for, every default resolved; ConfigError (exit code 2) for flags that
@@ -80,6 +84,8 @@ class ExportArgs:
             raise ConfigError("--model and --output are required (or --verify-only BUNDLE)")
         if self.external_data_over_mb < 0:
             raise ConfigError("--external-data-over-mb must not be negative")
+        if self.progress_every_s < 0:
+            raise ConfigError("--progress-every-s must not be negative")
         dtypes = ("fp32", *(d for d in parse_dtypes(self.dtype) if d != "fp32"))
         eval_data = self.eval_data or trained_data(Path(self.model), "eval_data")
         if "int8" in dtypes and not eval_data:
@@ -126,10 +132,12 @@ class ExportPlan:
 def main(argv: list[str] | None = None) -> None:
     try:
         args = parse_config(ExportArgs, argv, prog="rm-export", description=__doc__)
-        if args.verify_only:
-            verify_only(args.verify_only, args.eval_data)
-            return
-        export(args.plan())
+        plan = None if args.verify_only else args.plan()
+        with Progress("rm-export", args.progress_every_s) as progress:
+            if plan is None:
+                verify_only(args.verify_only, args.eval_data, progress)
+            else:
+                export(plan, progress)
     except (ConfigError, CheckpointError, DataError, RecipeError) as e:
         print(f"rm-export: error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -138,10 +146,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
 
 
-def export(plan: ExportPlan) -> Path:
+def export(plan: ExportPlan, progress: Progress) -> Path:
     """Export the checkpoint's variants into a staging directory, check them, write bundle.json, and only
     then put the bundle at `plan.output`."""
     started = time.perf_counter()
+    progress.stage(f"loading {plan.checkpoint}")
     model, tokenizer, metadata = load_reward_model(plan.checkpoint, plan.template, plan.max_length)
     if metadata.recipe.template == "chat" and metadata.recipe.date is None:
         # A chat recipe without a date (trained elsewhere, or a reward_model.json without one): the day its
@@ -158,25 +167,32 @@ def export(plan: ExportPlan) -> Path:
             " is not pad), which scores the token before a trailing eos, not the eos itself",
             file=sys.stderr,
         )
+    progress.stage("PyTorch reference rewards" + (" and eval accuracy" if plan.eval_data else ""))
     checked = prepare_checks(model, tokenizer, metadata.recipe, plan.eval_data)
     output = plan.output
     with tempfile.TemporaryDirectory(dir=output.parent if output.parent.exists() else None) as tmp:
         staging = Path(tmp) / "bundle"
         staging.mkdir()
+        progress.stage("exporting the fp32 graph")
         export_graph(model, Path(tmp) / "raw.onnx", plan.opset, external)
         if "fp16" in plan.dtypes:  # cast in place: half the memory
+            progress.stage("exporting the fp16 graph")
             export_graph(model.half(), Path(tmp) / "raw.fp16.onnx", plan.opset, external)
         model.to("meta")  # the PyTorch weights are done with (references and accuracy are computed): free them
         release_freed_memory()
+        progress.stage("optimizing the fp32 graph")
         optimization = optimize(Path(tmp) / "raw.onnx", staging / VARIANT_FILES["fp32"], external)
         if "fp16" in plan.dtypes:
+            progress.stage("writing the fp16 variant")
             save_fp16(Path(tmp) / "raw.fp16.onnx", staging / VARIANT_FILES["fp16"], external)
         if "int8" in plan.dtypes:
+            progress.stage("quantizing to int8")
             calibration = calibration_sequences(plan.calibration_data, checked.encoder)
             make_int8(Path(tmp) / "raw.onnx", staging / VARIANT_FILES["int8"], calibration, external)
         paths = {d: staging / VARIANT_FILES[d] for d in plan.dtypes}
         weights = {d: check_weights_files(path, external) for d, path in paths.items()}
-        report = run_checks(checked, paths)
+        report = run_checks(checked, paths, progress.stage)
+        progress.stage("writing the bundle")
         tokenizer.save_pretrained(staging)
         make_readable(staging)
         manifest = build_manifest(
@@ -209,9 +225,10 @@ def export(plan: ExportPlan) -> Path:
     return output
 
 
-def verify_only(bundle_dir: str, eval_data: str | None) -> None:
+def verify_only(bundle_dir: str, eval_data: str | None, progress: Progress) -> None:
     """Check hashes and that every variant reproduces its reference rewards; then re-run the full checks
     against the source checkpoint when it is still there. Says what it could not check."""
+    progress.stage(f"checking {bundle_dir}'s files and recorded rewards")
     bundle = load_bundle(bundle_dir)  # raises on any sha256 mismatch or missing file
     manifest = bundle.manifest
     check_recorded_rewards(bundle)
@@ -221,6 +238,7 @@ def verify_only(bundle_dir: str, eval_data: str | None) -> None:
         print(f"rm-export: source checkpoint {source} is gone: parity and batch invariance not re-run")
         print(f"bundle {bundle_dir} verified: {checked}")
         return
+    progress.stage(f"loading {source}")
     model, tokenizer, _ = load_reward_model(source)
     model = to_fp32(model).eval()
     eval_data = eval_data or manifest.get("eval_data")
@@ -228,9 +246,9 @@ def verify_only(bundle_dir: str, eval_data: str | None) -> None:
         eval_data = None
     if "int8" in bundle.variants and not eval_data:
         print("rm-export: no eval data (pass --eval-data): int8's pairwise accuracy against fp32 not re-checked")
-    report = run_checks(
-        prepare_checks(model, tokenizer, bundle.recipe, eval_data), {d: bundle.model_path(d) for d in bundle.variants}
-    )
+    progress.stage("PyTorch reference rewards")
+    checked_set = prepare_checks(model, tokenizer, bundle.recipe, eval_data)
+    report = run_checks(checked_set, {d: bundle.model_path(d) for d in bundle.variants}, progress.stage)
     print_table({**manifest, "parity": report, "variants": report["variants"]})
     checked += ", parity, batch invariance" + (", int8 accuracy" if "int8" in bundle.variants and eval_data else "")
     print(f"bundle {bundle_dir} verified: {checked}")

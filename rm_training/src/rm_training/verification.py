@@ -8,6 +8,7 @@ this module decides pass or fail and says why.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,8 +68,9 @@ def prepare_checks(model: RewardModel, tokenizer, recipe: InputRecipe, eval_data
     return Checked(pad_id, vset, tokenized, sides, encoder, accuracy)
 
 
-def run_checks(checked: Checked, variant_paths: dict[str, Path]) -> dict:
-    """Per variant: parity, batch invariance, accuracy; raises VerificationError listing every failure."""
+def run_checks(checked: Checked, variant_paths: dict[str, Path], stage: Callable[[str], None] = lambda _: None) -> dict:
+    """Per variant: parity, batch invariance, accuracy; raises VerificationError listing every failure.
+    `stage` is told which variant is being checked (minutes each for a large model's fp16 on a CPU)."""
     scale = max(1.0, float(np.std(checked.vset.reference)))
     report: dict = {"reward_scale": scale, "n_samples": len(checked.vset.ids), "padding_sides": list(checked.sides)}
     reference = reference_rows(checked.vset)
@@ -80,6 +82,7 @@ def run_checks(checked: Checked, variant_paths: dict[str, Path]) -> dict:
         # fp16 is meant for CUDA; without a GPU it is still checked, on the CPU provider (slowly).
         providers = ("cuda", "cpu") if dtype == "fp16" and torch.cuda.is_available() else ("cpu",)
         engine = None  # a session from a failed check must not live on while the next one is built
+        stage(f"checking {dtype}: parity, batch invariance" + (", eval accuracy" if checked.eval_groups else ""))
         try:
             engine = OnnxEngine(path, providers)
             result, alone = check_variant(engine, checked.vset, checked.pad_id, checked.sides)

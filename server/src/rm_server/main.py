@@ -44,6 +44,14 @@ class ServeArgs:
         "Model repository: NAME/VERSION/ bundles and NAME/ensemble.json ensembles, hot-reloaded (docs/operations.md).",
     )
     default_model: str | None = option(None, "Model answering requests that name none (default: the first by name).")
+    served_model_name: tuple[str, ...] = option(
+        (),
+        "Names requests may use for the model, space-separated (vLLM's flag: veRL sends its model path as "
+        "`model`). With --bundle the first NAME replaces the bundle's name in answers and metrics and the "
+        "others are aliases of it; with --model-repo every NAME is an alias of the default model (a model of "
+        "the repository with the same name wins).",
+        metavar="NAME",
+    )
     pin: str = option(
         "",
         "Pinned versions, NAME=VERSION[,NAME=VERSION]; other models serve their latest loadable version.",
@@ -139,6 +147,8 @@ class ServeArgs:
             raise ConfigError("give exactly one of --bundle and --model-repo")
         if self.poll_s < 0:
             raise ConfigError("--poll-s must not be negative")
+        if any(not name.strip() for name in self.served_model_name):
+            raise ConfigError("--served-model-name: a name must not be blank")
         self.pins()
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ConfigError("--tls-cert and --tls-key go together")
@@ -165,7 +175,10 @@ class RewardServer:
         self.config = config
         self.token = read_token(config.auth_token_file)
         self.metrics = ServiceMetrics()
-        self.registry = ModelRegistry(config.model_settings(), self.metrics, config.default_model, config.grace_s)
+        aliases = config.served_model_name[1:] if config.bundle else config.served_model_name
+        self.registry = ModelRegistry(
+            config.model_settings(), self.metrics, config.default_model, config.grace_s, default_aliases=aliases
+        )
         admin = self.reload if (config.model_repo and self.token) else None
         self.inference = Inference(self.registry, self.metrics, admin)
         self.grpc = GrpcServer(
@@ -232,7 +245,8 @@ class RewardServer:
         """The bundle, or the repository's models; start-up fails when nothing can be served."""
         if self.config.bundle:
             bundle = load_bundle(self.config.bundle, verify=False)  # hashes are checked by add()
-            await self.registry.add(bundle.manifest["name"], str(bundle.manifest["version"]), Path(self.config.bundle))
+            name = next(iter(self.config.served_model_name), bundle.manifest["name"])
+            await self.registry.add(name, str(bundle.manifest["version"]), Path(self.config.bundle))
             return
         report = await self.reload()
         if not self.registry.versions:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -45,7 +45,12 @@ def files_signature(directory: Path) -> tuple:
 
 class ModelRegistry:
     def __init__(
-        self, settings: ModelSettings, metrics: ServiceMetrics, default_model: str | None = None, grace_s: float = 30.0
+        self,
+        settings: ModelSettings,
+        metrics: ServiceMetrics,
+        default_model: str | None = None,
+        grace_s: float = 30.0,
+        default_aliases: Sequence[str] = (),
     ):
         self.settings, self.metrics, self.grace_s = settings, metrics, grace_s
         self._rejected: dict[str, tuple] = {}
@@ -55,6 +60,8 @@ class ModelRegistry:
         """Per model, the version requests without model_version get."""
         self.ensembles: dict[str, Ensemble] = {}
         self.default_model = default_model
+        self.default_aliases = tuple(dict.fromkeys(default_aliases))
+        """Other names of the default model (--served-model-name): trainers send their own name for it."""
         self._lock = asyncio.Lock()
         self._draining: set[asyncio.Task] = set()
         """Versions replaced or deleted by a scan, finishing their calls in the background."""
@@ -63,6 +70,8 @@ class ModelRegistry:
 
     def resolve(self, name: str, version: str) -> ModelVersion | Ensemble:
         name = name or self.default_model or ""
+        if name in self.default_aliases and name not in self.versions and name not in self.ensembles:
+            name = self.default_model or ""
         if name in self.ensembles:
             return self.ensembles[name]
         versions = self.versions.get(name)
@@ -113,12 +122,22 @@ class ModelRegistry:
                 [],
                 model.identity.sha256,
                 model.bundle.recipe.max_length,
+                self.default_aliases if name == self.default_model else (),
             )
             for name, versions in list(self.versions.items())
             for version, model in list(versions.items())
         ]
         ensembles = [
-            HeldModel(e.name, e.version, True, e.name == self.default_model, list(e.members), "", None)
+            HeldModel(
+                e.name,
+                e.version,
+                True,
+                e.name == self.default_model,
+                list(e.members),
+                "",
+                None,
+                self.default_aliases if e.name == self.default_model else (),
+            )
             for e in self.ensembles.values()
         ]
         return bundles + ensembles

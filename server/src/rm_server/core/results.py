@@ -101,6 +101,8 @@ class HeldModel:
     sha256: str
     max_length: int | None
     """None for an ensemble."""
+    aliases: tuple[str, ...] = ()
+    """Other names requests may give it (--served-model-name)."""
 
 
 @dataclass(frozen=True)

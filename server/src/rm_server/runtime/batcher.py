@@ -1,19 +1,24 @@
 """Dynamic cross-request batching: one asyncio task owns the queue and forms batches for the engine.
 
 Waiting requests take turns: a batch's candidates are drawn round-robin across them, one sample of each
-per round in arrival order, so a one-sample request is never stuck behind a 4,096-sample one (with one
-queue in arrival order it waited for all of it). A batch starts with the first candidate (the oldest
-request's next sample, so nothing starves) and is filled with the candidates closest to it in length (so
-little padding is wasted), until the padded token budget (`max_batch_tokens`) or the row cap
-(`max_batch_size`) is reached, waiting at most `max_delay_ms` for more work when the batch is not full.
-A request's samples may land in several batches and are reassembled in order. The engine runs in a
-worker thread, never on the event loop. Nothing here imports onnxruntime or protobuf: the engine is
-anything with `score(ids, mask) -> rewards`.
+per round in turn order, so a one-sample request is never stuck behind a 4,096-sample one (with one
+queue in arrival order it waited for all of it). A batch starts with the first candidate (the next turn's
+sample, so nothing starves) and is filled with the candidates closest to it in length (so little padding
+is wasted) and at most twice as long or 64 tokens (so a short request's batch is not padded to a bulk request's
+length), until the padded token budget (`max_batch_tokens`) or the row cap (`max_batch_size`) is reached,
+waiting at most `max_delay_ms` for more work when the batch is not full.
+
+A request that just arrived takes its first turn before the requests already served, and the batch formed
+behind the running one but not started yet is formed again for it: its wait is the rest of the running
+batch plus its own. Jumps are paid for in tokens: they spend a credit that the batches led by requests
+already served earn, at most one batch's worth, so clients that always have a new request waiting take
+turns with a bulk request (jumps take at most about half the tokens) instead of holding it back until they stop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import logging
 import threading
@@ -33,6 +38,8 @@ from rm_server.runtime.gpu_memory import free_gpu_memory
 log = logging.getLogger(__name__)
 PIPELINE_DEPTH = 2
 """Batches in hand at once: one in the engine, the next formed and padded behind it."""
+SHORT_ROW_TOKENS = 64
+"""A batch led by a short sample may still take rows up to this long (twice the leader's length otherwise)."""
 
 
 class Engine(Protocol):
@@ -158,6 +165,8 @@ class _Job:
     """Indices of the samples not in a batch yet, in order."""
     queue_s: float = 0.0
     inference_s: float = 0.0
+    served: bool = False
+    """Some of its samples have been in a batch: it no longer jumps ahead of the others."""
 
     def __post_init__(self) -> None:
         self.rewards = np.empty(len(self.sequences), dtype=np.float32)
@@ -166,6 +175,17 @@ class _Job:
 
     def waiting_tokens(self) -> int:
         return sum(len(self.sequences[i]) for i in self.waiting)
+
+
+@dataclass(eq=False)
+class _Batch:
+    rows: list[tuple[_Job, int]]
+    jump_cost: int
+    """Tokens its leader's jump spent from the credit (negative: tokens it earned)."""
+    first_served: list[_Job]
+    """The requests it served first (new again should it be taken back)."""
+    run: concurrent.futures.Future | None = None
+    """The engine call: cancelled while still queued behind the running batch, the batch is formed again."""
 
 
 @dataclass
@@ -191,7 +211,10 @@ class Batcher:
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._task: asyncio.Task | None = None
-        self._running: set[asyncio.Task] = set()
+        self._running: dict[asyncio.Task, _Batch] = {}
+        """Batches in hand (PIPELINE_DEPTH at most): in the engine, or formed and queued behind it."""
+        self._jump_credit = config.max_batch_tokens
+        """Tokens new requests may still spend jumping ahead (see the module's docstring)."""
         self._closed = False
         self._jobs: set[_Job] = set()
         """Every job not answered yet, wherever its samples are (queue, formed batch, engine)."""
@@ -264,22 +287,26 @@ class Batcher:
         """Form batches and hand them to the engine thread, keeping at most PIPELINE_DEPTH in hand: while
         one runs, the next (when the queue already fills it) is formed and padded, so the engine never
         waits on the event loop between batches. A batch that is not full waits for the engine instead,
-        gathering what arrives meanwhile."""
+        gathering what arrives meanwhile. A new request that may jump ahead re-forms the batch queued
+        behind the running one."""
         while True:
-            self._running = {t for t in self._running if not t.done()}
+            self._running = {t: b for t, b in self._running.items() if not t.done()}
             if not self._queue:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
             if self._running:
-                if len(self._running) >= PIPELINE_DEPTH or not self._batch_is_full():
+                if self._jump_waiting() and self._take_back_queued_batch():
+                    pass  # formed again below, led by the new request
+                elif len(self._running) >= PIPELINE_DEPTH or not self._batch_is_full():
                     await self._more_work(also=self._running)  # or the engine finishing a batch
                     continue
             else:
                 await self._wait_for_more()
             batch = self._take_batch()
             if batch:
-                self._running.add(asyncio.get_running_loop().create_task(self._execute(batch), name="batch"))
+                task = asyncio.get_running_loop().create_task(self._execute(batch), name="batch")
+                self._running[task] = batch
 
     async def _more_work(self, also: Collection[asyncio.Task] = (), timeout: float | None = None) -> bool:
         """Wait until a request arrives, one of `also` finishes, or `timeout` passes; whether anything did.
@@ -292,29 +319,35 @@ class Batcher:
             wakeup.cancel()
         return bool(done)
 
-    async def _execute(self, batch: list[tuple[_Job, int]]) -> None:
+    async def _execute(self, batch: _Batch) -> None:
         """Pad, run in the engine thread, deliver. Whatever fails here (padding, the engine, a wrong number
-        of rewards) fails only this batch's requests; the metrics callback failing fails none."""
+        of rewards) fails only this batch's requests; the metrics callback failing fails none. A batch taken
+        back before the engine started it ends here quietly: its rows are waiting again."""
+        rows = batch.rows
         try:
-            sequences = [job.sequences[i] for job, i in batch]
+            sequences = [job.sequences[i] for job, i in rows]
             input_ids, attention_mask = pad_batch(sequences, self.config.pad_id)
             formed = time.perf_counter()
-            for job, _ in batch:
+            for job, _ in rows:
                 job.queue_s = max(job.queue_s, formed - job.enqueued)
-            rewards, elapsed = await asyncio.get_running_loop().run_in_executor(
-                self._executor, timed, self.engine.score, input_ids, attention_mask
-            )
-            if len(rewards) != len(batch):
-                raise RuntimeError(f"engine returned {len(rewards)} rewards for {len(batch)} rows")
+            batch.run = self._executor.submit(timed, self.engine.score, input_ids, attention_mask)
+            try:
+                rewards, elapsed = await asyncio.wrap_future(batch.run)
+            except asyncio.CancelledError:
+                if batch.run.cancelled() and not self._closed:
+                    return  # taken back (_take_back_queued_batch)
+                raise
+            if len(rewards) != len(rows):
+                raise RuntimeError(f"engine returned {len(rewards)} rewards for {len(rows)} rows")
         except Exception as e:  # noqa: BLE001 - only this batch's requests fail; the server keeps serving
-            log.exception("inference failed on a batch of %d rows", len(batch))
-            for job, _ in batch:
+            log.exception("inference failed on a batch of %d rows", len(rows))
+            for job, _ in rows:
                 if not job.future.done():
                     job.future.set_exception(InferenceFailed(f"inference failed: {type(e).__name__}: {e}"))
             return
-        for job in {id(job): job for job, _ in batch}.values():
+        for job in {id(job): job for job, _ in rows}.values():
             job.inference_s += elapsed
-        for (job, i), reward in zip(batch, rewards):
+        for (job, i), reward in zip(rows, rewards):
             job.rewards[i] = reward
             job.remaining -= 1
             if job.on_row is not None and not job.future.done():
@@ -322,9 +355,43 @@ class Batcher:
             if job.remaining == 0 and not job.future.done():
                 job.future.set_result(None)
         try:
-            self.on_batch(BatchStats(len(batch), input_ids.size, int(attention_mask.sum()), elapsed))
+            self.on_batch(BatchStats(len(rows), input_ids.size, int(attention_mask.sum()), elapsed))
         except Exception:  # noqa: BLE001 - metrics must never cost an answer
             log.exception("the per-batch metrics callback failed")
+
+    def _jump_waiting(self) -> bool:
+        """A new request waits behind one already served, and the credit lets it go first."""
+        return self._jump_credit > 0 and self._first_new_turn() > 0
+
+    def _first_new_turn(self) -> int:
+        """The queue position of the first request not served yet (-1: none)."""
+        return next((k for k, job in enumerate(self._queue) if not job.served), -1)
+
+    def _take_back_queued_batch(self) -> bool:
+        """Return the rows of the batch formed behind the running one to the queue, if the engine has not
+        started it; whether it did."""
+        queued = [  # never one led by a jump: new requests would take each other's turns back and forth
+            (t, b) for t, b in self._running.items() if b.run is not None and not b.run.running() and b.jump_cost <= 0
+        ]
+        if len(self._running) < PIPELINE_DEPTH or not queued:
+            return False
+        task, batch = queued[-1]
+        if not batch.run.cancel():
+            return False  # the engine thread took it meanwhile
+        del self._running[task]
+        returned: dict[_Job, list[int]] = {}
+        for job, i in batch.rows:
+            returned.setdefault(job, []).append(i)
+        for job, indices in returned.items():
+            job.waiting = sorted(job.waiting + indices)
+            self._waiting_samples += len(indices)
+            self._waiting_tokens += sum(len(job.sequences[i]) for i in indices)
+        self._jump_credit += batch.jump_cost
+        for job in batch.first_served:
+            job.served = False
+        # their turn comes back first, as it was before they were taken (new requests still jump ahead)
+        self._queue = list(returned) + [job for job in self._queue if job not in returned]
+        return True
 
     async def _wait_for_more(self) -> None:
         """Let a not-yet-full batch gather more work, at most max_delay_ms after its oldest sample arrived."""
@@ -339,7 +406,7 @@ class Batcher:
             self._waiting_samples >= self.config.max_batch_size or self._waiting_tokens >= self.config.max_batch_tokens
         )
 
-    def _take_batch(self) -> list[tuple[_Job, int]]:
+    def _take_batch(self) -> _Batch | None:
         """The first candidate plus the candidates nearest to it in length, within the budgets.
 
         Only the first `lookahead` batches' worth of candidates (round-robin across requests) are looked at,
@@ -347,40 +414,58 @@ class Batcher:
         and advances at a steady share while padding stays low.
         """
         self._drop_finished()
-        candidates = self._candidates(self.config.lookahead * self.config.max_batch_size)
+        jump = self._jump_waiting()
+        turns = [job for job in self._queue if not job.served] + [job for job in self._queue if job.served]
+        candidates = self._candidates(
+            turns if jump else self._queue, self.config.lookahead * self.config.max_batch_size
+        )
         if not candidates:
-            return []
+            return None
         lengths = [len(job.sequences[i]) for job, i in candidates]
         order = sorted(range(len(candidates)), key=lambda k: (abs(lengths[k] - lengths[0]), k))
+        longest_allowed = max(2 * lengths[0], SHORT_ROW_TOKENS)
         chosen, longest = [], 0
         for k in order:
             if len(chosen) == self.config.max_batch_size:
                 break
-            if max(longest, lengths[k]) * (len(chosen) + 1) > self.config.max_batch_tokens:
+            if lengths[k] > longest_allowed and chosen:
+                continue
+            if max(longest, lengths[k]) * (len(chosen) + 1) > self.config.max_batch_tokens and chosen:
                 continue
             chosen.append(k)
             longest = max(longest, lengths[k])
-        chosen = chosen or [0]  # a leader over the token budget alone runs alone, rather than never
-        batch = [candidates[k] for k in sorted(chosen)]
+        rows = [candidates[k] for k in sorted(chosen)]
+        padded = longest * len(rows)
+        leader = candidates[0][0]
+        if jump and not leader.served:
+            cost = padded  # spent by jumping ahead
+        elif leader.served:
+            cost = -min(padded, self.config.max_batch_tokens - self._jump_credit)  # earned, up to one batch
+        else:
+            cost = 0  # a new request's turn in arrival order neither spends nor earns
+        self._jump_credit -= cost
         taken: dict[_Job, set[int]] = {}
-        for job, i in batch:
+        for job, i in rows:
             taken.setdefault(job, set()).add(i)
+        first_served = [job for job in taken if not job.served]
         for job, indices in taken.items():
             job.waiting = [i for i in job.waiting if i not in indices]
-        self._waiting_samples -= len(batch)
+            job.served = True
+        self._waiting_samples -= len(rows)
         self._waiting_tokens -= sum(lengths[k] for k in chosen)
         # the requests served go to the back: the next batch starts with one that was not (a short request
         # behind a long one would otherwise never lead a batch, and never be nearest the leader's length)
         self._queue = [job for job in self._queue if job not in taken and job.waiting] + [
             job for job in self._queue if job in taken and job.waiting
         ]
-        return batch
+        return _Batch(rows, cost, first_served)
 
-    def _candidates(self, limit: int) -> list[tuple[_Job, int]]:
+    @staticmethod
+    def _candidates(turns: list[_Job], limit: int) -> list[tuple[_Job, int]]:
         """Up to `limit` waiting samples in turn order: round r holds the r-th waiting sample of every
-        request that has one, requests in arrival order."""
+        request that has one, requests in `turns` order."""
         candidates: list[tuple[_Job, int]] = []
-        active, r = self._queue, 0
+        active, r = turns, 0
         while active and len(candidates) < limit:
             for job in active:
                 candidates.append((job, job.waiting[r]))

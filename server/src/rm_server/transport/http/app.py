@@ -115,7 +115,11 @@ class HttpServer:
         # handler_cancellation: a client that hangs up cancels its handler, so its request stops tokenizing
         # (as gRPC cancels). auto_decompress off: bodies are never decompressed (compressed ones are refused
         # with 415 by `body.json_body`), so no Content-Encoding reaches aiohttp's decoders.
-        self._runner = web.AppRunner(self.app, access_log=None, handler_cancellation=True, auto_decompress=False)
+        # shutdown_timeout: the drain (--grace-s) has already waited for the calls in flight when the port
+        # closes; aiohttp's default would let one still running hold the exit for 60 s more
+        self._runner = web.AppRunner(
+            self.app, access_log=None, handler_cancellation=True, auto_decompress=False, shutdown_timeout=1.0
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port, ssl_context=ssl_context)
         await site.start()

@@ -111,9 +111,9 @@ class VllmRoutes:
         return web.json_response(answer(request_id, parsed, result), headers=model_headers(result.model))
 
     async def models(self, request: web.Request) -> web.Response:
-        cards = [
+        cards = [  # one card per name a request may give, as vLLM lists each --served-model-name
             {
-                "id": m.name,
+                "id": name,
                 "object": "model",
                 "created": self.created,
                 "owned_by": "rewardserve",
@@ -124,6 +124,7 @@ class VllmRoutes:
                 "reward_model": {"name": m.name, "version": m.version, "sha256": m.sha256},
             }
             for m in self.inference.served_models()
+            for name in (m.name, *m.aliases)
         ]
         return web.json_response({"object": "list", "data": cards})
 
