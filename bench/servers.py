@@ -8,6 +8,7 @@ import subprocess
 import sys
 import sysconfig
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,7 +38,7 @@ def stop(process: subprocess.Popen) -> None:
         process.wait()
 
 
-def _wait_ready(process: subprocess.Popen, ready: Callable[[], bool], name: str, timeout_s: float = 240) -> None:
+def wait_ready(process: subprocess.Popen, ready: Callable[[], bool], name: str, timeout_s: float = 240) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -60,6 +61,28 @@ def rm_serve(
         yield server.target, server.process
     finally:
         stop(server.process)
+
+
+@contextmanager
+def rm_serve_http(bundle: str, variant: str) -> Iterator[tuple[str, str]]:
+    """A running rm-serve with its HTTP port and its metrics endpoint: yields (base URL, metrics URL)."""
+    http_port = free_port()
+    server = start_server(bundle, None, "--variant", variant, "--http-port", str(http_port), timeout_s=600)
+    try:
+        yield f"http://127.0.0.1:{http_port}", f"http://127.0.0.1:{server.metrics_port}/metrics"
+    finally:
+        stop(server.process)
+
+
+def counters(metrics_url: str, names: tuple[str, ...]) -> dict[str, float]:
+    """Each Prometheus sample in `names` (a counter, or a histogram's _sum or _count), summed over its labels."""
+    totals = dict.fromkeys(names, 0.0)
+    with urllib.request.urlopen(metrics_url, timeout=30) as response:
+        for line in response.read().decode().splitlines():
+            name = line.split("{")[0].split(" ")[0]
+            if name in totals:
+                totals[name] += float(line.rsplit(" ", 1)[1])
+    return totals
 
 
 def _http_ready(base_url: str, protocol: loadgen.HttpProtocol) -> Callable[[], bool]:
@@ -85,7 +108,7 @@ def naive_server(checkpoint: str) -> Iterator[str]:
     )
     base_url = f"http://127.0.0.1:{port}"
     try:
-        _wait_ready(process, _http_ready(base_url, loadgen.NAIVE), "naive server")
+        wait_ready(process, _http_ready(base_url, loadgen.NAIVE), "naive server")
         yield base_url
     finally:
         stop(process)
@@ -127,7 +150,7 @@ def pytriton_server(bundle: str, variant: str) -> Iterator[str]:
     )
     base_url = f"http://127.0.0.1:{port}"
     try:
-        _wait_ready(process, _http_ready(base_url, loadgen.TRITON), "pytriton server")
+        wait_ready(process, _http_ready(base_url, loadgen.TRITON), "pytriton server")
         yield base_url
     finally:
         stop(process)

@@ -32,11 +32,11 @@ from pathlib import Path
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from servers import rm_serve
+from servers import counters, rm_serve, rm_serve_http
 
 from rm_contract.pb import reward_pb2 as pb
 from rm_contract.pb import reward_pb2_grpc
-from rm_server.launch import free_port, start_server, stop_server, timed_score
+from rm_server.launch import timed_score
 
 
 def sample(text: str) -> pb.Sample:
@@ -106,13 +106,9 @@ def classify(base_url: str, body: bytes, timeout_s: float = 600) -> None:
 
 def batch_seconds(metrics_url: str) -> tuple[float, float]:
     """(engine seconds, batches) run so far, from the server's rm_batch_inference_seconds histogram."""
-    values = {}
-    with urllib.request.urlopen(metrics_url, timeout=30) as response:
-        for line in response.read().decode().splitlines():
-            name, _, value = line.partition(" ")
-            if name in ("rm_batch_inference_seconds_sum", "rm_batch_inference_seconds_count"):
-                values[name] = float(value)
-    return values["rm_batch_inference_seconds_sum"], values["rm_batch_inference_seconds_count"]
+    names = ("rm_batch_inference_seconds_sum", "rm_batch_inference_seconds_count")
+    values = counters(metrics_url, names)
+    return values[names[0]], values[names[1]]
 
 
 def bulk_mix(base_url: str, metrics_url: str, seconds: float) -> dict:
@@ -218,14 +214,9 @@ def main() -> None:
         results["idle"] = probes(target, args.seconds, None)
         print("probes while another client sends maximum-size requests ...", flush=True)
         results["under_maximum_size_requests"] = probes(target, args.seconds, maximum_size_load(target))
-    http_port = free_port()
-    server = start_server(args.bundle, None, "--variant", "fp32", "--http-port", str(http_port), timeout_s=240)
-    try:
+    with rm_serve_http(args.bundle, "fp32") as (base_url, metrics_url):
         print("a 1-sample /classify every 100 ms, idle and while 4,096 x 300 ids are scored ...", flush=True)
-        metrics_url = f"http://127.0.0.1:{server.metrics_port}/metrics"
-        results["bulk_mix"] = bulk_mix(f"http://127.0.0.1:{http_port}", metrics_url, args.seconds)
-    finally:
-        stop_server(server)
+        results["bulk_mix"] = bulk_mix(base_url, metrics_url, args.seconds)
     with rm_serve(args.bundle, "fp32", ["--max-queue", "64", "--tokenizer-processes", "1"]) as (target, _):
         print("10x burst against --max-queue 64 ...", flush=True)
         results["burst"] = burst(target)

@@ -25,6 +25,7 @@ import subprocess
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,12 +34,12 @@ import torch
 from report import bar_plot
 from rlhf_bench import GROUP_SIZE, rlhf_groups
 from serve_bench import demo_pairs, describe_machine
-from servers import ROOT, stop
+from servers import ROOT, counters, rm_serve_http, stop, wait_ready
 from transformers import AutoModelForSequenceClassification
 
 from rm_contract.bundle import Bundle, load_bundle
 from rm_contract.recipe import Sample
-from rm_server.launch import free_port, start_server
+from rm_server.launch import free_port
 
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
 POINTS = (("per_sample", 1, 32), ("per_sample", 1, 64), ("per_group", GROUP_SIZE, 8))
@@ -70,21 +71,18 @@ def make_workloads(bundle: Bundle, groups: int, seed: int) -> Workloads:
     return Workloads(points, samples(1, seed, False)[:4])
 
 
+def http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=5):
+            return True
+    except OSError:
+        return False
+
+
 def post_json(url: str, body: dict, timeout: float = 600) -> dict:
     request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=timeout) as response:
         return json.loads(response.read())
-
-
-def counters(metrics_url: str, names: tuple[str, ...]) -> dict[str, float]:
-    """Each Prometheus counter in `names`, summed over its labels."""
-    totals = dict.fromkeys(names, 0.0)
-    with urllib.request.urlopen(metrics_url, timeout=30) as response:
-        for line in response.read().decode().splitlines():
-            name = line.split("{")[0].split(" ")[0]
-            if name in totals:
-                totals[name] += float(line.rsplit(" ", 1)[1])
-    return totals
 
 
 def closed_loop(url: str, sequences: list[list[int]], per_request: int, in_flight: int) -> dict:
@@ -125,38 +123,30 @@ def closed_loop(url: str, sequences: list[list[int]], per_request: int, in_fligh
     }
 
 
-def run_points(url: str, workloads: Workloads, computed) -> dict:
+def run_points(url: str, workloads: Workloads, tokens: Callable[[], dict[str, float]]) -> dict:
     """Every point against one running server, each on its own samples (vLLM's prefix cache would otherwise
-    answer a point from the one before); `computed()` reads the server's token counters."""
+    answer a point from the one before); `tokens()` reads the server's token counts so far, by kind."""
     post_json(url + "/classify", {"input": workloads.warm_up, "use_activation": False})
     points = {}
     for (mode, per_request, in_flight), sequences in zip(POINTS, workloads.points):
-        before = computed()
+        before = tokens()
         point = closed_loop(url, sequences, per_request, in_flight)
-        after = computed()
-        if before is not None:
-            point["tokens_computed"] = {k: round(after[k] - before[k]) for k in after}
+        point["tokens_computed"] = {kind: round(count - before[kind]) for kind, count in tokens().items()}
         points[f"{mode}_c{in_flight}"] = point
         print(f"  {mode} c={in_flight}: {point['samples_per_s']} samples/s", flush=True)
     return points
 
 
 def rm_serve_points(bundle: str, variant: str, workloads: Workloads) -> dict:
-    http_port = free_port()
-    server = start_server(bundle, None, "--variant", variant, "--http-port", str(http_port), timeout_s=600)
-    names = ("rm_tokens_total", "rm_batch_tokens_sum")
-    try:
-        metrics = f"http://127.0.0.1:{server.metrics_port}/metrics"
-        points = run_points(f"http://127.0.0.1:{http_port}", workloads, lambda: counters(metrics, names))
-    finally:
-        stop(server.process)
-    for point in points.values():
-        real, padded = (
-            point["tokens_computed"].pop("rm_tokens_total"),
-            point["tokens_computed"].pop("rm_batch_tokens_sum"),
-        )
-        point["tokens_computed"] = {"real": real, "padding": padded - real}
-    return points
+    def tokens() -> dict[str, float]:  # the padded tokens of its batches, less the real ones
+        counted = counters(metrics_url, ("rm_tokens_total", "rm_batch_tokens_sum"))
+        return {
+            "real": counted["rm_tokens_total"],
+            "padding": counted["rm_batch_tokens_sum"] - counted["rm_tokens_total"],
+        }
+
+    with rm_serve_http(bundle, variant) as (base_url, metrics_url):
+        return run_points(base_url, workloads, tokens)
 
 
 def vllm_points(checkpoint: str, dtype: str, max_length: int, workloads: Workloads, log: Path) -> dict:
@@ -172,28 +162,19 @@ def vllm_points(checkpoint: str, dtype: str, max_length: int, workloads: Workloa
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 900
-        while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"vLLM exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=5):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"vLLM not ready in 900 s:\n{log.read_text()[-3000:]}") from None
-                time.sleep(2)
-        names = ("vllm:prompt_tokens_total", "vllm:prefix_cache_hits_total")
-        points = run_points(url, workloads, lambda: counters(url + "/metrics", names))
+        try:
+            wait_ready(process, lambda: http_ok(url + "/health"), "vLLM", timeout_s=900)
+        except RuntimeError as e:
+            raise RuntimeError(f"{e}:\n{log.read_text()[-3000:]}") from None
+
+        def tokens() -> dict[str, float]:  # the prompt tokens it was sent, less those its prefix cache held
+            counted = counters(url + "/metrics", ("vllm:prompt_tokens_total", "vllm:prefix_cache_hits_total"))
+            prompt = counted["vllm:prompt_tokens_total"]
+            return {"prompt": prompt, "computed": prompt - counted["vllm:prefix_cache_hits_total"]}
+
+        return run_points(url, workloads, tokens)
     finally:
         stop(process)
-    for point in points.values():
-        counted = point["tokens_computed"]
-        point["tokens_computed"] = {
-            "prompt": counted["vllm:prompt_tokens_total"],
-            "computed": counted["vllm:prompt_tokens_total"] - counted["vllm:prefix_cache_hits_total"],
-        }
-    return points
 
 
 def transformers_rewards(checkpoint: str, sequences: list[list[int]]) -> list[float]:

@@ -68,6 +68,9 @@ class ModelRegistry:
 
     # --- requests -----------------------------------------------------------------------------------------
 
+    def _aliases(self, name: str) -> tuple[str, ...]:
+        return self.default_aliases if name == self.default_model else ()
+
     def resolve(self, name: str, version: str) -> ModelVersion | Ensemble:
         name = name or self.default_model or ""
         if name in self.default_aliases and name not in self.versions and name not in self.ensembles:
@@ -122,7 +125,7 @@ class ModelRegistry:
                 [],
                 model.identity.sha256,
                 model.bundle.recipe.max_length,
-                self.default_aliases if name == self.default_model else (),
+                self._aliases(name),
             )
             for name, versions in list(self.versions.items())
             for version, model in list(versions.items())
@@ -136,7 +139,7 @@ class ModelRegistry:
                 list(e.members),
                 "",
                 None,
-                self.default_aliases if e.name == self.default_model else (),
+                self._aliases(e.name),
             )
             for e in self.ensembles.values()
         ]

@@ -415,10 +415,10 @@ class Batcher:
         """
         self._drop_finished()
         jump = self._jump_waiting()
-        turns = [job for job in self._queue if not job.served] + [job for job in self._queue if job.served]
-        candidates = self._candidates(
-            turns if jump else self._queue, self.config.lookahead * self.config.max_batch_size
-        )
+        turns = self._queue
+        if jump:  # the new requests first, in arrival order
+            turns = [job for job in turns if not job.served] + [job for job in turns if job.served]
+        candidates = self._candidates(turns, self.config.lookahead * self.config.max_batch_size)
         if not candidates:
             return None
         lengths = [len(job.sequences[i]) for job, i in candidates]
