@@ -141,9 +141,9 @@ def torch_reference(checkpoint: Path, sequences: list[list[int]], parity_set: li
 
 
 def ort_offline(bundle: Path, sequences: list[list[int]], pad_id: int, provider: str) -> dict:
-    from rm_server.runtime.engine import PROVIDERS, OnnxEngine
+    from rm_server.runtime.engine import PROVIDERS, open_engine
 
-    engine = OnnxEngine(load_bundle(bundle).model_path("fp16"), (provider,))
+    engine = open_engine(load_bundle(bundle), "fp16", (provider,))
     if engine.providers[0] != PROVIDERS[provider]:
         raise SystemExit(f"onnxruntime did not start {PROVIDERS[provider]}: {engine.providers}")
     result = sweeps.offline_best(engine.score, sequences, pad_id, batch_sizes=(16, 32, 64, 128))

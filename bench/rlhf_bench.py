@@ -26,7 +26,7 @@ from serve_bench import demo_pairs, describe_machine
 
 from rm_contract.bundle import load_bundle
 from rm_contract.recipe import Sample
-from rm_server.runtime.engine import OnnxEngine
+from rm_server.runtime.engine import open_engine
 
 GROUP_SIZE = 8
 PROMPT_TOKENS = (30, 300)
@@ -98,7 +98,7 @@ def main() -> None:
         "concurrency": {"per_sample": args.concurrency, "per_group": group_concurrency},
     }
     print("offline ONNX Runtime limit ...", flush=True)
-    result["offline_ort"] = sweeps.offline_best(OnnxEngine(bundle.model_path("fp32")).score, sequences, pad_id)
+    result["offline_ort"] = sweeps.offline_best(open_engine(bundle, "fp32").score, sequences, pad_id)
     print("rm-serve ...", flush=True)
     with servers.rm_serve(args.bundle, "fp32") as (target, _):
         result["server_per_sample"] = loadgen.load_grpc_points(target, per_sample, [args.concurrency])[

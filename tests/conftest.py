@@ -23,7 +23,7 @@ from rm_contract.backbones import resolve_backbone
 from rm_contract.bundle import load_bundle
 from rm_contract.padding import pad_batch
 from rm_contract.recipe import Sample
-from rm_server.runtime.engine import OnnxEngine
+from rm_server.runtime.engine import open_engine
 from rm_training.train import TrainConfig, train
 
 GOOD = ["great", "wonderful", "lovely", "excellent", "fantastic", "delightful", "superb", "pleasant"]
@@ -189,7 +189,7 @@ def random_texts(rng: random.Random, n: int) -> list[tuple[str, str]]:
 def reference(encoder_bundle):
     """Each sample scored alone by ONNX Runtime in this process, from the same bundle."""
     bundle = load_bundle(encoder_bundle)
-    engine, encoder = OnnxEngine(bundle.model_path("fp32")), bundle.sample_encoder()
+    engine, encoder = open_engine(bundle, "fp32"), bundle.sample_encoder()
 
     def score_alone(prompt: str, response: str) -> float:
         ids = encoder.encode(Sample.from_text(prompt, response)).ids

@@ -10,20 +10,21 @@ import numpy as np
 import pytest
 
 from rm_contract.bundle import load_bundle
+from rm_contract.packing import pack_batch
 from rm_contract.padding import pad_batch
 from rm_server.core.metrics import ServiceMetrics
 from rm_server.core.model_version import ModelVersion
 from rm_server.core.settings import ModelSettings
 from rm_server.runtime import batcher as batcher_module
 from rm_server.runtime.batcher import BatcherConfig, budget_from_memory, gpu_token_budget
-from rm_server.runtime.engine import OnnxEngine
+from rm_server.runtime.engine import open_engine
 
 
 @pytest.fixture(scope="module")
 def engines(encoder_bundle):
-    path = load_bundle(encoder_bundle).model_path("fp32")
-    plain, bound = OnnxEngine(path), OnnxEngine(path)
-    bound.reserve(tokens=512, rows=8)
+    bundle = load_bundle(encoder_bundle)
+    plain, bound = open_engine(bundle, "fp32"), open_engine(bundle, "fp32")
+    bound.reserve(tokens=512, samples=8)
     return plain, bound
 
 
@@ -36,9 +37,9 @@ def test_bound_batches_equal_plain_runs_whatever_came_before(engines):
     rng = np.random.default_rng(0)
     # big batches first, then smaller ones: leftovers of the bigger batch sit in the buffers
     for rows, longest in [(8, 64), (3, 20), (1, 5), (8, 8), (2, 64)]:
-        ids, mask = pad_batch(random_sequences(rng, rows, longest), 0)
-        expected = plain.session.run(None, {"input_ids": ids, "attention_mask": mask})[0]
-        got = bound.score(ids, mask)
+        batch = pack_batch(random_sequences(rng, rows, longest), bound.scoring)
+        expected = plain.session.run(None, batch.inputs())[0]
+        got = bound.score_packed(batch)
         assert got.shape == (rows,) and got.dtype == np.float32
         np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
 

@@ -28,7 +28,7 @@ from rm_server.core.metrics import ServiceMetrics
 from rm_server.core.registry import ModelRegistry
 from rm_server.core.settings import ModelSettings
 from rm_server.launch import start_server, stop_server, wait_for_log_line
-from rm_server.runtime.engine import OnnxEngine
+from rm_server.runtime.engine import open_engine
 from tests.bundles import large_vocabulary_copy
 from tests.conftest import random_texts, rm_export, served_sha256
 from tests.contract.test_bundle_integrity import constant_graph
@@ -46,7 +46,7 @@ def second_bundle(tiny_encoder_checkpoint, tmp_path_factory) -> Path:
 def scorer_of(bundle_dir: Path, normalize: bool = False):
     """One-by-one in-process scores of a bundle (optionally normalized with its statistics)."""
     bundle = load_bundle(bundle_dir)
-    engine, encoder = OnnxEngine(bundle.model_path("fp32")), bundle.sample_encoder()
+    engine, encoder = open_engine(bundle, "fp32"), bundle.sample_encoder()
     stats = bundle.manifest.get("normalization") or {}
 
     def score(prompt: str, response: str) -> float:

@@ -227,10 +227,10 @@ def test_the_int8_variant_is_served_and_named_apart_from_fp32(encoder_bundle, tm
     carry another identity than the same bundle's fp32: their rewards differ."""
     from rm_contract.padding import pad_batch
     from rm_server.launch import start_server, stop_server
-    from rm_server.runtime.engine import OnnxEngine
+    from rm_server.runtime.engine import open_engine
 
     bundle = load_bundle(encoder_bundle)
-    int8, fp32 = (OnnxEngine(bundle.model_path(v)) for v in ("int8", "fp32"))
+    int8, fp32 = (open_engine(bundle, v) for v in ("int8", "fp32"))
     encoder = bundle.sample_encoder()
     texts = random_texts(random.Random(6), 24)
     ids = [encoder.encode(Sample.from_text(p, r)).ids for p, r in texts]

@@ -21,7 +21,7 @@ import pytest
 from rm_contract.bundle import load_bundle
 from rm_contract.padding import pad_batch
 from rm_server.launch import free_port, start_server, stop_server
-from rm_server.runtime.engine import OnnxEngine
+from rm_server.runtime.engine import open_engine
 from tests.conftest import random_texts, served_sha256
 from tests.server.test_service import metrics
 
@@ -57,7 +57,7 @@ class Reference:
 
     def __init__(self, bundle_dir: Path):
         bundle = load_bundle(bundle_dir)
-        self.engine, self.pad_id = OnnxEngine(bundle.model_path("fp32")), bundle.manifest.get("pad_token_id") or 0
+        self.engine, self.pad_id = open_engine(bundle, "fp32"), bundle.manifest.get("pad_token_id") or 0
         self.max_length = bundle.recipe.max_length
         self.sha256 = served_sha256(bundle_dir)
 

@@ -29,7 +29,7 @@ from rm_contract.pb import reward_pb2 as pb
 from rm_contract.recipe import Sample
 from rm_server.launch import start_server, stop_server
 from rm_training import export
-from rm_training.model import SUPPORTED_MODEL_TYPES
+from rm_training.model import PACKABLE_ENCODERS, SUPPORTED_MODEL_TYPES
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "bundle.md"
 DECODER = dict(
@@ -127,6 +127,7 @@ def test_served_rewards_equal_alone_and_transformers_forward(matrix, model_type)
     alone = [stub.Score(pb.ScoreRequest(samples=[s], model=name), timeout=60).results[0].reward for s in samples]
     served = [r.reward for r in batched.results]
     np.testing.assert_allclose(served, alone, atol=1e-5)
+    assert load_bundle(repo / name / "1").input_form == input_form(model_type)
 
     encoder = load_bundle(repo / name / "1").sample_encoder()
     encoded = [encoder.encode(Sample.from_text(p, r)) for p, r in TEXTS]
@@ -155,13 +156,21 @@ def test_served_rewards_equal_alone_and_transformers_forward(matrix, model_type)
     np.testing.assert_allclose(compared, expected, atol=1e-4)
 
 
+def input_form(model_type: str) -> str:
+    return "padded" if model_type in ENCODERS and model_type not in PACKABLE_ENCODERS else "packed"
+
+
 def supported_table() -> str:
     """The supported-architectures table of docs/bundle.md: the model types this matrix proves."""
-    rows = ["| model type | transformers class | kind | pooling | default recipe |", "|---|---|---|---|---|"]
+    rows = [
+        "| model type | transformers class | kind | graph | pooling | default recipe |",
+        "|---|---|---|---|---|---|",
+    ]
     for model_type in ARCHITECTURES:
         encoder = model_type in ENCODERS
         rows.append(
             f"| `{model_type}` | `{SEQUENCE_CLASSIFICATION[model_type]}` | {'encoder' if encoder else 'decoder'} | "
+            + f"{input_form(model_type)} | "
             + (
                 "`cls` (its own head) | `pair` |"
                 if encoder

@@ -28,11 +28,12 @@ from transformers import (
 
 from rm_client.samples import text_samples
 from rm_contract.bundle import BundleError, hash_files, load_bundle
+from rm_contract.packing import ScoringRule, pack_batch
 from rm_contract.padding import pad_batch
 from rm_contract.pb import reward_pb2 as pb
 from rm_contract.recipe import Message, Sample
 from rm_server.launch import start_server, stop_server
-from rm_server.runtime.engine import OnnxEngine
+from rm_server.runtime.engine import OnnxEngine, open_engine
 from rm_training.export import INLINE_LIMIT_MB, ExportArgs, ExportPlan
 from rm_training.export import main as export_main
 from rm_training.model import load_reward_model, sample_encoder
@@ -46,7 +47,8 @@ from tests.contract.test_bundle_integrity import constant_graph, edit_manifest
 
 def test_encoder_bundle_holds_verified_variants_and_every_field(encoder_bundle):
     manifest = json.loads((encoder_bundle / "bundle.json").read_text())
-    assert manifest["name"] == "toy" and manifest["pooling"] == "cls" and manifest["format_version"] == 1
+    assert manifest["name"] == "toy" and manifest["pooling"] == "cls" and manifest["format_version"] == 2
+    assert manifest["input_form"] == "packed"
     assert manifest["recipe"]["template"] == "pair" and manifest["max_length"] == 256
     assert {"mean", "std", "size", "description"} <= set(manifest["normalization"])
     fp32, int8 = manifest["variants"]["fp32"], manifest["variants"]["int8"]
@@ -84,7 +86,7 @@ def test_onnx_reward_equals_pytorch_in_mixed_batches(encoder_bundle, trained_enc
         ("", "ok"),
     ]
     ids = [encoder.encode(Sample.from_text(p, r)).ids for p, r in texts]
-    engine = OnnxEngine(encoder_bundle / "model.onnx")
+    engine = open_engine(load_bundle(encoder_bundle), "fp32")
     batched = engine.score(*pad_batch(ids, tokenizer.pad_token_id))
     with torch.no_grad():
         alone = [model(torch.tensor([i]), torch.ones(1, len(i), dtype=torch.long)).item() for i in ids]
@@ -260,7 +262,7 @@ def test_trl_reward_trainer_checkpoint_exports_with_transformers_pooling(tiny_de
 
     # What TRL trains on: prompt + response + eos. The bundle must give transformers' own unpadded score.
     hf_model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "trl-rm").eval()
-    engine = OnnxEngine(out / "model.onnx")
+    engine = open_engine(load_bundle(out), "fp32")
     texts = [rows[0]["prompt"] + rows[0]["chosen"], rows[1]["prompt"] + rows[1]["rejected"] + " And more words."]
     ids = [tokenizer(t + tokenizer.eos_token)["input_ids"] for t in texts]
     with torch.no_grad():
@@ -405,14 +407,16 @@ def test_int8_variant_keeps_its_weights_in_its_own_file(tiny_decoder_checkpoint,
     export_graph(model.eval(), tmp_path / "raw.onnx")
     out = tmp_path / "bundle"
     out.mkdir()
-    make_int8(tmp_path / "raw.onnx", out / "model.int8.onnx", [[5, 6, 7, 8, 9], [10, 11, 12]] * 4, external=True)
+    rule = ScoringRule(model.pooling, 0)
+    calibration = [[5, 6, 7, 8, 9], [10, 11, 12]] * 4
+    make_int8(tmp_path / "raw.onnx", out / "model.int8.onnx", calibration, external=True, rule=rule)
     assert check_weights_files(out / "model.int8.onnx", external=True) == "model.int8.onnx.data"
     ids = [[5, 6, 7], [8, 9, 10, 11, 12]]
-    batched = OnnxEngine(out / "model.int8.onnx").score(*pad_batch(ids, 0))
-    alone = [OnnxEngine(out / "model.int8.onnx").score(*pad_batch([i], 0))[0] for i in ids]
-    np.testing.assert_allclose(batched, alone, atol=1e-5)
+    engine = OnnxEngine(out / "model.int8.onnx", scoring=rule)
+    alone = [engine.score(*pad_batch([i], 0))[0] for i in ids]
+    np.testing.assert_allclose(engine.score_packed(pack_batch(ids, rule)), alone, atol=1e-5)
     with pytest.raises(VerificationError, match="reads weights from itself; expected"):
-        make_int8(tmp_path / "raw.onnx", out / "inline.onnx", [[5, 6, 7]], external=False)
+        make_int8(tmp_path / "raw.onnx", out / "inline.onnx", [[5, 6, 7]], external=False, rule=rule)
         check_weights_files(out / "inline.onnx", external=True)
 
 
@@ -482,14 +486,14 @@ def test_checking_batches_are_bounded_in_padded_tokens(tiny_decoder_checkpoint, 
     class RecordingEngine(OnnxEngine):
         shapes: list[tuple[int, int]] = []
 
-        def score(self, input_ids, attention_mask):
-            self.shapes.append(input_ids.shape)
-            return super().score(input_ids, attention_mask)
+        def _run(self, inputs, samples):
+            self.shapes.append(inputs["input_ids"].shape)
+            return super()._run(inputs, samples)
 
     rng = np.random.default_rng(0)
     lengths = [1000, 900, 800, 700] + [20] * 36
     ids = [rng.integers(5, 1000, n).tolist() for n in lengths]
-    engine = RecordingEngine(tmp_path / "model.onnx")
+    engine = RecordingEngine(tmp_path / "model.onnx", scoring=ScoringRule(model.pooling, 0))
     result, _ = check_variant(engine, VerificationSet(ids, reference_rewards(model, ids)), 0, ("right",))
     assert result["parity_max_abs_diff"] < 1e-4 and result["batch_invariance_max_abs_diff"] < 1e-5
     assert max(rows * length for rows, length in engine.shapes) <= MAX_BATCH_TOKENS

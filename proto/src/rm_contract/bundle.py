@@ -17,10 +17,15 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from tokenizers import Tokenizer
 
+from rm_contract.packing import ScoringRule
 from rm_contract.padding import pad_batch
 from rm_contract.recipe import InputRecipe, SampleEncoder
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: graphs take the packed form (rm_contract.packing) unless `input_form` says "padded". Bundles of format 1
+(every graph padded) still load and serve, unpacked."""
+READABLE_FORMATS = (1, 2)
+INPUT_FORMS = ("packed", "padded")
 MANIFEST = "bundle.json"
 VARIANTS = ("fp32", "fp16", "int8")
 VARIANT_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
@@ -175,6 +180,15 @@ class Bundle:
     def variants(self) -> list[str]:
         return list(self.manifest["variants"])
 
+    @property
+    def input_form(self) -> str:
+        """ "packed" or "padded" (format 1 bundles, and architectures whose packed form is not proven)."""
+        return self.manifest.get("input_form", "padded")
+
+    def scoring_rule(self) -> ScoringRule:
+        """Where each sample's reward is read (the packed form reads it where the server says)."""
+        return ScoringRule(self.manifest["pooling"], self.manifest.get("pad_token_id") or 0)
+
     def model_path(self, variant: str) -> Path:
         if variant not in self.manifest["variants"]:
             raise BundleError(f"bundle {self.directory} has no {variant} variant (it has {', '.join(self.variants)})")
@@ -237,9 +251,10 @@ def load_bundle(directory: str | Path, verify: bool = True) -> Bundle:
         raise BundleError(f"{manifest_path}: invalid JSON ({e.msg})") from None
     if not isinstance(manifest, dict):
         raise BundleError(f"{manifest_path}: not a JSON object")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READABLE_FORMATS:
         raise BundleError(
-            f"{manifest_path}: format_version {manifest.get('format_version')!r}; expected {FORMAT_VERSION}"
+            f"{manifest_path}: format_version {manifest.get('format_version')!r}; this version reads "
+            f"{', '.join(map(str, READABLE_FORMATS))}"
         )
     problems = manifest_problems(manifest)
     if problems:

@@ -34,7 +34,7 @@ from rm_contract.recipe import RecipeError, SampleEncoder
 from rm_contract.records import DataError, load_groups
 from rm_training.manifest import build_manifest, write_manifest
 from rm_training.memory import peak_rss_mb, release_freed_memory, to_fp32
-from rm_training.model import CheckpointError, load_reward_model
+from rm_training.model import CheckpointError, load_reward_model, packing_unsupported
 from rm_training.onnx_export import export_graph, make_int8, optimize, save_fp16
 from rm_training.progress import Progress
 from rm_training.verification import (
@@ -72,6 +72,12 @@ class ExportArgs:
         "models whose fp32 weights exceed this keep each variant's weights in one .data file beside its"
         f" graph; 0 always does; over {INLINE_LIMIT_MB} they always do (protobuf holds at most 2 GB)",
     )
+    input_form: str = option(
+        "auto",
+        "graph input form: packed (several samples per row, no padding computed), padded (one per row), or"
+        " auto (packed where the architecture's packed form is proven)",
+        choices=("auto", "packed", "padded"),
+    )
     verify_only: str | None = option(None, "re-run the checks on an existing bundle", metavar="BUNDLE")
     progress_every_s: float = option(
         30.0, "seconds between progress lines while a stage runs, for logs (0: a line per stage only)"
@@ -105,6 +111,7 @@ class ExportArgs:
             max_length=self.max_length,
             opset=self.opset,
             external_data_over_mb=min(self.external_data_over_mb, INLINE_LIMIT_MB),
+            input_form=self.input_form,
         )
 
 
@@ -127,6 +134,7 @@ class ExportPlan:
     opset: int
     external_data_over_mb: float
     """Models whose fp32 weights exceed this keep their weights in external files (at most INLINE_LIMIT_MB)."""
+    input_form: str = "auto"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -167,17 +175,19 @@ def export(plan: ExportPlan, progress: Progress) -> Path:
             " is not pad), which scores the token before a trailing eos, not the eos itself",
             file=sys.stderr,
         )
+    packed = input_form(model, plan.input_form)
     progress.stage("PyTorch reference rewards" + (" and eval accuracy" if plan.eval_data else ""))
     checked = prepare_checks(model, tokenizer, metadata.recipe, plan.eval_data)
+    rule = checked.rule if packed else None
     output = plan.output
     with tempfile.TemporaryDirectory(dir=output.parent if output.parent.exists() else None) as tmp:
         staging = Path(tmp) / "bundle"
         staging.mkdir()
         progress.stage("exporting the fp32 graph")
-        export_graph(model, Path(tmp) / "raw.onnx", plan.opset, external)
+        export_graph(model, Path(tmp) / "raw.onnx", plan.opset, external, packed)
         if "fp16" in plan.dtypes:  # cast in place: half the memory
             progress.stage("exporting the fp16 graph")
-            export_graph(model.half(), Path(tmp) / "raw.fp16.onnx", plan.opset, external)
+            export_graph(model.half(), Path(tmp) / "raw.fp16.onnx", plan.opset, external, packed)
         model.to("meta")  # the PyTorch weights are done with (references and accuracy are computed): free them
         release_freed_memory()
         progress.stage("optimizing the fp32 graph")
@@ -188,7 +198,7 @@ def export(plan: ExportPlan, progress: Progress) -> Path:
         if "int8" in plan.dtypes:
             progress.stage("quantizing to int8")
             calibration = calibration_sequences(plan.calibration_data, checked.encoder)
-            make_int8(Path(tmp) / "raw.onnx", staging / VARIANT_FILES["int8"], calibration, external)
+            make_int8(Path(tmp) / "raw.onnx", staging / VARIANT_FILES["int8"], calibration, external, rule)
         paths = {d: staging / VARIANT_FILES[d] for d in plan.dtypes}
         weights = {d: check_weights_files(path, external) for d, path in paths.items()}
         report = run_checks(checked, paths, progress.stage)
@@ -210,6 +220,7 @@ def export(plan: ExportPlan, progress: Progress) -> Path:
             seconds=round(time.perf_counter() - started, 1),
             peak_rss_mb=peak_rss_mb(),
             external_data=external,
+            input_form="packed" if packed else "padded",
         )
         manifest = write_manifest(staging, manifest)
         if output.exists():
@@ -223,6 +234,17 @@ def export(plan: ExportPlan, progress: Progress) -> Path:
         f"peak RSS {manifest['exporter']['peak_rss_mb']:,.0f} MiB"
     )
     return output
+
+
+def input_form(model, asked: str) -> bool:
+    """Whether to export the packed form: asked for, or `auto` on an architecture whose packed form is
+    proven (the others export padded; ConfigError when packed is asked of one)."""
+    reason = packing_unsupported(model)
+    if asked == "packed" and reason:
+        raise ConfigError(f"--input-form packed: {reason}")
+    if asked == "auto" and reason:
+        print(f"rm-export: exporting the padded form ({reason})", file=sys.stderr)
+    return asked != "padded" and reason is None
 
 
 def verify_only(bundle_dir: str, eval_data: str | None, progress: Progress) -> None:

@@ -32,6 +32,7 @@ def build_manifest(
     seconds: float,
     peak_rss_mb: float,
     external_data: bool,
+    input_form: str,
 ) -> dict:
     """Every field of bundle.json but `files` (see `write_manifest`). `report` is `run_checks`'s: its
     `variants` become the manifest's, the rest is `parity`. `weights_files`: each variant's external weights
@@ -51,6 +52,7 @@ def build_manifest(
         "source_checkpoint": source_checkpoint,
         "architecture": (config.architectures or [type(model.model).__name__])[0],
         "model_type": config.model_type,
+        "input_form": input_form,
         "pooling": metadata.pooling,
         "segment_sep_id": metadata.segment_sep_id,
         "pad_token_id": model.pad_token_id,

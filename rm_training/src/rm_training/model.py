@@ -110,6 +110,91 @@ class RewardModel(nn.Module):
         return self.model.score(pooled.to(self.model.score.weight.dtype))[:, 0].float()  # fp16 models too
 
 
+PACKABLE_ENCODERS = ("bert",)
+"""Encoder types whose packed graph is proven (their [CLS] head is the pooler + classifier read at one token,
+position ids are plain 0, 1, ...). Every supported decoder type packs."""
+
+
+def packing_unsupported(model: RewardModel) -> str | None:
+    """Why this model exports in the padded form rather than the packed one; None when it packs."""
+    model_type = model.model.config.model_type
+    if model.pooling == "cls" and model_type not in PACKABLE_ENCODERS:
+        return f"model type {model_type!r}: packed encoders are {', '.join(PACKABLE_ENCODERS)}"
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        return f"model type {model_type!r} is not in the proven architecture list"
+    return None
+
+
+class PackedRewardModel(nn.Module):
+    """The packed form of a reward model (rm_contract.packing): several samples per row, each attending only
+    to itself, positions restarting per sample, one reward per sample read at its scoring position.
+
+    The attention mask is built in the graph from the group and branch ids, as the additive 4-D mask
+    transformers' eager attention takes as given. Models with sliding-window layers get the window applied
+    by position (a dict of masks by layer type where the model mixes full and sliding layers).
+    """
+
+    def __init__(self, reward_model: RewardModel):
+        super().__init__()
+        self.reward_model = reward_model
+        config = reward_model.model.config
+        self.decoder = reward_model.pooling != "cls"
+        self.window = getattr(config, "sliding_window", None) if self.decoder else None
+        layer_types = set(getattr(config, "layer_types", None) or [])
+        self.by_layer_type = "sliding_attention" in layer_types
+        if not self.by_layer_type and not getattr(config, "use_sliding_window", True):
+            self.window = None  # qwen2-style flag: configured window, unused
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        group_ids: torch.Tensor,
+        branch_ids: torch.Tensor,
+        score_positions: torch.Tensor,
+    ) -> torch.Tensor:
+        # (R, T) ids, positions, groups, branches; (N,) flat positions -> (N,) rewards
+        model = self.reward_model.model
+        rows, width = input_ids.shape
+        visible = (group_ids[:, :, None] == group_ids[:, None, :]) & (
+            (branch_ids[:, None, :] == 0) | (branch_ids[:, None, :] == branch_ids[:, :, None])
+        )
+        if self.decoder:
+            visible = visible & torch.ones(width, width, dtype=torch.bool, device=input_ids.device).tril()
+        dtype = next(model.parameters()).dtype
+        mask = self._additive(visible, dtype)
+        if self.window:
+            windowed = self._additive(
+                visible & (position_ids[:, :, None] - position_ids[:, None, :] < self.window), dtype
+            )
+            mask = {"full_attention": mask, "sliding_attention": windowed} if self.by_layer_type else windowed
+        extra = {}
+        if self.reward_model.segment_sep_id is not None:
+            extra["token_type_ids"] = packed_segment_ids(input_ids, position_ids, self.reward_model.segment_sep_id)
+        hidden = model.base_model(
+            input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False, **extra
+        ).last_hidden_state
+        scored = hidden.reshape(rows * width, -1)[score_positions]  # (N, H)
+        if self.decoder:
+            return model.score(scored.to(model.score.weight.dtype))[:, 0].float()
+        pooled = model.base_model.pooler(scored[:, None])  # BERT's pooler reads token 0 of each "row"
+        return model.classifier(model.dropout(pooled))[:, 0].float()
+
+    @staticmethod
+    def _additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """(R, T, T) bool -> (R, 1, T, T) additive mask: 0 where visible, the dtype's minimum elsewhere."""
+        return torch.zeros(visible.shape, dtype=dtype).masked_fill(~visible, torch.finfo(dtype).min)[:, None]
+
+
+def packed_segment_ids(input_ids: torch.Tensor, position_ids: torch.Tensor, sep_id: int) -> torch.Tensor:
+    """`segment_ids` per packed sample: separators counted from the sample's first token (row index minus
+    its position), not from the row's."""
+    is_sep = (input_ids == sep_id).long()
+    before = is_sep.cumsum(-1) - is_sep  # separators before each token, counted from the row's start
+    starts = torch.arange(input_ids.shape[1], device=input_ids.device) - position_ids
+    return ((before - before.gather(1, starts)) > 0).long()
+
+
 def segment_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor, sep_id: int) -> torch.Tensor:
     """BERT's pair convention from the ids alone: 0 up to and including the first separator, 1 after it."""
     is_sep = (input_ids == sep_id).long()  # (B, T)

@@ -19,12 +19,15 @@ import torch
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from rm_contract.packing import PACKED_INPUTS, PADDED_INPUTS, ScoringRule, pack_batch
 from rm_contract.padding import pad_batch
-from rm_training.model import RewardModel
+from rm_training.model import PackedRewardModel, RewardModel
 
 
-def export_graph(model: RewardModel, path: Path, opset: int = 17, external: bool = False) -> None:
-    """Trace the reward model (ids, mask) -> reward with dynamic batch and sequence axes, in the model's dtype.
+def export_graph(model: RewardModel, path: Path, opset: int = 17, external: bool = False, packed: bool = True) -> None:
+    """Trace the reward model with dynamic axes, in the model's dtype: packed (rm_contract.packing: several
+    samples per row, one reward per sample), or padded ((ids, mask) -> one reward per row) for the
+    architectures whose packed form is not proven (`packing_unsupported`).
 
     The fp16 variant is traced from the model cast to fp16, not converted from the fp32 graph: transformers
     keeps RMSNorm/LayerNorm statistics, softmax and rotary angles in fp32 under fp16 weights, and the trace
@@ -41,27 +44,32 @@ def export_graph(model: RewardModel, path: Path, opset: int = 17, external: bool
     `_shape_inference_without_weights`).
     """
     model.model.set_attn_implementation("eager")
-    example = (torch.tensor([[5, 6, 7, 8], [5, 6, 7, 8]]), torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]))
+    if packed:
+        module: torch.nn.Module = PackedRewardModel(model)
+        example = pack_batch([[5, 6, 7, 8], [5, 6, 7], [9]], ScoringRule(model.pooling, 0)).inputs()
+        names, output_axes = list(PACKED_INPUTS), {0: "samples"}
+        axes = {name: {0: "rows", 1: "width"} for name in PACKED_INPUTS} | {"score_positions": {0: "samples"}}
+        args = tuple(torch.from_numpy(example[name]) for name in names)
+    else:
+        module, names, output_axes = model, list(PADDED_INPUTS), {0: "batch"}
+        axes = {name: {0: "batch", 1: "sequence"} for name in PADDED_INPUTS}
+        args = (torch.tensor([[5, 6, 7, 8], [5, 6, 7, 8]]), torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]))
     with warnings.catch_warnings(), torch.no_grad(), _shape_inference_without_weights():
         warnings.simplefilter("ignore")  # tracer warnings about Python control flow on shapes
         torch.onnx.export(
-            model.eval(),
-            example,
+            module.eval(),
+            args,
             str(path),
-            input_names=["input_ids", "attention_mask"],
+            input_names=names,
             output_names=["reward"],
-            dynamic_axes={
-                "input_ids": {0: "batch", 1: "sequence"},
-                "attention_mask": {0: "batch", 1: "sequence"},
-                "reward": {0: "batch"},
-            },
+            dynamic_axes={**axes, "reward": output_axes},
             opset_version=opset,
             dynamo=False,
             export_params=False,  # weights become graph inputs named as in the state dict
             do_constant_folding=False,  # folding would copy weights; attach_weights folds the transposes
         )
     graph = onnx.load(str(path))
-    attach_weights(graph, model.state_dict(), path, external)
+    attach_weights(graph, module.state_dict(), path, external)
     onnx.save_model(graph, str(path))
 
 
@@ -211,20 +219,24 @@ def _cast_to(node: onnx.NodeProto) -> int:
 
 
 class _IdsReader(CalibrationDataReader):
-    """Calibration batches of one unpadded sample each."""
+    """Calibration batches of one unpadded sample each, in the graph's form (`rule` given: packed)."""
 
-    def __init__(self, sequences: list[list[int]]):
+    def __init__(self, sequences: list[list[int]], rule: ScoringRule | None):
         self._sequences = iter(sequences)
+        self._rule = rule
 
     def get_next(self) -> dict | None:
         ids = next(self._sequences, None)
         if ids is None:
             return None
-        input_ids, attention_mask = pad_batch([ids], 0)
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+        if self._rule is not None:
+            return pack_batch([ids], self._rule).inputs()
+        return dict(zip(PADDED_INPUTS, pad_batch([ids], 0)))
 
 
-def make_int8(raw_path: Path, out: Path, calibration: list[list[int]], external: bool) -> None:
+def make_int8(
+    raw_path: Path, out: Path, calibration: list[list[int]], external: bool, rule: ScoringRule | None = None
+) -> None:
     """Static int8 quantization of the matrix products, calibrated on real samples (for CPU serving).
 
     Static, not dynamic: dynamic quantization picks activation scales per batch (padding included), so a
@@ -232,6 +244,7 @@ def make_int8(raw_path: Path, out: Path, calibration: list[list[int]], external:
     the attention mask's addition would clip the mask and let padding leak into attention, and the
     activation-by-activation products of attention are a few percent of the work but their extra
     quantize/dequantize nodes cost more than they save (measured: 245 -> 264 samples/s on the demo MiniLM).
+    A packed graph (`rule` given: the bundle's scoring rule) is calibrated on packed single-sample batches.
     """
     with tempfile.TemporaryDirectory() as tmp:
         prepared = Path(tmp) / "prepared.onnx"
@@ -252,7 +265,7 @@ def make_int8(raw_path: Path, out: Path, calibration: list[list[int]], external:
             quantize_static(
                 str(prepared),
                 str(out),
-                _IdsReader(calibration),
+                _IdsReader(calibration, rule),
                 quant_format=QuantFormat.QDQ,
                 op_types_to_quantize=["MatMul", "Gemm"],
                 nodes_to_quantize=weight_products,

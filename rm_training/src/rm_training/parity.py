@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from rm_contract.packing import pack_batch
 from rm_contract.padding import pad_batch
 from rm_contract.recipe import Sample, SampleEncoder
 from rm_server.runtime.engine import OnnxEngine
@@ -91,18 +92,42 @@ def batched_rewards(
     return rewards
 
 
+def packed_rewards(
+    engine: OnnxEngine, sequences: list[list[int]], batch_size: int, seed: int, share_prefixes: bool = False
+) -> np.ndarray:
+    """Rewards from shuffled packed batches (mixed lengths sharing rows; with `share_prefixes`, samples with
+    a common prefix computing it once), returned in input order."""
+    order = list(range(len(sequences)))
+    random.Random(seed).shuffle(order)
+    rewards = np.empty(len(sequences))
+    for rows in bounded_batches(order, [len(s) for s in sequences], batch_size, MAX_BATCH_TOKENS):
+        chosen = [sequences[i] for i in rows]
+        width = sum(map(len, chosen)) if share_prefixes else None  # room for a prefix shared by all
+        batch = pack_batch(chosen, engine.scoring, width=width, share_prefixes=share_prefixes)
+        rewards[rows] = engine.score_packed(batch)
+    return rewards
+
+
 def check_variant(
     engine: OnnxEngine, vset: VerificationSet, pad_id: int, sides: tuple[str, ...]
 ) -> tuple[dict, np.ndarray]:
-    """Worst parity difference against PyTorch and worst batched-vs-alone difference in ONNX Runtime; and
-    the rewards of each sample alone."""
+    """Worst parity difference against PyTorch and worst batched-vs-alone difference in ONNX Runtime (padded
+    batches of several sizes; packed ones for a packed graph, and for a decoder packed with shared prefixes);
+    and the rewards of each sample alone."""
     alone = batched_rewards(engine, vset.ids, pad_id, 1, "right", seed=0)
-    parity, invariance = float(np.abs(alone - vset.reference).max()), 0.0
-    for side in sides:
+    batches = [
+        batched_rewards(engine, vset.ids, pad_id, batch_size, side, seed=i)
+        for side in sides
+        for i, batch_size in enumerate(BATCH_SIZES[1:])
+    ]
+    if engine.packed:
+        decoder = engine.scoring.pooling != "cls"
         for i, batch_size in enumerate(BATCH_SIZES[1:]):
-            batched = batched_rewards(engine, vset.ids, pad_id, batch_size, side, seed=i)
-            parity = max(parity, float(np.abs(batched - vset.reference).max()))
-            invariance = max(invariance, float(np.abs(batched - alone).max()))
+            batches.append(packed_rewards(engine, vset.ids, batch_size, seed=i))
+            if decoder:
+                batches.append(packed_rewards(engine, vset.ids, batch_size, seed=i, share_prefixes=True))
+    parity = max(float(np.abs(r - vset.reference).max()) for r in [alone, *batches])
+    invariance = max(float(np.abs(r - alone).max()) for r in batches)
     return {"parity_max_abs_diff": parity, "batch_invariance_max_abs_diff": invariance}, alone
 
 

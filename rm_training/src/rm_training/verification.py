@@ -16,9 +16,10 @@ import numpy as np
 import torch
 
 from rm_contract.bundle import Bundle
+from rm_contract.packing import ScoringRule
 from rm_contract.recipe import InputRecipe, SampleEncoder
 from rm_contract.records import load_groups
-from rm_server.runtime.engine import OnnxEngine
+from rm_server.runtime.engine import OnnxEngine, open_engine
 from rm_training.batching import TokenizedGroup, tokenize_groups
 from rm_training.memory import release_freed_memory
 from rm_training.model import RewardModel, sample_encoder
@@ -53,6 +54,8 @@ class Checked:
     encoder: SampleEncoder
     torch_eval_accuracy: float | None
     """PyTorch's pairwise accuracy on the eval pairs, computed up front so the weights can go before ONNX work."""
+    rule: ScoringRule
+    """Where each sample's reward is read (what a packed graph is told)."""
 
 
 def prepare_checks(model: RewardModel, tokenizer, recipe: InputRecipe, eval_data: str | None) -> Checked:
@@ -65,7 +68,7 @@ def prepare_checks(model: RewardModel, tokenizer, recipe: InputRecipe, eval_data
     sides = ("right",) if model.pooling == "cls" else ("right", "left")
     pad_id = tokenizer.pad_token_id
     accuracy = pairwise_accuracy(torch_scorer(model, pad_id), tokenized) if tokenized else None
-    return Checked(pad_id, vset, tokenized, sides, encoder, accuracy)
+    return Checked(pad_id, vset, tokenized, sides, encoder, accuracy, ScoringRule(model.pooling, pad_id))
 
 
 def run_checks(checked: Checked, variant_paths: dict[str, Path], stage: Callable[[str], None] = lambda _: None) -> dict:
@@ -84,7 +87,7 @@ def run_checks(checked: Checked, variant_paths: dict[str, Path], stage: Callable
         engine = None  # a session from a failed check must not live on while the next one is built
         stage(f"checking {dtype}: parity, batch invariance" + (", eval accuracy" if checked.eval_groups else ""))
         try:
-            engine = OnnxEngine(path, providers)
+            engine = OnnxEngine(path, providers, scoring=checked.rule)
             result, alone = check_variant(engine, checked.vset, checked.pad_id, checked.sides)
         except Exception as e:  # noqa: BLE001 - e.g. fp16 kernels missing on the CPU provider
             reason = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
@@ -139,6 +142,6 @@ def check_recorded_rewards(bundle: Bundle) -> None:
     makes at load); VerificationError naming the first that does not."""
     pad_id = bundle.manifest.get("pad_token_id") or 0
     for variant in bundle.variants:
-        problem = bundle.reference_mismatch(variant, OnnxEngine(bundle.model_path(variant)).score, pad_id)
+        problem = bundle.reference_mismatch(variant, open_engine(bundle, variant).score, pad_id)
         if problem:
             raise VerificationError(f"verification failed: {problem}")

@@ -70,11 +70,16 @@ class ServeArgs:
     )
     max_batch_tokens: int = option(
         0,
-        "Padded tokens per batch (rows x longest row); 0: 1024 on CPU (bigger batches run slower per sample "
-        "there, docs/benchmarks.md); on GPU sized from the free GPU memory after a 16384-token warm-up batch; "
-        "never below the model's max length.",
+        "Tokens computed per batch, padding included (rows x row width); 0: 1024 on CPU (bigger batches run "
+        "slower per sample there, docs/benchmarks.md); on GPU sized from the free GPU memory after a 16384-token "
+        "warm-up batch; never below the model's max length.",
     )
-    max_batch_size: int = option(64, "Rows per batch.")
+    max_batch_size: int = option(64, "Samples per batch.")
+    packing: bool = option(
+        True,
+        "Pack several samples into one row of a batch, so no padding is computed (bundles of the packed form; "
+        "--no-packing: one sample per row, for comparison).",
+    )
     max_delay_ms: float = option(
         0.0,
         "Longest wait for more work before running a batch that is not full (0: batches form while the engine "
@@ -138,6 +143,7 @@ class ServeArgs:
                 max_batch_size=self.max_batch_size,
                 max_delay_ms=self.max_delay_ms,
                 max_queue=self.max_queue,
+                packing=self.packing,
             ),
         )
 

@@ -29,7 +29,12 @@ class ServiceMetrics:
             registry=r,
         )
         self.cache_bytes = Gauge("rm_cache_bytes", "Memory held by the reward caches of the loaded models", registry=r)
-        self.tokens = Counter("rm_tokens", "Tokens scored (real, not padding)", registry=r)
+        self.tokens = Counter("rm_tokens", "Tokens of the samples scored (not padding)", registry=r)
+        self.shared_tokens = Counter(
+            "rm_shared_prefix_tokens",
+            "Tokens of the samples scored that were not computed: prefixes shared with another sample of the batch",
+            registry=r,
+        )
         self.truncated = Counter("rm_truncated_samples", "Samples truncated to the maximum length", registry=r)
         self.latency = Histogram(
             "rm_latency_seconds",
@@ -39,10 +44,13 @@ class ServiceMetrics:
             registry=r,
         )
         self.batch_size = Histogram(
-            "rm_batch_size", "Rows per batch run by the engine", buckets=SIZE_BUCKETS, registry=r
+            "rm_batch_size", "Samples per batch run by the engine", buckets=SIZE_BUCKETS, registry=r
         )
         self.batch_tokens = Histogram(
-            "rm_batch_tokens", "Padded tokens per batch run by the engine", buckets=TOKEN_BUCKETS, registry=r
+            "rm_batch_tokens",
+            "Tokens computed per batch run by the engine, padding included",
+            buckets=TOKEN_BUCKETS,
+            registry=r,
         )
         self.padding_ratio = Histogram(
             "rm_batch_padding_ratio",
@@ -62,7 +70,8 @@ class ServiceMetrics:
         self.batch_tokens.observe(stats.padded_tokens)
         self.padding_ratio.observe(1 - stats.real_tokens / stats.padded_tokens)
         self.batch_inference.observe(stats.inference_s)
-        self.tokens.inc(stats.real_tokens)
+        self.tokens.inc(stats.sample_tokens)
+        self.shared_tokens.inc(stats.sample_tokens - stats.real_tokens)
         self.samples.inc(stats.rows)
 
     def record_outcome(self, outcome: ScoreOutcome) -> None:

@@ -28,7 +28,7 @@ class ModelVersion:
         self.name, self.version, self.bundle, self.settings = name, version, bundle, settings
         path = bundle.model_path(settings.variant)
         try:
-            self.engine = OnnxEngine(path, settings.providers, settings.threads)
+            self.engine = OnnxEngine(path, settings.providers, settings.threads, bundle.scoring_rule())
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types (Fail, InvalidGraph, ...)
             first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise BundleError(f"{path}: ONNX Runtime cannot load it: {first_line[:500]}") from None

@@ -31,6 +31,7 @@ from typing import Protocol
 import numpy as np
 
 from rm_contract.config_cli import ConfigError
+from rm_contract.packing import PackedBatch, ScoringRule, Unit, pack_batch, shared_prefix_units
 from rm_contract.padding import pad_batch
 from rm_server.errors import InferenceFailed, NotReady, QueueFull
 from rm_server.runtime.gpu_memory import free_gpu_memory
@@ -46,6 +47,13 @@ class Engine(Protocol):
     def score(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray: ...
 
 
+class PackedEngine(Engine, Protocol):
+    packed: bool
+    scoring: ScoringRule
+
+    def score_packed(self, batch: PackedBatch) -> np.ndarray: ...
+
+
 @dataclass(frozen=True)
 class BatcherConfig:
     """One batcher's settings (rm-serve's flags of the same names). The rule behind each lives here:
@@ -53,8 +61,9 @@ class BatcherConfig:
     budget sized from free GPU memory."""
 
     max_batch_tokens: int = 0
-    """Padded tokens per batch (rows x longest row); 0: resolved per device (`resolved`)."""
+    """Tokens computed per batch, padding included (rows x row width); 0: resolved per device (`resolved`)."""
     max_batch_size: int = 64
+    """Samples per batch (and the rewards the engine returns at once)."""
     max_delay_ms: float = 0.0
     """Longest wait for more work before running a batch that is not full (0: batches form while the engine
     is busy, and an idle engine starts at once)."""
@@ -63,6 +72,8 @@ class BatcherConfig:
     lookahead: int = 4
     """Batches' worth of the oldest waiting samples among which a batch picks similar lengths."""
     pad_id: int = 0
+    packing: bool = True
+    """With a packed graph: several samples share a row (`--no-packing`: one sample per row, as padded)."""
 
     def validate(self) -> None:
         if self.max_batch_tokens < 0:
@@ -146,9 +157,14 @@ class BatchStats:
     """What the batcher reports per batch (for metrics)."""
 
     rows: int
+    """Samples."""
     padded_tokens: int
+    """Tokens computed, padding included."""
     real_tokens: int
+    """Tokens computed that are not padding (a shared prefix counts once)."""
     inference_s: float
+    sample_tokens: int
+    """Tokens of the samples (a shared prefix counts once per sample)."""
 
 
 @dataclass(eq=False)  # identity: jobs live in sets
@@ -180,6 +196,8 @@ class _Job:
 @dataclass(eq=False)
 class _Batch:
     rows: list[tuple[_Job, int]]
+    layout: list[list[Unit]]
+    """Per row of a packed batch, its units (members index `rows`); one sample per row when padded."""
     jump_cost: int
     """Tokens its leader's jump spent from the credit (negative: tokens it earned)."""
     first_served: list[_Job]
@@ -203,6 +221,8 @@ class Batcher:
             raise ValueError("the Batcher needs a resolved token budget (BatcherConfig.resolved)")
         self.engine = engine
         self.config = config
+        self.packed = bool(getattr(engine, "packed", False))
+        """The engine takes packed batches (a packed bundle); `config.packing` decides whether rows are shared."""
         self.on_batch = on_batch or (lambda stats: None)
         self._queue: list[_Job] = []
         """Requests with samples not in a batch yet, in arrival order."""
@@ -326,11 +346,18 @@ class Batcher:
         rows = batch.rows
         try:
             sequences = [job.sequences[i] for job, i in rows]
-            input_ids, attention_mask = pad_batch(sequences, self.config.pad_id)
+            if self.packed:
+                packed = pack_batch(sequences, self.engine.scoring, layout=batch.layout)
+                computed, real = packed.size, packed.real_tokens
+                run = (self.engine.score_packed, packed)
+            else:
+                input_ids, attention_mask = pad_batch(sequences, self.config.pad_id)
+                computed, real = input_ids.size, int(attention_mask.sum())
+                run = (self.engine.score, input_ids, attention_mask)
             formed = time.perf_counter()
             for job, _ in rows:
                 job.queue_s = max(job.queue_s, formed - job.enqueued)
-            batch.run = self._executor.submit(timed, self.engine.score, input_ids, attention_mask)
+            batch.run = self._executor.submit(timed, *run)
             try:
                 rewards, elapsed = await asyncio.wrap_future(batch.run)
             except asyncio.CancelledError:
@@ -355,7 +382,7 @@ class Batcher:
             if job.remaining == 0 and not job.future.done():
                 job.future.set_result(None)
         try:
-            self.on_batch(BatchStats(len(rows), input_ids.size, int(attention_mask.sum()), elapsed))
+            self.on_batch(BatchStats(len(rows), computed, real, elapsed, sum(map(len, sequences))))
         except Exception:  # noqa: BLE001 - metrics must never cost an answer
             log.exception("the per-batch metrics callback failed")
 
@@ -422,20 +449,14 @@ class Batcher:
         if not candidates:
             return None
         lengths = [len(job.sequences[i]) for job, i in candidates]
-        order = sorted(range(len(candidates)), key=lambda k: (abs(lengths[k] - lengths[0]), k))
-        longest_allowed = max(2 * lengths[0], SHORT_ROW_TOKENS)
-        chosen, longest = [], 0
-        for k in order:
-            if len(chosen) == self.config.max_batch_size:
-                break
-            if lengths[k] > longest_allowed and chosen:
-                continue
-            if max(longest, lengths[k]) * (len(chosen) + 1) > self.config.max_batch_tokens and chosen:
-                continue
-            chosen.append(k)
-            longest = max(longest, lengths[k])
-        rows = [candidates[k] for k in sorted(chosen)]
-        padded = longest * len(rows)
+        if self.packed and self.config.packing:
+            chosen, layout, padded = self._choose_packed([job.sequences[i] for job, i in candidates])
+            lengths = [lengths[k] for k in chosen]  # the samples' own tokens, shared prefixes included
+        else:
+            chosen, padded = self._choose_padded(lengths)
+            layout = [[Unit((i,))] for i in range(len(chosen))]
+            lengths = [lengths[k] for k in chosen]
+        rows = [candidates[k] for k in chosen]
         leader = candidates[0][0]
         if jump and not leader.served:
             cost = padded  # spent by jumping ahead
@@ -452,13 +473,71 @@ class Batcher:
             job.waiting = [i for i in job.waiting if i not in indices]
             job.served = True
         self._waiting_samples -= len(rows)
-        self._waiting_tokens -= sum(lengths[k] for k in chosen)
+        self._waiting_tokens -= sum(lengths)
         # the requests served go to the back: the next batch starts with one that was not (a short request
         # behind a long one would otherwise never lead a batch, and never be nearest the leader's length)
         self._queue = [job for job in self._queue if job not in taken and job.waiting] + [
             job for job in self._queue if job in taken and job.waiting
         ]
-        return _Batch(rows, cost, first_served)
+        return _Batch(rows, layout, cost, first_served)
+
+    def _choose_padded(self, lengths: list[int]) -> tuple[list[int], int]:
+        """The first candidate and those nearest to it in length, at most twice as long (or SHORT_ROW_TOKENS),
+        while the padded batch (rows x longest) fits: (chosen, in candidate order; tokens computed)."""
+        order = sorted(range(len(lengths)), key=lambda k: (abs(lengths[k] - lengths[0]), k))
+        longest_allowed = max(2 * lengths[0], SHORT_ROW_TOKENS)
+        chosen, longest = [], 0
+        for k in order:
+            if len(chosen) == self.config.max_batch_size:
+                break
+            if lengths[k] > longest_allowed and chosen:
+                continue
+            if max(longest, lengths[k]) * (len(chosen) + 1) > self.config.max_batch_tokens and chosen:
+                continue
+            chosen.append(k)
+            longest = max(longest, lengths[k])
+        return sorted(chosen), longest * len(chosen)
+
+    def _choose_packed(self, sequences: list[Sequence[int]]) -> tuple[list[int], list[list[Unit]], int]:
+        """The packed batch led by the first candidate: its unit (for decoders, the candidates sharing its
+        prefix: a group's prompt, whichever requests its samples came in) and the units nearest to it in
+        width, at most twice as wide (or SHORT_ROW_TOKENS), placed first-fit into rows up to that width while
+        rows x the fullest row fit the token budget. Returns (chosen, in candidate order; the rows' units,
+        members as indices into chosen; tokens computed)."""
+        lengths = [len(ids) for ids in sequences]
+        budget, cap = self.config.max_batch_tokens, self.config.max_batch_size
+        if self.engine.scoring.pooling == "cls":  # an encoder's prefix token sees what follows it: no sharing
+            units = [Unit((k,)) for k in range(len(sequences))]
+        else:
+            units = shared_prefix_units(sequences, budget, cap)
+        widths = [unit.width(lengths) for unit in units]
+        lead = next(u for u, unit in enumerate(units) if 0 in unit.members)
+        order = sorted(range(len(units)), key=lambda u: (abs(widths[u] - widths[lead]), min(units[u].members)))
+        longest_allowed = max(2 * widths[lead], SHORT_ROW_TOKENS)
+        placed: list[list[int]] = []
+        filled: list[int] = []
+        fullest = count = 0
+        for u in order:
+            n, members = widths[u], len(units[u].members)
+            if count and (count + members > cap or n > longest_allowed):
+                continue
+            row = next((r for r, used in enumerate(filled) if used + n <= longest_allowed), None)
+            rows, width = (
+                (len(placed) + 1, max(fullest, n)) if row is None else (len(placed), max(fullest, filled[row] + n))
+            )
+            if rows * width > budget and count:
+                continue
+            if row is None:
+                placed.append([])
+                filled.append(0)
+                row = len(placed) - 1
+            placed[row].append(u)
+            filled[row] += n
+            fullest, count = width, count + members
+        chosen = sorted(k for row in placed for u in row for k in units[u].members)
+        index = {k: i for i, k in enumerate(chosen)}
+        layout = [[Unit(tuple(index[k] for k in units[u].members), units[u].prefix) for u in row] for row in placed]
+        return chosen, layout, fullest * len(placed)
 
     @staticmethod
     def _candidates(turns: list[_Job], limit: int) -> list[tuple[_Job, int]]:

@@ -1,4 +1,4 @@
-"""ONNX Runtime engine: padded ids in, one reward per row out (numpy only, no torch).
+"""ONNX Runtime engine: a batch of ids in, one reward per sample out (numpy only, no torch).
 
 Serving runs through IO binding: the input and output buffers are allocated once on the session's device
 (GPU memory with CUDA or TensorRT, host memory on CPU), sized for the batcher's largest batch, and every
@@ -16,6 +16,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from rm_contract.bundle import Bundle
+from rm_contract.packing import PACKED_INPUTS, PADDED_INPUTS, PackedBatch, ScoringRule, pack_batch, unpad
+
 log = logging.getLogger(__name__)
 
 PROVIDERS = {
@@ -24,7 +27,6 @@ PROVIDERS = {
     "tensorrt": "TensorrtExecutionProvider",
 }
 GPU_PROVIDERS = ("CUDAExecutionProvider", "TensorrtExecutionProvider")
-INPUTS = ("input_ids", "attention_mask")
 ONNX_TO_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
@@ -48,10 +50,11 @@ def preload_cuda_libraries() -> None:
 
 @dataclass
 class BoundBuffers:
-    """Device buffers for the largest batch: ids and mask (tokens,) int64, rewards (rows,)."""
+    """Device buffers for the largest batch: each (R, T) input holds `tokens` ids, the per-sample ones
+    (score positions) and the rewards `samples` values."""
 
     tokens: int
-    rows: int
+    samples: int
     inputs: dict[str, ort.OrtValue]
     staging: dict[str, np.ndarray]
     """Host arrays of the buffers' size: a batch is written into these, then copied in one transfer each."""
@@ -59,9 +62,17 @@ class BoundBuffers:
 
 
 class OnnxEngine:
-    """One ONNX Runtime session over a bundle variant's model file."""
+    """One ONNX Runtime session over a bundle variant's model file, in either input form: packed
+    (rm_contract.packing: `score_packed`, and `score` on padded batches, one sample per row) or padded
+    (bundles exported before packing, and architectures that do not pack: `score` only)."""
 
-    def __init__(self, model_path: str | Path, providers: tuple[str, ...] = ("cpu",), threads: int = 0):
+    def __init__(
+        self,
+        model_path: str | Path,
+        providers: tuple[str, ...] = ("cpu",),
+        threads: int = 0,
+        scoring: ScoringRule | None = None,
+    ):
         wanted = [PROVIDERS.get(p, p) for p in providers]
         if any(p in GPU_PROVIDERS for p in wanted):
             preload_cuda_libraries()
@@ -79,8 +90,15 @@ class OnnxEngine:
         if missing:  # e.g. onnxruntime-gpu on a host without CUDA libraries: it falls back by itself
             log.warning("execution providers %s failed to start; running on %s", missing, self.providers)
         names = tuple(i.name for i in self.session.get_inputs())
-        if sorted(names) != sorted(INPUTS):
-            raise ValueError(f"{model_path}: graph inputs are {names}, expected {INPUTS}")
+        if sorted(names) == sorted(PACKED_INPUTS):
+            if scoring is None:
+                raise ValueError(f"{model_path}: a packed graph needs the bundle's scoring rule")
+            self.inputs: tuple[str, ...] = PACKED_INPUTS
+        elif sorted(names) == sorted(PADDED_INPUTS):
+            self.inputs = PADDED_INPUTS
+        else:
+            raise ValueError(f"{model_path}: graph inputs are {names}, expected {PACKED_INPUTS} or {PADDED_INPUTS}")
+        self.scoring = scoring
         (output,) = self.session.get_outputs()
         self.output_name, self.output_dtype = output.name, ONNX_TO_NUMPY.get(output.type, np.float32)
         self.device = "cuda" if self.providers[0] in GPU_PROVIDERS else "cpu"
@@ -88,38 +106,57 @@ class OnnxEngine:
         self._bound = threading.Lock()  # one batch at a time in the buffers
 
     @property
+    def packed(self) -> bool:
+        return self.inputs == PACKED_INPUTS
+
+    @property
     def on_gpu(self) -> bool:
         return self.device == "cuda"
 
-    def reserve(self, tokens: int, rows: int) -> None:
-        """Allocate the bound buffers once: batches up to `rows` rows and `tokens` padded ids run bound."""
+    def reserve(self, tokens: int, samples: int) -> None:
+        """Allocate the bound buffers once: batches up to `samples` samples (rows, padded) and `tokens`
+        computed ids run bound."""
         self.buffers = None  # free the old ones first
         new = ort.OrtValue.ortvalue_from_shape_and_type
-        inputs = {name: new([tokens], np.int64, self.device, 0) for name in INPUTS}
-        rewards = new([rows], self.output_dtype, self.device, 0)
-        staging = {name: np.zeros(tokens, dtype=np.int64) for name in INPUTS}
-        self.buffers = BoundBuffers(tokens, rows, inputs, staging, rewards)
+        sizes = {name: samples if name == "score_positions" else tokens for name in self.inputs}
+        inputs = {name: new([size], np.int64, self.device, 0) for name, size in sizes.items()}
+        rewards = new([samples], self.output_dtype, self.device, 0)
+        staging = {name: np.zeros(size, dtype=np.int64) for name, size in sizes.items()}
+        self.buffers = BoundBuffers(tokens, samples, inputs, staging, rewards)
 
     def score(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        """(B, T) int64 ids and mask -> (B,) float32 rewards. Bound when the batch fits the reserved
-        buffers; any other shape (offline checks, benchmarks) runs through a plain `run`."""
+        """(B, T) int64 ids and mask (padding on either side) -> (B,) float32 rewards."""
+        if self.packed:
+            return self.score_packed(pack_batch(unpad(input_ids, attention_mask), self.scoring, packed=False))
+        return self._run({"input_ids": input_ids, "attention_mask": attention_mask}, input_ids.shape[0])
+
+    def score_packed(self, batch: PackedBatch) -> np.ndarray:
+        """A packed batch -> one float32 reward per sample, in the batch's score_positions order."""
+        return self._run(batch.inputs(), len(batch.score_positions))
+
+    def _run(self, inputs: dict[str, np.ndarray], samples: int) -> np.ndarray:
+        """Bound when the batch fits the reserved buffers; any other shape (offline checks, benchmarks) runs
+        through a plain `run`."""
         buffers = self.buffers
-        rows = input_ids.shape[0]
-        if buffers is None or input_ids.size > buffers.tokens or rows > buffers.rows:
-            (rewards,) = self.session.run(None, {"input_ids": input_ids, "attention_mask": attention_mask})
+        if buffers is None or inputs["input_ids"].size > buffers.tokens or samples > buffers.samples:
+            (rewards,) = self.session.run(None, inputs)
             return rewards.astype(np.float32, copy=False)
         with self._bound:
-            return self._run_bound(buffers, input_ids, attention_mask)
+            return self._run_bound(buffers, inputs, samples)
 
-    def _run_bound(self, buffers: BoundBuffers, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        rows = input_ids.shape[0]
+    def _run_bound(self, buffers: BoundBuffers, inputs: dict[str, np.ndarray], samples: int) -> np.ndarray:
         binding = self.session.io_binding()
-        for name, batch in zip(INPUTS, (input_ids, attention_mask)):
+        for name, batch in inputs.items():
             staging = buffers.staging[name]
             staging[: batch.size] = batch.ravel()
             buffers.inputs[name].update_inplace(staging)  # one host-to-device copy of a fixed size
             binding.bind_input(name, self.device, 0, np.int64, list(batch.shape), buffers.inputs[name].data_ptr())
-        binding.bind_output(self.output_name, self.device, 0, self.output_dtype, [rows], buffers.rewards.data_ptr())
+        binding.bind_output(self.output_name, self.device, 0, self.output_dtype, [samples], buffers.rewards.data_ptr())
         binding.synchronize_inputs()  # the copies have landed before the graph's streams read them
         self.session.run_with_iobinding(binding)
-        return buffers.rewards.numpy()[:rows].astype(np.float32)
+        return buffers.rewards.numpy()[:samples].astype(np.float32)
+
+
+def open_engine(bundle: Bundle, variant: str, providers: tuple[str, ...] = ("cpu",), threads: int = 0) -> OnnxEngine:
+    """An engine over one of the bundle's variants, told the bundle's scoring rule."""
+    return OnnxEngine(bundle.model_path(variant), providers, threads, bundle.scoring_rule())
