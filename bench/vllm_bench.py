@@ -213,7 +213,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", required=True)
     parser.add_argument("--checkpoint", required=True, help="the Hugging Face checkpoint the bundle was exported from")
-    parser.add_argument("--groups", type=int, default=12, help="GRPO groups (x8 samples) per point")
+    parser.add_argument("--groups", type=int, default=10, help="GRPO groups (x8 samples) per point")
     parser.add_argument("--vllm-dtypes", default="float32,bfloat16")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--results", default="bench/results")

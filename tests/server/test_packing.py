@@ -15,7 +15,7 @@ import torch
 
 from rm_client import RewardClient
 from rm_contract.bundle import load_bundle
-from rm_contract.packing import ScoringRule, pack_batch, pack_rows
+from rm_contract.packing import ScoringRule, pack_batch, pack_rows, shared_prefix_units
 from rm_contract.padding import pad_batch
 from rm_contract.recipe import Sample
 from rm_server.launch import start_server, stop_server
@@ -86,10 +86,13 @@ def test_rows_are_packed_first_fit_by_decreasing_length():
     assert batch.score_positions.tolist() == [2, 5, 3]
 
 
-def test_the_batcher_packs_rows_and_no_packing_gives_one_sample_per_row(encoder_bundle):
+def test_the_batcher_fills_rows_tails_and_no_packing_gives_one_sample_per_row(encoder_bundle):
+    """Four long samples of different lengths lead a batch; with packing, short samples fill the rest of
+    their rows (a row is never made wider than its longest sample); with --no-packing each takes a row."""
     bundle = load_bundle(encoder_bundle)
     engine = open_engine(bundle, "fp32")
-    sequences = encoded_samples(bundle, 40, seed=3)
+    rng = np.random.default_rng(3)
+    sequences = [[101, *rng.integers(1000, 2000, n - 2).tolist(), 102] for n in [100, 110, 90, 120] + [8] * 16]
     alone = np.array([engine.score(*pad_batch([ids], 0))[0] for ids in sequences])
 
     def serve(packing: bool):
@@ -101,10 +104,10 @@ def test_the_batcher_packs_rows_and_no_packing_gives_one_sample_per_row(encoder_
     np.testing.assert_allclose(packed, alone, rtol=0, atol=1e-5)
     np.testing.assert_allclose(unpacked, alone, rtol=0, atol=1e-5)
     assert all(s.padded_tokens <= 512 and s.rows <= 16 for s in packed_stats + unpacked_stats)
-    computed = sum(s.padded_tokens for s in packed_stats)
-    real = sum(s.real_tokens for s in packed_stats)
-    assert real == sum(len(ids) for ids in sequences) == sum(s.real_tokens for s in unpacked_stats)
-    assert computed < sum(s.padded_tokens for s in unpacked_stats)  # packing computed less padding
+    assert [(s.rows, s.padded_tokens) for s in unpacked_stats] == [(4, 480), (16, 128)]
+    assert [(s.rows, s.padded_tokens) for s in packed_stats] == [(10, 480), (10, 80)]  # 6 short ones in the tails
+    real = [s.real_tokens for s in packed_stats]
+    assert sum(real) == sum(map(len, sequences)) == sum(s.real_tokens for s in unpacked_stats)
 
 
 def group_samples(bundle, prompts: int, responses: int) -> list[list[int]]:
@@ -197,3 +200,16 @@ def test_served_group_counts_its_shared_prompt_and_no_packing_computes_it_per_sa
     assert counted["rm_tokens_total"] == sum(map(len, ids))
     shared = counted["rm_shared_prefix_tokens_total"]
     assert (shared > 0.3 * sum(map(len, ids))) if packing else shared == 0
+
+
+def test_a_prompt_is_shared_only_where_one_wider_row_costs_less():
+    """`row_cost`: with attention free a group of long responses shares its prompt; when a token pair costs
+    as much as 1/50 of a token, the row holding all responses costs more than the rows it replaces, while
+    short responses under a long prompt still share."""
+    prompt = list(range(1000, 1100))
+    long_answers = [prompt + [10 + i] * 200 for i in range(4)]
+    short_answers = [prompt + [8 + i] * 3 for i in range(4)]
+    assert [len(u.members) for u in shared_prefix_units(long_answers, 4096)] == [4]
+    assert [len(u.members) for u in shared_prefix_units(long_answers, 4096, pair_cost=1 / 50)] == [1, 1, 1, 1]
+    assert [len(u.members) for u in shared_prefix_units(short_answers, 4096, pair_cost=1 / 50)] == [4]
+    assert [len(u.members) for u in shared_prefix_units(long_answers, 500)] == [2, 2]  # a unit fits a row

@@ -78,8 +78,14 @@ class PackedBatch:
 
 
 MIN_SHARED_PREFIX = 16
-"""Samples share their common first ids when at least this many: below it the saving is not worth a wider
-row (a chat template's system header alone is 20-30 tokens, so different prompts rarely group)."""
+"""Samples share their common first ids when at least this many (a chat template's system header alone is
+20-30 tokens: different prompts sharing only that would make wide rows for little)."""
+
+
+def row_cost(width: int, pair_cost: float) -> float:
+    """What computing a row of `width` tokens costs, in tokens: each token once, plus `pair_cost` per
+    token pair for attention (eager attention computes the whole row's scores, masked or not)."""
+    return width + pair_cost * width * width
 
 
 @dataclass(frozen=True)
@@ -110,13 +116,16 @@ def pack_rows(lengths: Sequence[int], width: int | None = None) -> list[list[int
     return rows
 
 
-def shared_prefix_units(sequences: Sequence[Sequence[int]], capacity: int, max_members: int = 1 << 30) -> list[Unit]:
+def shared_prefix_units(
+    sequences: Sequence[Sequence[int]], capacity: int, max_members: int = 1 << 30, pair_cost: float = 0.0
+) -> list[Unit]:
     """Samples grouped by common prefixes (decoders only: a prefix token must not see what follows it).
 
     Sorted by ids, samples with a common prefix are neighbours; a sample joins its neighbour's unit when
-    they share at least MIN_SHARED_PREFIX ids, the unit's saving does not shrink (a shorter common prefix
-    for more members), and the unit still fits a row of `capacity` tokens and `max_members` samples. Every
-    member keeps at least its last id in its own branch, where its reward is read."""
+    they share at least MIN_SHARED_PREFIX ids, the unit computed as one row costs less than the unit
+    without it plus the sample alone (`row_cost`: a shared prompt saves tokens, a wider row costs attention),
+    and it still fits a row of `capacity` tokens and `max_members` samples. Every member keeps at least its
+    last id in its own branch, where its reward is read."""
     order = sorted(range(len(sequences)), key=lambda i: list(sequences[i]))
     units: list[Unit] = []
     members, prefix = [order[0]], 0
@@ -124,8 +133,9 @@ def shared_prefix_units(sequences: Sequence[Sequence[int]], capacity: int, max_m
         common = min(_common_prefix(sequences[members[-1]], sequences[i]), len(sequences[i]) - 1)
         shared = min(common, prefix) if prefix else min(common, len(sequences[members[0]]) - 1)
         width = shared + sum(len(sequences[m]) - shared for m in [*members, i])
-        fits = width <= capacity and len(members) < max_members
-        if shared >= MIN_SHARED_PREFIX and len(members) * shared >= (len(members) - 1) * prefix and fits:
+        before = row_cost(prefix + sum(len(sequences[m]) - prefix for m in members), pair_cost)
+        cheaper = row_cost(width, pair_cost) < before + row_cost(len(sequences[i]), pair_cost)
+        if shared >= MIN_SHARED_PREFIX and cheaper and width <= capacity and len(members) < max_members:
             members, prefix = [*members, i], shared
         else:
             units.append(Unit(tuple(members), prefix))

@@ -94,6 +94,7 @@ def run_checks(checked: Checked, variant_paths: dict[str, Path], stage: Callable
             variants[dtype] = {"verified": False, "reason": reason}
             failures.append(f"{dtype} could not be checked ({reason})")  # unchecked is not shipped
             continue
+        report["padding_sides"] = list(checked.sides[:1] if engine.packed else checked.sides)  # as check_variant
         result["provider"] = engine.providers[0]
         result["reference_rewards"] = [float(alone[i]) for i in reference]
         result["verified"] = True

@@ -13,7 +13,7 @@ from rm_server.core.metrics import ServiceMetrics
 from rm_server.core.results import ModelIdentity
 from rm_server.core.scoring import Scorer
 from rm_server.core.settings import ModelSettings
-from rm_server.runtime.batcher import Batcher, BatcherConfig, gpu_token_budget
+from rm_server.runtime.batcher import PAIR_COST_WIDTH, Batcher, BatcherConfig, gpu_token_budget, measure_pair_cost
 from rm_server.runtime.cache import RewardCache
 from rm_server.runtime.engine import OnnxEngine
 from rm_server.runtime.tokenizer_processes import InProcessTokenizer, RequestTokenizer, TokenizerProcesses
@@ -78,6 +78,10 @@ class ModelVersion:
         if self.engine.on_gpu and not self.settings.batching.max_batch_tokens:
             budget = gpu_token_budget(self.engine, config, max_length, self.name)
             config = dataclasses.replace(config, max_batch_tokens=budget)
+        if config.pair_cost is None and self.engine.packed and config.packing and self.engine.scoring.pooling != "cls":
+            width = min(config.max_batch_tokens, 4 * max_length, PAIR_COST_WIDTH)
+            config = dataclasses.replace(config, pair_cost=measure_pair_cost(self.engine, width))
+            log.info("%s: attention costs %.2e of a token per token pair (shared prompts)", self.name, config.pair_cost)
         return config
 
     def _start_tokenizer(self) -> RequestTokenizer:

@@ -74,6 +74,9 @@ class BatcherConfig:
     pad_id: int = 0
     packing: bool = True
     """With a packed graph: several samples share a row (`--no-packing`: one sample per row, as padded)."""
+    pair_cost: float | None = None
+    """Attention's cost per token pair of a row, relative to a token's (`row_cost`): decides when samples
+    sharing a prompt compute it once in one wider row. None: measured when the model loads (`measure_pair_cost`)."""
 
     def validate(self) -> None:
         if self.max_batch_tokens < 0:
@@ -143,6 +146,28 @@ def gpu_token_budget(engine: Engine, config: BatcherConfig, max_length: int, nam
             budget,
         )
         return budget
+
+
+PAIR_COST_WIDTH = 512
+"""The widest row `measure_pair_cost` times (rows of shared prompts rarely need more to show the cost)."""
+
+
+def measure_pair_cost(engine: PackedEngine, width: int) -> float:
+    """Attention's cost per token pair relative to a token's (`row_cost`), from the engine itself: one row
+    of `width` ids against four rows of a quarter of it (the same tokens, a quarter of the pairs), the
+    faster of two runs each. A row of W tokens costs a*W + b*W^2: the two times give b and a. Never below 0
+    (noise), so a model whose attention is cheap shares prompts whenever that saves tokens."""
+    quarter = max(1, width // 4)
+    sequences = [[1] * quarter] * 4
+    narrow = pack_batch(sequences, engine.scoring, packed=False)
+    wide = pack_batch(sequences, engine.scoring, layout=[[Unit((i,)) for i in range(4)]])
+    best = {}
+    for name, batch in [("narrow", narrow), ("wide", wide)] * 2:
+        best[name] = min(best.get(name, float("inf")), timed(engine.score_packed, batch)[1])
+    w, pairs_narrow, pairs_wide = 4 * quarter, 4 * quarter**2, (4 * quarter) ** 2
+    b = max(0.0, (best["wide"] - best["narrow"]) / (pairs_wide - pairs_narrow))
+    a = max(1e-12, (best["narrow"] - b * pairs_narrow) / w)
+    return b / a
 
 
 def timed(fn, *args):
@@ -501,30 +526,34 @@ class Batcher:
     def _choose_packed(self, sequences: list[Sequence[int]]) -> tuple[list[int], list[list[Unit]], int]:
         """The packed batch led by the first candidate: its unit (for decoders, the candidates sharing its
         prefix: a group's prompt, whichever requests its samples came in) and the units nearest to it in
-        width, at most twice as wide (or SHORT_ROW_TOKENS), placed first-fit into rows up to that width while
-        rows x the fullest row fit the token budget. Returns (chosen, in candidate order; the rows' units,
-        members as indices into chosen; tokens computed)."""
+        width, within the budgets. Returns (chosen, in candidate order; the rows' units, members as indices
+        into chosen; tokens computed: rows x the fullest row).
+
+        No row is wider than the widest unit in it: eager attention computes a row's full width squared, so
+        rows made wider to hold more samples cost more per token than the padding they save (SmolLM2 on CPU:
+        7% at twice the width, 40% at four times; docs/benchmarks.md). Packing fills rows' tails; a unit is
+        wider than its members only where `shared_prefix_units` found that cheaper."""
         lengths = [len(ids) for ids in sequences]
         budget, cap = self.config.max_batch_tokens, self.config.max_batch_size
         if self.engine.scoring.pooling == "cls":  # an encoder's prefix token sees what follows it: no sharing
             units = [Unit((k,)) for k in range(len(sequences))]
         else:
-            units = shared_prefix_units(sequences, budget, cap)
+            units = shared_prefix_units(sequences, budget, cap, self.config.pair_cost or 0.0)
         widths = [unit.width(lengths) for unit in units]
         lead = next(u for u, unit in enumerate(units) if 0 in unit.members)
-        order = sorted(range(len(units)), key=lambda u: (abs(widths[u] - widths[lead]), min(units[u].members)))
         longest_allowed = max(2 * widths[lead], SHORT_ROW_TOKENS)
+        order = sorted(range(len(units)), key=lambda u: (abs(widths[u] - widths[lead]), min(units[u].members)))
         placed: list[list[int]] = []
         filled: list[int] = []
-        fullest = count = 0
+        widest = fullest = count = 0
         for u in order:
             n, members = widths[u], len(units[u].members)
             if count and (count + members > cap or n > longest_allowed):
                 continue
-            row = next((r for r, used in enumerate(filled) if used + n <= longest_allowed), None)
-            rows, width = (
-                (len(placed) + 1, max(fullest, n)) if row is None else (len(placed), max(fullest, filled[row] + n))
-            )
+            room = max(widest, n)
+            row = next((r for r, used in enumerate(filled) if used + n <= room), None)
+            rows = len(placed) + (row is None)
+            width = max(fullest, n if row is None else filled[row] + n)
             if rows * width > budget and count:
                 continue
             if row is None:
@@ -533,7 +562,7 @@ class Batcher:
                 row = len(placed) - 1
             placed[row].append(u)
             filled[row] += n
-            fullest, count = width, count + members
+            widest, fullest, count = room, width, count + members
         chosen = sorted(k for row in placed for u in row for k in units[u].members)
         index = {k: i for i, k in enumerate(chosen)}
         layout = [[Unit(tuple(index[k] for k in units[u].members), units[u].prefix) for u in row] for row in placed]
