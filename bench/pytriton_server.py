@@ -27,6 +27,8 @@ from tokenizers import Tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "proto" / "src"))  # the contract only
 from rm_contract.bundle import VARIANTS  # noqa: E402
+from rm_contract.packing import PADDED_INPUTS, ScoringRule, pack_batch  # noqa: E402
+from rm_contract.padding import pad_batch  # noqa: E402
 from rm_contract.recipe import InputRecipe, Sample, SampleEncoder  # noqa: E402
 
 
@@ -38,17 +40,17 @@ def build_infer(bundle: Path, variant: str):
     pad_id = manifest.get("pad_token_id") or 0
     model_file = bundle / manifest["variants"][variant]["file"]
     session = ort.InferenceSession(str(model_file), providers=["CPUExecutionProvider"])
+    packed = manifest.get("input_form") == "packed"
+    rule = ScoringRule(manifest["pooling"], pad_id)
 
     @batch
     def infer(prompt: np.ndarray, response: np.ndarray) -> dict[str, np.ndarray]:
         ids = [encoder.encode(Sample.from_text(p[0].decode(), r[0].decode())).ids for p, r in zip(prompt, response)]
-        longest = max(len(s) for s in ids)
-        input_ids = np.full((len(ids), longest), pad_id, dtype=np.int64)
-        mask = np.zeros_like(input_ids)
-        for row, seq in enumerate(ids):
-            input_ids[row, : len(seq)] = seq
-            mask[row, : len(seq)] = 1
-        (rewards,) = session.run(None, {"input_ids": input_ids, "attention_mask": mask})
+        if packed:  # one sample per row, padded to the longest: Triton's batch in the packed graph's form
+            inputs = pack_batch(ids, rule, packed=False).inputs()
+        else:
+            inputs = dict(zip(PADDED_INPUTS, pad_batch(ids, pad_id)))
+        (rewards,) = session.run(None, inputs)
         return {"reward": rewards.astype(np.float32).reshape(-1, 1)}
 
     return infer
