@@ -25,7 +25,6 @@ FORMAT_VERSION = 2
 """2: graphs take the packed form (rm_contract.packing) unless `input_form` says "padded". Bundles of format 1
 (every graph padded) still load and serve, unpacked."""
 READABLE_FORMATS = (1, 2)
-INPUT_FORMS = ("packed", "padded")
 MANIFEST = "bundle.json"
 VARIANTS = ("fp32", "fp16", "int8")
 VARIANT_FILES = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}

@@ -40,6 +40,11 @@ class ScoringRule:
         if self.pooling not in POOLINGS:
             raise ValueError(f"unknown pooling rule {self.pooling!r} (expected one of {', '.join(POOLINGS)})")
 
+    @property
+    def shares_prefixes(self) -> bool:
+        """Decoders only: an encoder's prefix token would see what follows it, so its samples never share."""
+        return self.pooling != "cls"
+
     def index(self, ids: Sequence[int]) -> int:
         """The scored token's index within the sample."""
         if self.pooling == "cls":
@@ -176,11 +181,12 @@ def pack_batch(
         rows = [[Unit((i,)) for i in row] for row in pack_rows(lengths, width)]
     else:
         rows = [[Unit((i,))] for i in range(len(sequences))]
-    return _lay_out(sequences, rule, rows)
+    return _lay_out(sequences, lengths, rule, rows)
 
 
-def _lay_out(sequences: Sequence[Sequence[int]], rule: ScoringRule, rows: list[list[Unit]]) -> PackedBatch:
-    lengths = [len(s) for s in sequences]
+def _lay_out(
+    sequences: Sequence[Sequence[int]], lengths: list[int], rule: ScoringRule, rows: list[list[Unit]]
+) -> PackedBatch:
     width = max(sum(unit.width(lengths) for unit in row) for row in rows)
     shape = (len(rows), width)
     input_ids = np.full(shape, rule.pad_id, dtype=np.int64)

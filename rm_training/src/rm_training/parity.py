@@ -108,6 +108,12 @@ def packed_rewards(
     return rewards
 
 
+def padding_sides(engine: OnnxEngine, sides: tuple[str, ...]) -> tuple[str, ...]:
+    """The padding sides worth checking: a packed graph is given each sample unpadded, so every side is the
+    same computation and one is checked."""
+    return sides[:1] if engine.packed else sides
+
+
 def check_variant(
     engine: OnnxEngine, vset: VerificationSet, pad_id: int, sides: tuple[str, ...]
 ) -> tuple[dict, np.ndarray]:
@@ -115,18 +121,15 @@ def check_variant(
     batches of several sizes; packed ones for a packed graph, and for a decoder packed with shared prefixes);
     and the rewards of each sample alone."""
     alone = batched_rewards(engine, vset.ids, pad_id, 1, "right", seed=0)
-    if engine.packed:  # a packed graph is given each sample unpadded: both sides are the same computation
-        sides = sides[:1]
     batches = [
         batched_rewards(engine, vset.ids, pad_id, batch_size, side, seed=i)
-        for side in sides
+        for side in padding_sides(engine, sides)
         for i, batch_size in enumerate(BATCH_SIZES[1:])
     ]
     if engine.packed:
-        decoder = engine.scoring.pooling != "cls"
         for i, batch_size in enumerate(BATCH_SIZES[1:]):
             batches.append(packed_rewards(engine, vset.ids, batch_size, seed=i))
-            if decoder:
+            if engine.scoring.shares_prefixes:
                 batches.append(packed_rewards(engine, vset.ids, batch_size, seed=i, share_prefixes=True))
     parity = max(float(np.abs(r - vset.reference).max()) for r in [alone, *batches])
     invariance = max(float(np.abs(r - alone).max()) for r in batches)

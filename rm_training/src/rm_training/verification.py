@@ -31,6 +31,7 @@ from rm_training.parity import (
     VerificationSet,
     check_variant,
     onnx_scorer,
+    padding_sides,
     pairwise_accuracy,
     reference_rewards,
     reference_rows,
@@ -94,7 +95,7 @@ def run_checks(checked: Checked, variant_paths: dict[str, Path], stage: Callable
             variants[dtype] = {"verified": False, "reason": reason}
             failures.append(f"{dtype} could not be checked ({reason})")  # unchecked is not shipped
             continue
-        report["padding_sides"] = list(checked.sides[:1] if engine.packed else checked.sides)  # as check_variant
+        report["padding_sides"] = list(padding_sides(engine, checked.sides))
         result["provider"] = engine.providers[0]
         result["reference_rewards"] = [float(alone[i]) for i in reference]
         result["verified"] = True

@@ -78,7 +78,7 @@ class ModelVersion:
         if self.engine.on_gpu and not self.settings.batching.max_batch_tokens:
             budget = gpu_token_budget(self.engine, config, max_length, self.name)
             config = dataclasses.replace(config, max_batch_tokens=budget)
-        if config.pair_cost is None and self.engine.packed and config.packing and self.engine.scoring.pooling != "cls":
+        if config.pair_cost is None and self.engine.packed and config.packing and self.engine.scoring.shares_prefixes:
             width = min(config.max_batch_tokens, 4 * max_length, PAIR_COST_WIDTH)
             config = dataclasses.replace(config, pair_cost=measure_pair_cost(self.engine, width))
             log.info("%s: attention costs %.2e of a token per token pair (shared prompts)", self.name, config.pair_cost)

@@ -476,11 +476,10 @@ class Batcher:
         lengths = [len(job.sequences[i]) for job, i in candidates]
         if self.packed and self.config.packing:
             chosen, layout, padded = self._choose_packed([job.sequences[i] for job, i in candidates])
-            lengths = [lengths[k] for k in chosen]  # the samples' own tokens, shared prefixes included
         else:
             chosen, padded = self._choose_padded(lengths)
             layout = [[Unit((i,))] for i in range(len(chosen))]
-            lengths = [lengths[k] for k in chosen]
+        lengths = [lengths[k] for k in chosen]  # the samples' own tokens, shared prefixes included
         rows = [candidates[k] for k in chosen]
         leader = candidates[0][0]
         if jump and not leader.served:
@@ -535,10 +534,10 @@ class Batcher:
         wider than its members only where `shared_prefix_units` found that cheaper."""
         lengths = [len(ids) for ids in sequences]
         budget, cap = self.config.max_batch_tokens, self.config.max_batch_size
-        if self.engine.scoring.pooling == "cls":  # an encoder's prefix token sees what follows it: no sharing
-            units = [Unit((k,)) for k in range(len(sequences))]
-        else:
+        if self.engine.scoring.shares_prefixes:
             units = shared_prefix_units(sequences, budget, cap, self.config.pair_cost or 0.0)
+        else:
+            units = [Unit((k,)) for k in range(len(sequences))]
         widths = [unit.width(lengths) for unit in units]
         lead = next(u for u, unit in enumerate(units) if 0 in unit.members)
         longest_allowed = max(2 * widths[lead], SHORT_ROW_TOKENS)
