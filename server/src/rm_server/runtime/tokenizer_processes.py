@@ -66,6 +66,8 @@ class _Worker:
     process: BaseProcess
     conn: Connection
     ready: bool = False
+    held: bool = False
+    """Taken by a call: only that call's thread touches its pipe, and retires it when it dies."""
 
 
 class TokenizerProcesses:
@@ -112,7 +114,7 @@ class TokenizerProcesses:
                 worker.conn.send(items)
                 answer = _receive(worker, CHUNK_TIMEOUT_S)
             except (EOFError, OSError, TimeoutError, BundleError):  # died, wedged, or failed to load
-                self._retire(worker)
+                self._retire(worker, holder=True)
                 continue
             self._give_back(worker)
             if isinstance(answer, _Failure):
@@ -163,20 +165,24 @@ class TokenizerProcesses:
                     raise TokenizerClosed
             with contextlib.suppress(queue.Empty):
                 worker = self._idle.get(timeout=1.0)
-                if worker in self._workers:  # not retired while it waited
-                    return worker
+                with self._lock:
+                    if worker in self._workers:  # not retired while it waited
+                        worker.held = True
+                        return worker
 
     def _give_back(self, worker: _Worker) -> None:
         with self._lock:
+            worker.held = False
             if not self._closed and worker in self._workers:
                 self._idle.put(worker)
                 return
         self._end(worker)
 
-    def _retire(self, worker: _Worker) -> None:
-        """Kill a dead or wedged worker and start its replacement."""
+    def _retire(self, worker: _Worker, holder: bool = False) -> None:
+        """Kill a dead or wedged worker and start its replacement. A held worker is retired only by its
+        holder: closing its pipe under the thread reading it fails that read with a TypeError."""
         with self._lock:
-            if worker not in self._workers:
+            if worker not in self._workers or (worker.held and not holder):
                 return
             self._workers.discard(worker)
             worker.process.kill()
@@ -192,12 +198,13 @@ class TokenizerProcesses:
         worker.conn.close()  # the worker reads EOF and exits
 
     def _watch(self) -> None:
-        """Replace a worker that dies while idle at once (not when a chunk next meets it)."""
+        """Replace a worker that dies while idle at once (not when a chunk next meets it); one that dies held
+        is its holder's to replace."""
         while True:
             with self._lock:
                 if self._closed:
                     return
-                sentinels = {worker.process.sentinel: worker for worker in self._workers}
+                sentinels = {worker.process.sentinel: worker for worker in self._workers if not worker.held}
             for sentinel in wait(list(sentinels), timeout=1.0):
                 self._retire(sentinels[sentinel])
 
