@@ -37,7 +37,7 @@ from rm_server.runtime.engine import OnnxEngine, open_engine
 from rm_training.export import INLINE_LIMIT_MB, ExportArgs, ExportPlan
 from rm_training.export import main as export_main
 from rm_training.model import load_reward_model, sample_encoder
-from rm_training.onnx_export import export_graph, external_data_files, make_int8
+from rm_training.onnx_export import export_graph, external_data_files, int8_fp32_products, make_int8
 from rm_training.parity import MAX_BATCH_TOKENS, VerificationSet, check_variant, reference_rewards
 from rm_training.train import TrainConfig, train
 from rm_training.verification import Checked, VerificationError, check_weights_files, prepare_checks, run_checks
@@ -423,6 +423,27 @@ def test_int8_variant_keeps_its_weights_in_its_own_file(tiny_decoder_checkpoint,
     with pytest.raises(VerificationError, match="reads weights from itself; expected"):
         make_int8(tmp_path / "raw.onnx", out / "inline.onnx", [[5, 6, 7]], external=False, rule=rule)
         check_weights_files(out / "inline.onnx", external=True)
+
+
+def test_a_decoders_int8_keeps_its_output_projections_in_fp32(tiny_decoder_checkpoint, tmp_path):
+    """A decoder's int8 graph quantizes the products that read a normalization's output (q/k/v, gate/up) and
+    keeps o_proj and down_proj, whose inputs carry the decoder's massive activations, in fp32 (the accuracy
+    this buys is measured on a trained SmolLM2 reward model: DECODER_FP32_PRODUCTS); still batch-invariant.
+    Encoders quantize every weight product."""
+    model, _, _ = load_reward_model(tiny_decoder_checkpoint, max_length=32)
+    export_graph(model.eval(), tmp_path / "raw.onnx")
+    rule = ScoringRule(model.pooling, 0)
+    ids = [[5, 6, 7, 8, 9], [10, 11, 12], [13, 14, 15, 16, 17, 18, 19]] * 4
+    keep = int8_fp32_products(model.pooling)
+    assert int8_fp32_products("cls") == ()
+    make_int8(tmp_path / "raw.onnx", tmp_path / "int8.onnx", ids, external=False, rule=rule, keep_fp32=keep)
+    graph = onnx.load(str(tmp_path / "int8.onnx")).graph
+    quantized = {n.name for n in graph.node if n.op_type == "MatMul" and any("DequantizeLinear" in i for i in n.input)}
+    products = {n.name.split("/")[-2] for n in graph.node if n.op_type == "MatMul" and n.name in quantized}
+    assert products == {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "score"}, products
+    engine = OnnxEngine(tmp_path / "int8.onnx", scoring=rule)
+    alone = [engine.score_packed(pack_batch([i], rule))[0] for i in ids[:3]]
+    np.testing.assert_allclose(engine.score_packed(pack_batch(ids[:3], rule)), alone, atol=1e-5)
 
 
 def test_an_uninstalled_checkout_exports(monkeypatch):

@@ -35,7 +35,7 @@ from rm_contract.records import DataError, load_groups
 from rm_training.manifest import build_manifest, write_manifest
 from rm_training.memory import peak_rss_mb, release_freed_memory, to_fp32
 from rm_training.model import CheckpointError, load_reward_model, packing_unsupported
-from rm_training.onnx_export import export_graph, make_int8, optimize, save_fp16
+from rm_training.onnx_export import export_graph, int8_fp32_products, make_int8, optimize, save_fp16
 from rm_training.progress import Progress
 from rm_training.verification import (
     VerificationError,
@@ -198,7 +198,8 @@ def export(plan: ExportPlan, progress: Progress) -> Path:
         if "int8" in plan.dtypes:
             progress.stage("quantizing to int8")
             calibration = calibration_sequences(plan.calibration_data, checked.encoder)
-            make_int8(Path(tmp) / "raw.onnx", staging / VARIANT_FILES["int8"], calibration, external, rule)
+            keep_fp32 = int8_fp32_products(metadata.pooling)
+            make_int8(Path(tmp) / "raw.onnx", staging / VARIANT_FILES["int8"], calibration, external, rule, keep_fp32)
         paths = {d: staging / VARIANT_FILES[d] for d in plan.dtypes}
         weights = {d: check_weights_files(path, external) for d, path in paths.items()}
         report = run_checks(checked, paths, progress.stage)

@@ -190,13 +190,14 @@ def train(cfg: TrainConfig) -> dict:
     loss_curve, eval_curve = [], []
     step, running = 0, []
 
-    def evaluate_and_log() -> None:
+    def evaluate_and_log() -> dict:
         metrics = evaluate_groups(model, eval_set, pad_id, cfg.eval_batch_size)
         eval_curve.append([step, metrics["accuracy"], metrics["loss"]])
         log(
             f"step {step}/{total_steps}: eval accuracy {metrics['accuracy']:.4f}, "
             f"loss {metrics['loss']:.4f}, mean margin {metrics['mean_margin']:.3f}"
         )
+        return metrics
 
     if ddp.is_main:
         evaluate_and_log()  # step 0: the untrained head, so the report shows what training bought
@@ -233,13 +234,12 @@ def train(cfg: TrainConfig) -> dict:
         progress.update()
         progress.set_postfix(loss=f"{loss_curve[-1][1]:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
         if ddp.is_main and (step % eval_every == 0 or step == total_steps):
-            evaluate_and_log()
+            final = evaluate_and_log()  # the last one is the final model's: the report reuses it
     progress.close()
 
     report = {}
     if ddp.is_main:
         metadata.normalization = normalization_stats(model, train_set, pad_id, cfg)
-        final = evaluate_groups(model, eval_set, pad_id, cfg.eval_batch_size)
         report = {
             "eval_accuracy": final["accuracy"],
             "eval_loss": final["loss"],
