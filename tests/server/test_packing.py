@@ -23,6 +23,7 @@ from rm_server.runtime.batcher import Batcher, BatcherConfig
 from rm_server.runtime.engine import open_engine
 from rm_training.model import load_reward_model
 from tests.conftest import random_texts, rm_export
+from tests.contract.test_bundle_integrity import edit_manifest
 from tests.server.test_service import metrics
 
 
@@ -200,6 +201,31 @@ def test_served_group_counts_its_shared_prompt_and_no_packing_computes_it_per_sa
     assert counted["rm_tokens_total"] == sum(map(len, ids))
     shared = counted["rm_shared_prefix_tokens_total"]
     assert (shared > 0.3 * sum(map(len, ids))) if packing else shared == 0
+
+
+def test_a_variant_checked_one_sample_per_row_is_served_one_sample_per_row(decoder_bundle, tmp_path):
+    """A variant whose bundle.json says `packing: false` (rm-export writes it for a decoder's int8, whose
+    roundings move with where a sample starts in its row) is served unpacked: a GRPO group computes its
+    prompt per sample, as with --no-packing, and the rewards are each sample's alone."""
+    copy = tmp_path / "bundle"
+    shutil.copytree(decoder_bundle, copy)
+    edit_manifest(copy, lambda manifest: manifest["variants"]["fp32"].update(packing=False))
+    bundle = load_bundle(copy)
+    assert not bundle.packs("fp32") and load_bundle(decoder_bundle).packs("fp32")
+    prompt = "Question: " + short_texts(1, seed=11)[0][0] * 3
+    responses = [r for _, r in short_texts(6, seed=12)]
+    ids = [bundle.sample_encoder().encode(Sample.from_text(prompt, r)).ids for r in responses]
+    engine = open_engine(bundle, "fp32")
+    alone = [engine.score(*pad_batch([i], 0))[0] for i in ids]
+    server = start_server(copy, tmp_path / "server.log")
+    try:
+        with RewardClient(server.target) as client:
+            rewards = client.score([prompt] * len(responses), responses)
+        counted = metrics(server)
+    finally:
+        stop_server(server)
+    np.testing.assert_allclose(rewards, alone, rtol=0, atol=1e-5)
+    assert counted["rm_tokens_total"] == sum(map(len, ids)) and counted["rm_shared_prefix_tokens_total"] == 0
 
 
 def test_a_prompt_is_shared_only_where_one_wider_row_costs_less():

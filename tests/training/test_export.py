@@ -428,9 +428,10 @@ def test_int8_variant_keeps_its_weights_in_its_own_file(tiny_decoder_checkpoint,
 def test_a_decoders_int8_keeps_its_output_projections_in_fp32(tiny_decoder_checkpoint, tmp_path):
     """A decoder's int8 graph quantizes the products that read a normalization's output (q/k/v, gate/up) and
     keeps o_proj and down_proj, whose inputs carry the decoder's massive activations, in fp32 (the accuracy
-    this buys is measured on a trained SmolLM2 reward model: DECODER_FP32_PRODUCTS); still batch-invariant.
+    this buys is measured on a trained SmolLM2 reward model: DECODER_FP32_PRODUCTS); checked and recorded as
+    served one sample per row (`variant_packs`).
     Encoders quantize every weight product."""
-    model, _, _ = load_reward_model(tiny_decoder_checkpoint, max_length=32)
+    model, tokenizer, metadata = load_reward_model(tiny_decoder_checkpoint, max_length=32)
     export_graph(model.eval(), tmp_path / "raw.onnx")
     rule = ScoringRule(model.pooling, 0)
     ids = [[5, 6, 7, 8, 9], [10, 11, 12], [13, 14, 15, 16, 17, 18, 19]] * 4
@@ -441,9 +442,10 @@ def test_a_decoders_int8_keeps_its_output_projections_in_fp32(tiny_decoder_check
     quantized = {n.name for n in graph.node if n.op_type == "MatMul" and any("DequantizeLinear" in i for i in n.input)}
     products = {n.name.split("/")[-2] for n in graph.node if n.op_type == "MatMul" and n.name in quantized}
     assert products == {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "score"}, products
-    engine = OnnxEngine(tmp_path / "int8.onnx", scoring=rule)
-    alone = [engine.score_packed(pack_batch([i], rule))[0] for i in ids[:3]]
-    np.testing.assert_allclose(engine.score_packed(pack_batch(ids[:3], rule)), alone, atol=1e-5)
+    checked = prepare_checks(model, tokenizer, metadata.recipe, None)
+    variants = run_checks(checked, {"fp32": tmp_path / "raw.onnx", "int8": tmp_path / "int8.onnx"})["variants"]
+    # where a sample starts in its row moves a decoder's int8 roundings: served and checked one per row
+    assert (variants["fp32"]["packing"], variants["int8"]["packing"]) == (True, False)
 
 
 def test_an_uninstalled_checkout_exports(monkeypatch):

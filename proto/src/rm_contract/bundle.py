@@ -184,6 +184,11 @@ class Bundle:
         """ "packed" or "padded" (format 1 bundles, and architectures whose packed form is not proven)."""
         return self.manifest.get("input_form", "padded")
 
+    def packs(self, variant: str) -> bool:
+        """Whether `variant`'s rows may hold several samples (a packed graph, checked that way at export; a
+        decoder's int8 is served one sample per row: rm_training.onnx_export.variant_packs)."""
+        return self.input_form == "packed" and self.manifest["variants"][variant].get("packing", True)
+
     def scoring_rule(self) -> ScoringRule:
         """Where each sample's reward is read (the packed form reads it where the server says)."""
         return ScoringRule(self.manifest["pooling"], self.manifest.get("pad_token_id") or 0)

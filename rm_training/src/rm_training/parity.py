@@ -115,18 +115,18 @@ def padding_sides(engine: OnnxEngine, sides: tuple[str, ...]) -> tuple[str, ...]
 
 
 def check_variant(
-    engine: OnnxEngine, vset: VerificationSet, pad_id: int, sides: tuple[str, ...]
+    engine: OnnxEngine, vset: VerificationSet, pad_id: int, sides: tuple[str, ...], packing: bool = True
 ) -> tuple[dict, np.ndarray]:
     """Worst parity difference against PyTorch and worst batched-vs-alone difference in ONNX Runtime (padded
-    batches of several sizes; packed ones for a packed graph, and for a decoder packed with shared prefixes);
-    and the rewards of each sample alone."""
+    batches of several sizes; packed ones for a packed graph served `packing`, and for a decoder packed with
+    shared prefixes); and the rewards of each sample alone."""
     alone = batched_rewards(engine, vset.ids, pad_id, 1, "right", seed=0)
     batches = [
         batched_rewards(engine, vset.ids, pad_id, batch_size, side, seed=i)
         for side in padding_sides(engine, sides)
         for i, batch_size in enumerate(BATCH_SIZES[1:])
     ]
-    if engine.packed:
+    if engine.packed and packing:
         for i, batch_size in enumerate(BATCH_SIZES[1:]):
             batches.append(packed_rewards(engine, vset.ids, batch_size, seed=i))
             if engine.scoring.shares_prefixes:

@@ -23,7 +23,7 @@ from rm_server.runtime.engine import OnnxEngine, open_engine
 from rm_training.batching import TokenizedGroup, tokenize_groups
 from rm_training.memory import release_freed_memory
 from rm_training.model import RewardModel, sample_encoder
-from rm_training.onnx_export import external_data_files, weights_file
+from rm_training.onnx_export import external_data_files, variant_packs, weights_file
 from rm_training.parity import (
     BATCH_INVARIANCE,
     MAX_INT8_ACCURACY_DROP,
@@ -89,7 +89,8 @@ def run_checks(checked: Checked, variant_paths: dict[str, Path], stage: Callable
         stage(f"checking {dtype}: parity, batch invariance" + (", eval accuracy" if checked.eval_groups else ""))
         try:
             engine = OnnxEngine(path, providers, scoring=checked.rule)
-            result, alone = check_variant(engine, checked.vset, checked.pad_id, checked.sides)
+            packing = variant_packs(dtype, checked.rule.pooling)
+            result, alone = check_variant(engine, checked.vset, checked.pad_id, checked.sides, packing)
         except Exception as e:  # noqa: BLE001 - e.g. fp16 kernels missing on the CPU provider
             reason = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
             variants[dtype] = {"verified": False, "reason": reason}
@@ -97,6 +98,7 @@ def run_checks(checked: Checked, variant_paths: dict[str, Path], stage: Callable
             continue
         report["padding_sides"] = list(padding_sides(engine, checked.sides))
         result["provider"] = engine.providers[0]
+        result["packing"] = packing and engine.packed
         result["reference_rewards"] = [float(alone[i]) for i in reference]
         result["verified"] = True
         if checked.eval_groups:
