@@ -179,18 +179,16 @@ def test_a_format_1_bundle_of_padded_graphs_still_serves(tiny_decoder_checkpoint
     shutil.rmtree(out)
 
 
-@pytest.mark.parametrize("packing", [True, False])
-def test_served_group_counts_its_shared_prompt_and_no_packing_computes_it_per_sample(decoder_bundle, tmp_path, packing):
-    """One GRPO-shaped request through rm-serve: with packing the prompt is computed once (the shared tokens
-    are counted on /metrics), with --no-packing every sample computes its own; the rewards are the same."""
-    bundle = load_bundle(decoder_bundle)
+def serve_one_group(bundle_dir, tmp_path, *flags: str) -> tuple[int, dict]:
+    """One GRPO-shaped request (a long prompt, 6 responses) through rm-serve started with `flags`: checks
+    that each reward is the sample's alone, returns the group's token count and the server's /metrics."""
+    bundle = load_bundle(bundle_dir)
     prompt = "Question: " + short_texts(1, seed=11)[0][0] * 3
     responses = [r for _, r in short_texts(6, seed=12)]
-    encoder = bundle.sample_encoder()
-    ids = [encoder.encode(Sample.from_text(prompt, r)).ids for r in responses]
+    ids = [bundle.sample_encoder().encode(Sample.from_text(prompt, r)).ids for r in responses]
     engine = open_engine(bundle, "fp32")
     alone = [engine.score(*pad_batch([i], 0))[0] for i in ids]
-    server = start_server(decoder_bundle, tmp_path / "server.log", *([] if packing else ["--no-packing"]))
+    server = start_server(bundle_dir, tmp_path / "server.log", *flags)
     try:
         with RewardClient(server.target) as client:
             rewards = client.score([prompt] * len(responses), responses)
@@ -198,9 +196,17 @@ def test_served_group_counts_its_shared_prompt_and_no_packing_computes_it_per_sa
     finally:
         stop_server(server)
     np.testing.assert_allclose(rewards, alone, rtol=0, atol=1e-5)
-    assert counted["rm_tokens_total"] == sum(map(len, ids))
+    return sum(map(len, ids)), counted
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_served_group_counts_its_shared_prompt_and_no_packing_computes_it_per_sample(decoder_bundle, tmp_path, packing):
+    """With packing the group's prompt is computed once (the shared tokens are counted on /metrics), with
+    --no-packing every sample computes its own; the rewards are the same."""
+    tokens, counted = serve_one_group(decoder_bundle, tmp_path, *([] if packing else ["--no-packing"]))
+    assert counted["rm_tokens_total"] == tokens
     shared = counted["rm_shared_prefix_tokens_total"]
-    assert (shared > 0.3 * sum(map(len, ids))) if packing else shared == 0
+    assert (shared > 0.3 * tokens) if packing else shared == 0
 
 
 def test_a_variant_checked_one_sample_per_row_is_served_one_sample_per_row(decoder_bundle, tmp_path):
@@ -210,22 +216,9 @@ def test_a_variant_checked_one_sample_per_row_is_served_one_sample_per_row(decod
     copy = tmp_path / "bundle"
     shutil.copytree(decoder_bundle, copy)
     edit_manifest(copy, lambda manifest: manifest["variants"]["fp32"].update(packing=False))
-    bundle = load_bundle(copy)
-    assert not bundle.packs("fp32") and load_bundle(decoder_bundle).packs("fp32")
-    prompt = "Question: " + short_texts(1, seed=11)[0][0] * 3
-    responses = [r for _, r in short_texts(6, seed=12)]
-    ids = [bundle.sample_encoder().encode(Sample.from_text(prompt, r)).ids for r in responses]
-    engine = open_engine(bundle, "fp32")
-    alone = [engine.score(*pad_batch([i], 0))[0] for i in ids]
-    server = start_server(copy, tmp_path / "server.log")
-    try:
-        with RewardClient(server.target) as client:
-            rewards = client.score([prompt] * len(responses), responses)
-        counted = metrics(server)
-    finally:
-        stop_server(server)
-    np.testing.assert_allclose(rewards, alone, rtol=0, atol=1e-5)
-    assert counted["rm_tokens_total"] == sum(map(len, ids)) and counted["rm_shared_prefix_tokens_total"] == 0
+    assert not load_bundle(copy).packs("fp32") and load_bundle(decoder_bundle).packs("fp32")
+    tokens, counted = serve_one_group(copy, tmp_path)
+    assert counted["rm_tokens_total"] == tokens and counted["rm_shared_prefix_tokens_total"] == 0
 
 
 def test_a_prompt_is_shared_only_where_one_wider_row_costs_less():
