@@ -42,6 +42,9 @@ def test_tiny_training_measurably_improves_accuracy(toy_data, tiny_encoder_check
         train, test, str(tiny_encoder_checkpoint), out, "--epochs", "6", "--lr", "2e-3", "--batch-size", "8"
     )
     assert result.returncode == 0, result.stderr
+    # not a terminal: no progress bar, about ten lines of training progress instead
+    steps = [line for line in result.stdout.splitlines() if line.startswith("train step ")]
+    assert 8 <= len(steps) <= 12 and "loss" in steps[-1], result.stdout
     report = json.loads((out / "report.json").read_text())
     untrained_accuracy = report["eval_curve"][0][1]
     assert report["eval_accuracy"] >= 0.9

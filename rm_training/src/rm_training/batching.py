@@ -6,11 +6,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from rm_contract.padding import pad_batch
 from rm_contract.recipe import SampleEncoder
 from rm_contract.records import PreferenceGroup, PreferencePair
+from rm_training.progress import bar
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ def tokenize_groups(
     groups: list[PreferenceGroup], encoder: SampleEncoder, desc: str = "tokenize"
 ) -> list[TokenizedGroup]:
     tokenized = []
-    for group in tqdm(groups, desc=desc, leave=False):
+    for group in bar(groups, desc=desc, leave=False):
         encoded = [encoder.encode(sample) for sample in group.samples]
         tokenized.append(
             TokenizedGroup(
@@ -103,7 +103,7 @@ def score_by_length(
     order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
     rewards = np.empty(len(sequences), dtype=np.float32)
     batches = bounded_batches(order, [len(s) for s in sequences], batch_size, max_tokens)
-    for rows in tqdm(batches, desc=desc, leave=False, disable=desc is None):
+    for rows in bar(batches, desc=desc, leave=False, disable=desc is None):
         rewards[rows] = np.asarray(score([sequences[i] for i in rows]), dtype=np.float32)
     return rewards
 

@@ -20,11 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rm_contract.backbones import resolve_backbone
 from rm_training.gold import gold_score
+from rm_training.progress import bar
 
 PLACES = [
     "a coffee shop downtown",
@@ -168,7 +168,7 @@ def tidy(text: str) -> str:
 def generate(model, tokenizer, prompts: list[str], system: str | None, cfg: Config) -> list[str]:
     """Sample one response per prompt, with an optional hidden system message."""
     responses = []
-    for start in tqdm(range(0, len(prompts), cfg.batch_size), desc=f"generate ({system and system[:12] or 'plain'})"):
+    for start in bar(range(0, len(prompts), cfg.batch_size), desc=f"generate ({system and system[:12] or 'plain'})"):
         chunk = prompts[start : start + cfg.batch_size]
         conversations = [
             ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]

@@ -10,7 +10,10 @@ from __future__ import annotations
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from typing import TextIO
+
+from tqdm import tqdm
 
 
 class Progress:
@@ -50,3 +53,10 @@ class Progress:
 
     def _print(self, line: str) -> None:
         print(f"{self.prog}: {line}", file=self.stream, flush=True)
+
+
+def bar(iterable: Iterable | None = None, **kwargs) -> tqdm:
+    """A tqdm bar on a terminal, none elsewhere: in a log file its carriage-return redraws pile up into one
+    unreadable line (callers print their own periodic lines there)."""
+    kwargs["disable"] = kwargs.get("disable", False) or not sys.stderr.isatty()
+    return tqdm(iterable, **kwargs)

@@ -35,6 +35,7 @@ from rm_training.evaluate import evaluate_groups
 from rm_training.losses import reward_model_loss
 from rm_training.model import RewardNormalization, new_reward_model, sample_encoder, save_reward_model
 from rm_training.plots import plot_training_curves
+from rm_training.progress import bar
 
 
 @dataclass
@@ -201,7 +202,8 @@ def train(cfg: TrainConfig) -> dict:
 
     if ddp.is_main:
         evaluate_and_log()  # step 0: the untrained head, so the report shows what training bought
-    progress = tqdm(total=total_steps, desc="train", disable=not ddp.is_main)
+    progress = bar(total=total_steps, desc="train", disable=not ddp.is_main)
+    line_every = max(1, total_steps // 10)  # where no bar shows (a log file): about ten lines per run
     for micro, batch_indices in enumerate(batches[: total_steps * cfg.grad_accum]):
         mine = batch_indices[ddp.rank * cfg.batch_size : (ddp.rank + 1) * cfg.batch_size]
         batch = collate([train_set[i] for i in mine], pad_id).to(device)
@@ -233,6 +235,11 @@ def train(cfg: TrainConfig) -> dict:
         running = []
         progress.update()
         progress.set_postfix(loss=f"{loss_curve[-1][1]:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+        if progress.disable and (step % line_every == 0 or step == total_steps):
+            log(
+                f"train step {step}/{total_steps}: loss {loss_curve[-1][1]:.4f}, "
+                f"lr {scheduler.get_last_lr()[0]:.2e} ({time.time() - started:.0f} s in)"
+            )
         if ddp.is_main and (step % eval_every == 0 or step == total_steps):
             final = evaluate_and_log()  # the last one is the final model's: the report reuses it
     progress.close()
