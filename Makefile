@@ -171,8 +171,6 @@ $(PYTRITON_VENV)/.installed:
 	$(PYTRITON_VENV)/bin/pip install --quiet nvidia-pytriton onnxruntime-gpu==1.31.1 tokenizers jinja2
 	touch $@
 
-# Throughput does not depend on the weights: SmolLM2 with an untrained head makes a real decoder bundle in a
-# minute instead of a training run. fp32 only: int8 needs an accuracy check, which an untrained head cannot pass.
 # A third of an epoch on the demo pairs (15 steps, about 5 minutes here) gives margins wide enough for int8's
 # accuracy check, which an untrained head cannot pass; rm-train's default maximum length is 256.
 $(BENCH_DIR)/smollm2-bundle/bundle.json: $(STAMP)

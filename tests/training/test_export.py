@@ -34,6 +34,7 @@ from rm_contract.pb import reward_pb2 as pb
 from rm_contract.recipe import Message, Sample
 from rm_server.launch import start_server, stop_server
 from rm_server.runtime.engine import OnnxEngine, open_engine
+from rm_training import parity
 from rm_training.export import INLINE_LIMIT_MB, ExportArgs, ExportPlan
 from rm_training.export import main as export_main
 from rm_training.model import load_reward_model, sample_encoder
@@ -425,7 +426,7 @@ def test_int8_variant_keeps_its_weights_in_its_own_file(tiny_decoder_checkpoint,
         check_weights_files(out / "inline.onnx", external=True)
 
 
-def test_a_decoders_int8_keeps_its_output_projections_in_fp32(tiny_decoder_checkpoint, tmp_path):
+def test_a_decoders_int8_keeps_its_output_projections_in_fp32(tiny_decoder_checkpoint, tmp_path, monkeypatch):
     """A decoder's int8 graph quantizes the products that read a normalization's output (q/k/v, gate/up) and
     keeps o_proj and down_proj, whose inputs carry the decoder's massive activations, in fp32 (the accuracy
     this buys is measured on a trained SmolLM2 reward model: DECODER_FP32_PRODUCTS); checked and recorded as
@@ -442,10 +443,14 @@ def test_a_decoders_int8_keeps_its_output_projections_in_fp32(tiny_decoder_check
     quantized = {n.name for n in graph.node if n.op_type == "MatMul" and any("DequantizeLinear" in i for i in n.input)}
     products = {n.name.split("/")[-2] for n in graph.node if n.op_type == "MatMul" and n.name in quantized}
     assert products == {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "score"}, products
+    # where a sample starts in its row moves a decoder's int8 roundings: checked and served one per row
+    packed_checks = []
+    measure = parity.packed_rewards
+    monkeypatch.setattr(parity, "packed_rewards", lambda *a, **k: packed_checks.append(k) or measure(*a, **k))
     checked = prepare_checks(model, tokenizer, metadata.recipe, None)
     variants = run_checks(checked, {"fp32": tmp_path / "raw.onnx", "int8": tmp_path / "int8.onnx"})["variants"]
-    # where a sample starts in its row moves a decoder's int8 roundings: served and checked one per row
     assert (variants["fp32"]["packing"], variants["int8"]["packing"]) == (True, False)
+    assert len(packed_checks) == 6  # fp32's: packed and prefix-shared batches of 3, 8 and 16; none for int8
 
 
 def test_an_uninstalled_checkout_exports(monkeypatch):

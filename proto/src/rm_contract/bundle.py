@@ -187,7 +187,10 @@ class Bundle:
     def packs(self, variant: str) -> bool:
         """Whether `variant`'s rows may hold several samples (a packed graph, checked that way at export; a
         decoder's int8 is served one sample per row: rm_training.onnx_export.variant_packs)."""
-        return self.input_form == "packed" and self.manifest["variants"][variant].get("packing", True)
+        packing = self.manifest["variants"][variant].get("packing", True)
+        if not isinstance(packing, bool):
+            raise BundleError(f"bundle {self.directory}: variants.{variant}.packing must be true or false")
+        return self.input_form == "packed" and packing
 
     def scoring_rule(self) -> ScoringRule:
         """Where each sample's reward is read (the packed form reads it where the server says)."""

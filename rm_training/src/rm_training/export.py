@@ -271,7 +271,8 @@ def verify_only(bundle_dir: str, eval_data: str | None, progress: Progress) -> N
         print("rm-export: no eval data (pass --eval-data): int8's pairwise accuracy against fp32 not re-checked")
     progress.stage("PyTorch reference rewards")
     checked_set = prepare_checks(model, tokenizer, bundle.recipe, eval_data)
-    report = run_checks(checked_set, {d: bundle.model_path(d) for d in bundle.variants}, progress.stage)
+    paths = {d: bundle.model_path(d) for d in bundle.variants}
+    report = run_checks(checked_set, paths, progress.stage, {d: bundle.packs(d) for d in bundle.variants})
     print_table({**manifest, "parity": report, "variants": report["variants"]})
     checked += ", parity, batch invariance" + (", int8 accuracy" if "int8" in bundle.variants and eval_data else "")
     print(f"bundle {bundle_dir} verified: {checked}")

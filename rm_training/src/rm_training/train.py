@@ -203,7 +203,8 @@ def train(cfg: TrainConfig) -> dict:
     if ddp.is_main:
         evaluate_and_log()  # step 0: the untrained head, so the report shows what training bought
     progress = bar(total=total_steps, desc="train", disable=not ddp.is_main)
-    line_every = max(1, total_steps // 10)  # where no bar shows (a log file): about ten lines per run
+    line_every = math.ceil(total_steps / 10)  # where no bar shows (a log file): about ten lines per run
+    final = None
     for micro, batch_indices in enumerate(batches[: total_steps * cfg.grad_accum]):
         mine = batch_indices[ddp.rank * cfg.batch_size : (ddp.rank + 1) * cfg.batch_size]
         batch = collate([train_set[i] for i in mine], pad_id).to(device)
@@ -243,6 +244,8 @@ def train(cfg: TrainConfig) -> dict:
         if ddp.is_main and (step % eval_every == 0 or step == total_steps):
             final = evaluate_and_log()  # the last one is the final model's: the report reuses it
     progress.close()
+    if ddp.is_main and final is None:  # fewer micro-batches than --grad-accum: no optimizer step was taken
+        final = evaluate_and_log()
 
     report = {}
     if ddp.is_main:

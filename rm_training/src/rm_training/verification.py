@@ -72,9 +72,16 @@ def prepare_checks(model: RewardModel, tokenizer, recipe: InputRecipe, eval_data
     return Checked(pad_id, vset, tokenized, sides, encoder, accuracy, ScoringRule(model.pooling, pad_id))
 
 
-def run_checks(checked: Checked, variant_paths: dict[str, Path], stage: Callable[[str], None] = lambda _: None) -> dict:
+def run_checks(
+    checked: Checked,
+    variant_paths: dict[str, Path],
+    stage: Callable[[str], None] = lambda _: None,
+    packing: dict[str, bool] | None = None,
+) -> dict:
     """Per variant: parity, batch invariance, accuracy; raises VerificationError listing every failure.
-    `stage` is told which variant is being checked (minutes each for a large model's fp16 on a CPU)."""
+    `stage` is told which variant is being checked (minutes each for a large model's fp16 on a CPU).
+    `packing` (a written bundle's record, under --verify-only) says which variants are served packed;
+    else `variant_packs` decides."""
     scale = max(1.0, float(np.std(checked.vset.reference)))
     report: dict = {"reward_scale": scale, "n_samples": len(checked.vset.ids), "padding_sides": list(checked.sides)}
     reference = reference_rows(checked.vset)
@@ -89,8 +96,8 @@ def run_checks(checked: Checked, variant_paths: dict[str, Path], stage: Callable
         stage(f"checking {dtype}: parity, batch invariance" + (", eval accuracy" if checked.eval_groups else ""))
         try:
             engine = OnnxEngine(path, providers, scoring=checked.rule)
-            packing = variant_packs(dtype, checked.rule.pooling)
-            result, alone = check_variant(engine, checked.vset, checked.pad_id, checked.sides, packing)
+            packs = packing[dtype] if packing else variant_packs(dtype, checked.rule.pooling)
+            result, alone = check_variant(engine, checked.vset, checked.pad_id, checked.sides, packs)
         except Exception as e:  # noqa: BLE001 - e.g. fp16 kernels missing on the CPU provider
             reason = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
             variants[dtype] = {"verified": False, "reason": reason}
@@ -98,7 +105,7 @@ def run_checks(checked: Checked, variant_paths: dict[str, Path], stage: Callable
             continue
         report["padding_sides"] = list(padding_sides(engine, checked.sides))
         result["provider"] = engine.providers[0]
-        result["packing"] = packing and engine.packed
+        result["packing"] = packs and engine.packed
         result["reference_rewards"] = [float(alone[i]) for i in reference]
         result["verified"] = True
         if checked.eval_groups:

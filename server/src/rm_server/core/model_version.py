@@ -78,7 +78,8 @@ class ModelVersion:
         if self.engine.on_gpu and not self.settings.batching.max_batch_tokens:
             budget = gpu_token_budget(self.engine, config, max_length, self.name)
             config = dataclasses.replace(config, max_batch_tokens=budget)
-        if not self.bundle.packs(self.settings.variant):  # the variant was checked one sample per row
+        if config.packing and self.engine.packed and not self.bundle.packs(self.settings.variant):
+            log.info("%s: variant %s was checked one sample per row: served unpacked", self.name, self.settings.variant)
             config = dataclasses.replace(config, packing=False)
         if config.pair_cost is None and self.engine.packed and config.packing and self.engine.scoring.shares_prefixes:
             width = min(config.max_batch_tokens, 4 * max_length, PAIR_COST_WIDTH)
