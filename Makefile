@@ -171,7 +171,7 @@ $(PYTRITON_VENV)/.installed:
 	$(PYTRITON_VENV)/bin/pip install --quiet nvidia-pytriton onnxruntime-gpu==1.31.1 tokenizers jinja2
 	touch $@
 
-# A third of an epoch on the demo pairs (15 steps, about 5 minutes here) gives margins wide enough for int8's
+# A third of an epoch on the demo pairs (15 steps, about 6 minutes here) gives margins wide enough for int8's
 # accuracy check, which an untrained head cannot pass; rm-train's default maximum length is 256.
 $(BENCH_DIR)/smollm2-bundle/bundle.json: $(STAMP)
 	$(VENV)/bin/rm-train --model smollm2 --data $(DEMO_DATA)/train.jsonl --eval-data $(DEMO_DATA)/test.jsonl \

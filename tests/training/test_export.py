@@ -430,8 +430,7 @@ def test_a_decoders_int8_keeps_its_output_projections_in_fp32(tiny_decoder_check
     """A decoder's int8 graph quantizes the products that read a normalization's output (q/k/v, gate/up) and
     keeps o_proj and down_proj, whose inputs carry the decoder's massive activations, in fp32 (the accuracy
     this buys is measured on a trained SmolLM2 reward model: DECODER_FP32_PRODUCTS); checked and recorded as
-    served one sample per row (`variant_packs`).
-    Encoders quantize every weight product."""
+    served one sample per row (`variant_packs`). Encoders quantize every weight product."""
     model, tokenizer, metadata = load_reward_model(tiny_decoder_checkpoint, max_length=32)
     export_graph(model.eval(), tmp_path / "raw.onnx")
     rule = ScoringRule(model.pooling, 0)
@@ -440,8 +439,11 @@ def test_a_decoders_int8_keeps_its_output_projections_in_fp32(tiny_decoder_check
     assert int8_fp32_products("cls") == ()
     make_int8(tmp_path / "raw.onnx", tmp_path / "int8.onnx", ids, external=False, rule=rule, keep_fp32=keep)
     graph = onnx.load(str(tmp_path / "int8.onnx")).graph
-    quantized = {n.name for n in graph.node if n.op_type == "MatMul" and any("DequantizeLinear" in i for i in n.input)}
-    products = {n.name.split("/")[-2] for n in graph.node if n.op_type == "MatMul" and n.name in quantized}
+    products = {
+        n.name.split("/")[-2]
+        for n in graph.node
+        if n.op_type == "MatMul" and any("DequantizeLinear" in i for i in n.input)
+    }
     assert products == {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "score"}, products
     # where a sample starts in its row moves a decoder's int8 roundings: checked and served one per row
     packed_checks = []

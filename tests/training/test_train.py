@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from rm_training.progress import bar
 from tests.conftest import write_jsonl
 
 BIN = Path(sys.executable).parent
@@ -42,7 +43,7 @@ def test_tiny_training_measurably_improves_accuracy(toy_data, tiny_encoder_check
         train, test, str(tiny_encoder_checkpoint), out, "--epochs", "6", "--lr", "2e-3", "--batch-size", "8"
     )
     assert result.returncode == 0, result.stderr
-    # not a terminal: no progress bar, about ten lines of training progress instead
+    # not a terminal: about ten lines of training progress instead of the bar
     steps = [line for line in result.stdout.splitlines() if line.startswith("train step ")]
     assert 8 <= len(steps) <= 12 and "loss" in steps[-1], result.stdout
     report = json.loads((out / "report.json").read_text())
@@ -60,6 +61,16 @@ def test_tiny_training_measurably_improves_accuracy(toy_data, tiny_encoder_check
     metrics = json.loads(evaluated.stdout.strip().splitlines()[-1])
     assert metrics["n_pairs"] == 48
     assert metrics["accuracy"] == pytest.approx(report["eval_accuracy"])
+
+
+def test_progress_bars_outside_a_terminal_are_plain_lines(capsys):
+    """In a log file (stderr not a terminal) a bar prints whole lines, at most every 30 s and at its end,
+    instead of carriage-return redraws that pile up into one line."""
+    for _ in bar(range(5), desc="work"):
+        pass
+    lines = capsys.readouterr().err.split("\n")
+    assert lines[0].startswith("work:   0%") and lines[-2].startswith("work: 100%") and lines[-1] == ""
+    assert not any("\r" in line for line in lines)
 
 
 def test_decoder_backbone_trains_on_k_way_rankings(tiny_decoder_checkpoint, tmp_path):

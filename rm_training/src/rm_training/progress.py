@@ -7,6 +7,7 @@ stage runs, show in any log where the time goes and that the process is alive.
 
 from __future__ import annotations
 
+import re
 import sys
 import threading
 import time
@@ -55,8 +56,28 @@ class Progress:
         print(f"{self.prog}: {line}", file=self.stream, flush=True)
 
 
+class _Lines:
+    """tqdm's stream outside a terminal: each redraw becomes one plain line (carriage returns and cursor
+    movements dropped), where in a log file the redraws would pile up into one unreadable line."""
+
+    def __init__(self, stream: TextIO):
+        self.stream = stream
+
+    def write(self, text: str) -> None:
+        line = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", text).replace("\r", "").strip()
+        if line:
+            self.stream.write(line + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
 def bar(iterable: Iterable | None = None, **kwargs) -> tqdm:
-    """A tqdm bar on a terminal, none elsewhere: in a log file its carriage-return redraws pile up into one
-    unreadable line (callers print their own periodic lines there)."""
-    kwargs["disable"] = kwargs.get("disable", False) or not sys.stderr.isatty()
+    """A tqdm bar on a terminal; elsewhere (a log file) a plain line of it every 30 s."""
+    if not on_terminal():
+        kwargs = {"file": _Lines(sys.stderr), "mininterval": 30.0} | kwargs
     return tqdm(iterable, **kwargs)
+
+
+def on_terminal() -> bool:
+    return sys.stderr.isatty()

@@ -35,7 +35,7 @@ from rm_training.evaluate import evaluate_groups
 from rm_training.losses import reward_model_loss
 from rm_training.model import RewardNormalization, new_reward_model, sample_encoder, save_reward_model
 from rm_training.plots import plot_training_curves
-from rm_training.progress import bar
+from rm_training.progress import bar, on_terminal
 
 
 @dataclass
@@ -202,8 +202,9 @@ def train(cfg: TrainConfig) -> dict:
 
     if ddp.is_main:
         evaluate_and_log()  # step 0: the untrained head, so the report shows what training bought
-    progress = bar(total=total_steps, desc="train", disable=not ddp.is_main)
-    line_every = math.ceil(total_steps / 10)  # where no bar shows (a log file): about ten lines per run
+    # in a log file, about ten lines per run that carry the loss and learning rate, instead of the bar
+    progress = bar(total=total_steps, desc="train", disable=not ddp.is_main or not on_terminal())
+    line_every = math.ceil(total_steps / 10)
     final = None
     for micro, batch_indices in enumerate(batches[: total_steps * cfg.grad_accum]):
         mine = batch_indices[ddp.rank * cfg.batch_size : (ddp.rank + 1) * cfg.batch_size]
