@@ -15,8 +15,10 @@ from transformers import (
     AutoTokenizer,
     BertConfig,
     BertForSequenceClassification,
+    BertForTokenClassification,
     LlamaConfig,
     LlamaForSequenceClassification,
+    LlamaForTokenClassification,
 )
 
 from rm_contract.backbones import resolve_backbone
@@ -68,16 +70,7 @@ def tiny_encoder_checkpoint(tmp_path_factory, minilm_tokenizer) -> Path:
     """A 2-layer random BERT with MiniLM's real tokenizer, saved as a local checkpoint directory."""
     path = tmp_path_factory.mktemp("tiny-bert")
     torch.manual_seed(0)  # the same random weights whichever test asks first
-    config = BertConfig(
-        vocab_size=minilm_tokenizer.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=512,
-        num_labels=1,
-    )
-    BertForSequenceClassification(config).save_pretrained(path)
+    BertForSequenceClassification(tiny_bert_config(minilm_tokenizer.vocab_size)).save_pretrained(path)
     minilm_tokenizer.save_pretrained(path)
     return path
 
@@ -91,6 +84,33 @@ def tiny_decoder_checkpoint(tmp_path_factory, smollm2_tokenizer) -> Path:
     config.num_labels = 1
     LlamaForSequenceClassification(config).save_pretrained(path)
     smollm2_tokenizer.save_pretrained(path)
+    return path
+
+
+def tiny_bert_config(vocab_size: int, num_labels: int = 1) -> BertConfig:
+    """2 layers of width 32: a real BERT's shapes and behaviour at test speed."""
+    return BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=512,
+        num_labels=num_labels,
+    )
+
+
+def save_tiny_token_classifier(path: Path, kind: str, tokenizer, seed: int = 0) -> Path:
+    """A random 2-label token classifier (TRL's PRMTrainer shape) with a real tokenizer, saved as a checkpoint:
+    a Llama for `kind` "decoder" (SmolLM2's tokenizer), a BERT for "encoder" (MiniLM's)."""
+    torch.manual_seed(seed)
+    if kind == "decoder":
+        config = tiny_llama_config(len(tokenizer), tokenizer.pad_token_id, tokenizer.eos_token_id)
+        config.num_labels = 2
+        LlamaForTokenClassification(config).save_pretrained(path)
+    else:
+        BertForTokenClassification(tiny_bert_config(tokenizer.vocab_size, num_labels=2)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
     return path
 
 

@@ -24,7 +24,7 @@ from rm_client.client import RewardClient
 from rm_client.errors import RewardServiceError
 from rm_client.samples import sample_to_pb
 from rm_contract.config_cli import option, parse_subcommands
-from rm_contract.records import DataError, parse_record, read_records
+from rm_contract.records import DataError, holds_steps, parse_record, parse_step_record, read_records
 
 BLOCK = 1024
 """Samples per progress step (the client splits each block further into concurrent requests)."""
@@ -61,9 +61,14 @@ class ServiceOptions:
 class ScoreArgs(ServiceOptions):
     """score a JSONL file of any training data format"""
 
-    input: Path = option(help="JSONL records: pairs, single responses, rankings or conversations")
+    input: Path = option(help="JSONL records: pairs, single responses, rankings, conversations or process-reward rows")
     output: Path = option(help="where the records go, in input order, each with its rewards")
     normalize: bool = option(False, "rewards normalized with the bundle's statistics")
+    step_reduce: str = option(
+        "min",
+        "process reward models: how a solution's step scores become its reward",
+        choices=("min", "last", "product", "mean"),
+    )
 
 
 @dataclass(kw_only=True)
@@ -97,8 +102,14 @@ REWARD_FIELDS = {"pair": ("reward_chosen", "reward_rejected"), "response": ("rew
 """Where the rewards of a record go; a ranking's go to `rewards`, one per response."""
 
 
-def score_file(client: RewardClient, source: Path, destination: Path, normalize: bool) -> dict:
+def score_file(
+    client: RewardClient, source: Path, destination: Path, normalize: bool, step_reduce: str = "min"
+) -> dict:
     """Score every record of `source` and write it, with its rewards, to `destination` (same order)."""
+    if holds_steps(source):
+        if normalize:
+            raise DataError("--normalize: process-reward rows are scored as probabilities, never normalized")
+        return score_step_file(client, source, destination, step_reduce)
     records = [(record, parse_record(record, where)) for where, record in read_records(source)]
     if not records:
         raise DataError(f"{source}: no records")
@@ -130,11 +141,40 @@ def score_file(client: RewardClient, source: Path, destination: Path, normalize:
     return summary
 
 
+def score_step_file(client: RewardClient, source: Path, destination: Path, step_reduce: str) -> dict:
+    """Process-reward rows (`prompt`, `completions`, `labels`): each row gets `step_rewards` (P(step correct),
+    one per completion step, in order) and `reward` (their `step_reduce`); the summary gives the step
+    accuracy against the rows' labels."""
+    rows = [(record, parse_step_record(record, where)) for where, record in read_records(source)]
+    if not rows:
+        raise DataError(f"{source}: no records")
+    rewards: list[float] = []
+    steps: list[list[float]] = []
+    with tqdm(total=len(rows), unit="solution", desc="scoring", file=sys.stderr) as bar:
+        for start in range(0, len(rows), BLOCK):
+            block = [solution for _, solution in rows[start : start + BLOCK]]
+            scored = client.score_steps([s.prompt for s in block], [s.steps for s in block], reduce=step_reduce)
+            rewards.extend(scored.rewards.tolist())
+            steps.extend(a.tolist() for a in scored.steps)
+            bar.update(len(block))
+    right = total = 0
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    with open(destination, "w", encoding="utf-8") as out:
+        for (record, solution), reward, step_scores in zip(rows, rewards, steps):
+            record |= {"reward": reward, "step_rewards": step_scores}
+            right += sum((p >= 0.5) == label for p, label in zip(step_scores, solution.labels))
+            total += len(step_scores)
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+    return {"records": len(rows), "samples": len(rows), "steps": total, "step_accuracy": right / total}
+
+
 def run(args: ServiceOptions) -> int:
     with RewardClient(args.target, timeout_s=args.timeout, security=args.security()) as client:
         if isinstance(args, ScoreArgs):
-            summary = score_file(client, args.input, args.output, args.normalize)
+            summary = score_file(client, args.input, args.output, args.normalize, args.step_reduce)
             line = f"scored {summary['samples']} samples in {summary['records']} records -> {args.output}"
+            if "steps" in summary:
+                line += f"; step accuracy {summary['step_accuracy']:.4f} on {summary['steps']} steps"
             if "pairs" in summary:
                 line += f"; pairwise accuracy {summary['pairwise_accuracy']:.4f} on {summary['pairs']} pairs"
             print(line)

@@ -46,6 +46,12 @@ ENSEMBLE_REDUCE = {
     "mean_minus_k_std": pb.ENSEMBLE_REDUCE_MEAN_MINUS_K_STD,
     "min": pb.ENSEMBLE_REDUCE_MIN,
 }
+STEP_REDUCE = {
+    "min": pb.STEP_REDUCE_MIN,
+    "last": pb.STEP_REDUCE_LAST,
+    "product": pb.STEP_REDUCE_PRODUCT,
+    "mean": pb.STEP_REDUCE_MEAN,
+}
 
 
 @dataclass(frozen=True)
@@ -53,6 +59,15 @@ class Comparison:
     probability_a_preferred: float
     reward_a: float
     reward_b: float
+
+
+@dataclass(frozen=True)
+class StepScores:
+    """A process reward model's answer: each solution's reward (its steps reduced) and its step scores."""
+
+    rewards: np.ndarray
+    steps: list[np.ndarray]
+    """P(step correct) per step of each solution, in order."""
 
 
 @dataclass(frozen=True)
@@ -137,11 +152,12 @@ class AsyncRewardClient:
     # --- scoring -----------------------------------------------------------------------------------------
 
     def _score_request(
-        self, samples: Sequence[pb.Sample], normalize: bool, truncation: str, request_id: str = ""
+        self, samples: Sequence[pb.Sample], normalize: bool, truncation: str, request_id: str = "", step_reduce=0
     ) -> pb.ScoreRequest:
         """The reward.v1 ScoreRequest of every scoring call, unary or streamed: the samples with this client's
         model, version and ensemble reduction."""
         return pb.ScoreRequest(
+            step_reduce=step_reduce,
             request_id=request_id,
             samples=samples,
             normalize=normalize,
@@ -177,22 +193,47 @@ class AsyncRewardClient:
         """TRL's shapes: strings, or prompt messages with generated assistant messages."""
         return await self.score_samples(prompt_completion_samples(prompts, completions), normalize=normalize)
 
+    async def score_steps(
+        self, prompts: Sequence[str], solutions: Sequence[Sequence[str]], *, reduce: str = "min"
+    ) -> StepScores:
+        """A process reward model's scores of solutions given as their steps (the server ends each step with
+        the bundle's step token): P(step correct) per step, and each solution's `reduce` of them (min, last,
+        product or mean) as its reward."""
+        if len(prompts) != len(solutions):
+            raise ValueError(f"{len(prompts)} prompts but {len(solutions)} solutions")
+        if reduce not in STEP_REDUCE:
+            raise ValueError(f"reduce must be one of {', '.join(STEP_REDUCE)}, not {reduce!r}")
+        samples = [pb.Sample(steps=pb.Steps(prompt=p, steps=list(s))) for p, s in zip(prompts, solutions)]
+        results = await self.score_results(samples, step_reduce=STEP_REDUCE[reduce])
+        return StepScores(
+            np.array([r.reward for r in results], dtype=np.float32),
+            [np.array(r.step_rewards, dtype=np.float32) for r in results],
+        )
+
     async def score_samples(
         self, samples: Sequence[pb.Sample], *, normalize: bool = False, truncation: str = "truncate"
     ) -> np.ndarray:
-        """Rewards of reward.v1 Samples, split into concurrent chunks and reassembled in order.
+        """Rewards of reward.v1 Samples, split into concurrent chunks and reassembled in order."""
+        results = await self.score_results(samples, normalize=normalize, truncation=truncation)
+        return np.array([r.reward for r in results], dtype=np.float32)
+
+    async def score_results(
+        self, samples: Sequence[pb.Sample], *, normalize: bool = False, truncation: str = "truncate", step_reduce=0
+    ) -> list[pb.SampleResult]:
+        """Each sample's whole SampleResult (step rewards, ensemble statistics), in input order: the samples
+        split into concurrent chunks and reassembled.
 
         One deadline (`timeout_s`) covers the whole call: the model-info lookup, every chunk, its wait for a
         slot among `max_in_flight` and its retries. The first chunk that fails cancels the others."""
         _check_truncation(truncation)
         if not samples:
-            return np.empty(0, dtype=np.float32)
+            return []
         deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
         gate, failed = asyncio.Semaphore(self.max_in_flight), asyncio.Event()
         models: set[str] = set()
 
-        async def one(chunk: Sequence[pb.Sample]) -> list[float]:
-            request = self._score_request(chunk, normalize, truncation)
+        async def one(chunk: Sequence[pb.Sample]) -> list[pb.SampleResult]:
+            request = self._score_request(chunk, normalize, truncation, step_reduce=step_reduce)
             async with gate:
                 if failed.is_set():  # a sibling failed while this one waited for a slot: the call is over
                     return []
@@ -206,7 +247,7 @@ class AsyncRewardClient:
                     grpc.StatusCode.INTERNAL, f"server answered {len(response.results)} results for {len(chunk)}"
                 )
             models.add(model_identity(response))
-            return [r.reward for r in response.results]
+            return list(response.results)
 
         tasks: list[asyncio.Task] = []
         try:
@@ -227,7 +268,7 @@ class AsyncRewardClient:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
         self.last_models = tuple(sorted(models))
-        return np.array([r for part in parts for r in part], dtype=np.float32)
+        return [r for part in parts for r in part]
 
     async def chunk_size(self, timeout_s: float | None = None) -> int:
         if self._chunk_size is None:
@@ -460,6 +501,9 @@ class RewardClient:
 
     def score_completions(self, prompts: Sequence, completions: Sequence, **kw: Any) -> np.ndarray:
         return self._run(self._client.score_completions(prompts, completions, **kw))
+
+    def score_steps(self, prompts: Sequence[str], solutions: Sequence[Sequence[str]], **kw: Any) -> StepScores:
+        return self._run(self._client.score_steps(prompts, solutions, **kw))
 
     def score_samples(self, samples: Sequence[pb.Sample], **kw: Any) -> np.ndarray:
         return self._run(self._client.score_samples(samples, **kw))

@@ -36,6 +36,7 @@ from typing import Any
 
 from rm_client.channel import Security, read_token
 from rm_client.client import AsyncRewardClient
+from rm_client.samples import conversation_sample, text_samples
 
 PROMPT_KEYS = ("prompt", "question")
 _clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[tuple, AsyncRewardClient]] = (
@@ -58,18 +59,25 @@ async def compute_score(
     timeout_s: float = 180.0,
     **trainer_kwargs: Any,
 ) -> dict[str, float]:
-    """The reward of `solution_str` given the prompt in `extra_info`, as {"score": reward, "rm_latency_s": s}.
+    """The reward of `solution_str` given the prompt in `extra_info`, as {"score": reward, "rm_latency_s": s};
+    a process reward model's answer adds its step scores as scalars veRL logs per sample (`rm_num_steps`,
+    `rm_step_min`, `rm_step_last`, `rm_step_mean`; "score" is their min, the server's default reduction).
     `trainer_kwargs` takes what veRL passes for its own reward models (reward_router_address,
     reward_model_tokenizer), unused here."""
     prompt = prompt_of(extra_info, prompt_key)
     client = _client(target, model, timeout_s)
     started = time.perf_counter()
     if isinstance(prompt, str):
-        rewards = await client.score([prompt], [solution_str], normalize=normalize)
+        sample = text_samples([prompt], [solution_str])[0]
     else:
-        conversation = [*prompt, {"role": "assistant", "content": solution_str}]
-        rewards = await client.score_conversations([conversation], normalize=normalize)
-    return {"score": float(rewards[0]), "rm_latency_s": time.perf_counter() - started}
+        sample = conversation_sample([*prompt, {"role": "assistant", "content": solution_str}])
+    (result,) = await client.score_results([sample], normalize=normalize)
+    answer = {"score": float(result.reward), "rm_latency_s": time.perf_counter() - started}
+    steps = list(result.step_rewards)
+    if steps:
+        answer |= {"rm_num_steps": len(steps), "rm_step_min": min(steps), "rm_step_last": steps[-1]}
+        answer["rm_step_mean"] = sum(steps) / len(steps)
+    return answer
 
 
 def prompt_of(extra_info: Mapping[str, Any] | None, prompt_key: str | None = None) -> str | list[dict]:

@@ -35,6 +35,11 @@ scored at export. Loose on purpose: rm-export checked precision; this catches a 
 another provider (a GPU's TF32 or true-fp16 arithmetic against the CPU's at export)."""
 
 
+OUTPUT_KINDS = ("sequence", "steps")
+"""What a bundle answers per sample (`output_kind` in bundle.json, "sequence" when absent): one reward, or a
+process reward model's P(step correct) at each step token of the recipe (`recipe.step_token`)."""
+
+
 MANIFEST_FIELDS: dict[str, type | tuple[type, ...]] = {
     "name": str,
     "version": (str, int),
@@ -72,6 +77,15 @@ def manifest_problems(manifest: dict) -> list[str]:
             InputRecipe.from_dict(manifest["recipe"])
         except TypeError as e:
             problems.append(f"'recipe' is not an input recipe ({e})")
+        kind = manifest.get("output_kind", "sequence")
+        if kind not in OUTPUT_KINDS:
+            problems.append(f"unknown output_kind {kind!r} (this version reads {', '.join(OUTPUT_KINDS)})")
+        elif (kind == "steps") != (manifest["recipe"].get("template") == "steps"):
+            problems.append(f"output_kind {kind!r} with recipe template {manifest['recipe'].get('template')!r}")
+        elif kind == "steps" and not (
+            manifest.get("input_form") == "packed" and isinstance(manifest.get("step_token_id"), int)
+        ):
+            problems.append("output_kind 'steps' needs its step_token_id and the packed input form")
         unknown = sorted(set(manifest["variants"]) - set(VARIANTS))
         if unknown:
             problems.append(f"unknown variants {unknown} (expected {', '.join(VARIANTS)})")
@@ -183,6 +197,11 @@ class Bundle:
     def input_form(self) -> str:
         """ "packed" or "padded" (format 1 bundles, and architectures whose packed form is not proven)."""
         return self.manifest.get("input_form", "padded")
+
+    @property
+    def output_kind(self) -> str:
+        """ "sequence" (one reward per sample) or "steps" (a process reward model: one score per step)."""
+        return self.manifest.get("output_kind", "sequence")
 
     def packs(self, variant: str) -> bool:
         """Whether `variant`'s rows may hold several samples (a packed graph, checked that way at export; a

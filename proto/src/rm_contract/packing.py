@@ -9,7 +9,8 @@ A packed graph takes, per row of the batch (R, T):
   one group: the prefix once as branch 0, visible to every branch; each sample's rest as branch 1, 2, ...,
   which sees branch 0 and itself only, its positions continuing from the prefix's (decoders only);
 - `score_positions` (N,): where each sample's reward is read, as an index into the flattened (R * T) batch,
-  in the order the rewards come back.
+  in the order the rewards come back. A process reward model's sample (`StepIds`) is read at each of its
+  steps: its positions follow one another, and `PackedBatch.counts` says how many each sample has.
 
 Without a given layout, rows are as wide as the longest sample of the batch, so a row's attention never
 costs more than that sample's padded row did; shorter samples fill rows first-fit by decreasing length.
@@ -25,6 +26,20 @@ import numpy as np
 PADDED_INPUTS = ("input_ids", "attention_mask")
 PACKED_INPUTS = ("input_ids", "position_ids", "group_ids", "branch_ids", "score_positions")
 POOLINGS = ("cls", "last_attended", "last_non_pad")
+
+
+class StepIds(list):
+    """A process reward model's sample: its ids (a list, so batching, packing and caching treat it as any
+    sample) and `steps`, the index of each step's step token, where the step's score is read."""
+
+    def __init__(self, ids: Sequence[int], steps: Sequence[int]):
+        super().__init__(ids)
+        self.steps = tuple(steps)
+
+
+def scored_indices(ids: Sequence[int], rule: ScoringRule) -> tuple[int, ...]:
+    """Where a sample's scores are read: its steps (`StepIds`), else the one token of the bundle's rule."""
+    return ids.steps if isinstance(ids, StepIds) else (rule.index(ids),)
 
 
 @dataclass(frozen=True)
@@ -64,6 +79,8 @@ class PackedBatch:
     group_ids: np.ndarray
     branch_ids: np.ndarray
     score_positions: np.ndarray
+    counts: np.ndarray
+    """Scores per sample (1, or a `StepIds` sample's steps): how the graph's outputs split by sample."""
 
     def inputs(self) -> dict[str, np.ndarray]:
         return {name: getattr(self, name) for name in PACKED_INPUTS}
@@ -193,7 +210,10 @@ def _lay_out(
     position_ids = np.zeros(shape, dtype=np.int64)
     group_ids = np.zeros(shape, dtype=np.int64)
     branch_ids = np.zeros(shape, dtype=np.int64)
-    score_positions = np.empty(len(sequences), dtype=np.int64)
+    indices = [scored_indices(s, rule) for s in sequences]
+    counts = np.array([len(i) for i in indices], dtype=np.int64)
+    first = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    score_positions = np.empty(int(counts.sum()), dtype=np.int64)
     for r, units in enumerate(rows):
         start = 0
         for group, unit in enumerate(units, start=1):
@@ -210,10 +230,11 @@ def _lay_out(
                 position_ids[r, span] = np.arange(p, p + n)
                 group_ids[r, span] = group
                 branch_ids[r, span] = branch
-                scored = rule.index(sequences[i])
-                score_positions[i] = r * width + (start + scored - p if scored >= p else prefix_start + scored)
+                for k, scored in enumerate(indices[i]):
+                    at = start + scored - p if scored >= p else prefix_start + scored
+                    score_positions[first[i] + k] = r * width + at
                 start += n
-    return PackedBatch(input_ids, position_ids, group_ids, branch_ids, score_positions)
+    return PackedBatch(input_ids, position_ids, group_ids, branch_ids, score_positions, counts)
 
 
 def unpad(input_ids: np.ndarray, attention_mask: np.ndarray) -> list[list[int]]:

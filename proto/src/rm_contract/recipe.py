@@ -37,10 +37,17 @@ class Sample:
 
     prompt: tuple[Message, ...]
     response: tuple[Message, ...]
+    steps: tuple[str, ...] | None = None
+    """A process reward model's solution given as its steps: the encoder writes the response as each step
+    followed by the recipe's `step_token` (`response` is then empty)."""
 
     @classmethod
     def from_text(cls, prompt: str, response: str) -> Sample:
         return cls((Message("user", prompt),), (Message("assistant", response),))
+
+    @classmethod
+    def from_steps(cls, prompt: str, steps: Sequence[str]) -> Sample:
+        return cls((Message("user", prompt),), (), tuple(steps))
 
     @classmethod
     def from_messages(cls, messages: Sequence[Message]) -> Sample:
@@ -75,11 +82,13 @@ class TextInput:
 class InputRecipe:
     """How samples are turned into ids; stored with the checkpoint and later in the bundle."""
 
-    template: Literal["pair", "concat", "chat"]
+    template: Literal["pair", "concat", "chat", "steps"]
     """`pair`: the tokenizer's own pair template ([CLS] prompt [SEP] response [SEP] for BERT);
     `concat`: prompt and response joined as one string with the tokenizer's single-text special tokens
     (TRL's recipe for text data); `chat`: the conversation rendered with the chat template, tokenized
-    without extra special tokens (TRL's and transformers' recipe for conversations)."""
+    without extra special tokens (TRL's and transformers' recipe for conversations); `steps`: a process
+    reward model's input as TRL's PRMTrainer builds it: the BOS (`special_tokens["bos_token"]`, where the
+    tokenizer has one), the prompt, then each step tokenized on its own and followed by `step_token`."""
     max_length: int
     """Longest id sequence scored; longer samples are truncated by the policy in this module's docstring."""
     append_eos: bool = False
@@ -93,6 +102,9 @@ class InputRecipe:
     fixed when the recipe is made (rm-train; rm-export for checkpoints trained elsewhere): with the clock,
     a sample's ids and reward would change from day to day, and between training and serving. None (recipes
     written without this field): the current day."""
+    step_token: str | None = None
+    """The `steps` template's token ending each step (TRL's `"\\n"`, Qwen's `<extra_0>`, `[SEP]` for
+    encoders), one token of the vocabulary: each step is scored there. None for every other template."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -106,6 +118,8 @@ class InputRecipe:
 class EncodedSample:
     ids: list[int]
     truncated: bool
+    steps: tuple[int, ...] | None = None
+    """Step recipes: the index in `ids` of each step's step token, in order (where its score is read)."""
 
 
 class RecipeError(ValueError):
@@ -176,8 +190,10 @@ class SampleEncoder:
         self.tokenizer.no_padding()
         self.tokenizer.no_truncation()
         self.recipe = recipe
-        if recipe.template not in ("pair", "concat", "chat"):
-            raise RecipeError(f"unknown recipe template {recipe.template!r}; expected pair, concat or chat")
+        if recipe.template not in ("pair", "concat", "chat", "steps"):
+            raise RecipeError(f"unknown recipe template {recipe.template!r}; expected pair, concat, chat or steps")
+        if (recipe.template == "steps") != (recipe.step_token is not None):
+            raise RecipeError("a recipe has a step_token exactly when its template is 'steps'")
         if recipe.template == "chat" and not recipe.chat_template:
             raise RecipeError("recipe template 'chat' needs a chat_template")
         self._before, self._between, self._after = self._special_ids()
@@ -192,11 +208,25 @@ class SampleEncoder:
         self._budget = recipe.max_length - len(self._before) - len(self._between) - len(self._after)
         if self._budget < 1:
             raise RecipeError(f"max_length {recipe.max_length} leaves no room for a response")
+        self.step_id = self._step_token_id() if recipe.step_token is not None else None
+
+    def _step_token_id(self) -> int:
+        """The step token's id: it must encode to one token (a whitespace-dropping encoder loses "\\n")."""
+        token = self.recipe.step_token or ""
+        ids = self._tokenize(token)[0].ids
+        if len(ids) != 1:
+            raise RecipeError(
+                f"step token {token!r} is not one token of this tokenizer (it encodes as {ids}); choose one it "
+                "keeps whole, such as [SEP] for an encoder or a special token"
+            )
+        return ids[0]
 
     def _special_ids(self) -> tuple[list[int], list[int], list[int]]:
         """The special ids the tokenizer's template puts before, between and after prompt and response."""
         if self.recipe.template == "chat":  # the chat template writes its own special tokens
             return [], [], []
+        if self.recipe.template == "steps":
+            return self._steps_bos(), [], []
         if self.recipe.template == "concat":
             before, after = self._single_text_special_ids()
             return before, [], after
@@ -207,8 +237,18 @@ class SampleEncoder:
         ib = ids.index(b.ids[0], ia + len(a.ids))
         return ids[:ia], ids[ia + len(a.ids) : ib], ids[ib + len(b.ids) :]
 
+    def _steps_bos(self) -> list[int]:
+        """TRL's PRMTrainer starts every input with the tokenizer's BOS where it has one."""
+        bos = (self.recipe.special_tokens or {}).get("bos_token")
+        bos_id = self.tokenizer.token_to_id(bos) if bos else None
+        if bos and bos_id is None:
+            raise RecipeError(f"bos token {bos!r} is not in the vocabulary")
+        return [bos_id] if bos_id is not None else []
+
     def _single_text_special_ids(self) -> tuple[list[int], list[int]]:
         """The special ids the tokenizer puts before and after one text ([CLS] and [SEP] for BERT)."""
+        if self.recipe.template == "steps":  # a rendered input gets what a steps sample gets
+            return self._steps_bos(), []
         a = self.tokenizer.encode("a", add_special_tokens=False)
         ids = self.tokenizer.post_process(a, add_special_tokens=True).ids
         if not a.ids or a.ids[0] not in ids:  # a post-processor that rewrites the text: add nothing
@@ -257,6 +297,47 @@ class SampleEncoder:
         return self._text_before + encoding.ids + self._eos + self._text_after
 
     def encode(self, sample: Sample) -> EncodedSample:
+        if self.step_id is not None:
+            return self._encode_steps(sample)
+        if sample.steps is not None:
+            raise RecipeError("a sample given as steps needs a process reward model (this one scores sequences)")
+        prompt, response = self._prompt_response_ids(sample)
+        prompt, response, truncated = truncate_prompt_left(prompt, response + self._eos, self._budget)
+        return EncodedSample(self._before + prompt + self._between + response + self._after, truncated)
+
+    def _encode_steps(self, sample: Sample) -> EncodedSample:
+        """TRL's PRM input: BOS, the prompt, then each step tokenized on its own and followed by the step token
+        (so no step merges with its neighbours). A response given as text is cut into steps at the step
+        token, text after the last one being a last step. Only the prompt is ever cut, from the left: steps
+        that do not fit are refused, since a cut solution would lose steps."""
+        token = self.recipe.step_token or ""
+        if sample.steps is not None:
+            steps = list(sample.steps)
+            if not steps:
+                raise RecipeError("no steps: a solution needs at least one")
+            for k, step in enumerate(steps):
+                if token in step:
+                    raise RecipeError(f"step {k} holds the step token {token!r}; send each step without it")
+        else:
+            pieces = _flatten(sample.response).split(token)
+            steps = pieces if pieces[-1] else pieces[:-1]
+            if not steps:
+                raise RecipeError("the response is empty: no step to score")
+        prompt, *step_ids = (e.ids for e in self._tokenize(_flatten(sample.prompt), *steps))
+        response, ends = [], []
+        for ids in step_ids:
+            response += [*ids, self.step_id]
+            ends.append(len(response) - 1)
+        if len(response) > self._budget:
+            raise RecipeError(
+                f"the steps take {len(response)} tokens; at most {self._budget} fit the model's maximum of "
+                f"{self.recipe.max_length} (only the prompt is cut; send fewer steps)"
+            )
+        prompt, response, truncated = truncate_prompt_left(list(prompt), response, self._budget)
+        start = len(self._before) + len(prompt)
+        return EncodedSample(self._before + prompt + response, truncated, tuple(start + k for k in ends))
+
+    def _prompt_response_ids(self, sample: Sample) -> tuple[list[int], list[int]]:
         if self.recipe.template == "chat":
             prompt, response = self._chat_ids(sample)
         elif self.recipe.template == "concat":
@@ -264,8 +345,7 @@ class SampleEncoder:
             prompt, response = self._split(prompt_text + _flatten(sample.response), prompt_text)
         else:
             prompt, response = (e.ids for e in self._tokenize(_flatten(sample.prompt), _flatten(sample.response)))
-        prompt, response, truncated = truncate_prompt_left(prompt, response + self._eos, self._budget)
-        return EncodedSample(self._before + prompt + self._between + response + self._after, truncated)
+        return list(prompt), list(response)
 
     def _chat_ids(self, sample: Sample) -> tuple[list[int], list[int]]:
         recipe = self.recipe

@@ -7,7 +7,10 @@ Formats, detected per record (`rm-train`, `rm-eval`, `rm-export` and `rm-client 
 - a K-way ranking: `{"prompt", "responses": [...], "ranking": [...]}` where `ranking` lists the indices of
   `responses` from best to worst; it becomes all C(K, 2) pairs of that prompt (InstructGPT). Without
   `ranking` the responses are only scored;
-- one response, only scored: `{"prompt" | "query": str, "response": str}` or `{"messages": [...]}`.
+- one response, only scored: `{"prompt" | "query": str, "response": str}` or `{"messages": [...]}`;
+- a process-reward row (TRL's stepwise format, `load_step_solutions`): `{"prompt": str, "completions":
+  [step, ...], "labels": [bool, ...]}`, one label per step (True: the step is correct). A file holds either
+  these rows or the records above, never both.
 A response given as messages follows the prompt, and the whole conversation is split by the wire's rule
 (`Sample.from_messages`: the trailing assistant messages are the response), so a sample read here is
 encoded exactly as the server encodes it. Files: JSONL, or a `datasets` Dataset saved with `save_to_disk`
@@ -16,11 +19,12 @@ encoded exactly as the server encodes it. Files: JSONL, or a `datasets` Dataset 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -109,6 +113,10 @@ def parse_record(record: object, where: str) -> PreferenceGroup:
     """One record of any supported format; `where` (file and line) starts every error message."""
     if not isinstance(record, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    if is_step_record(record):
+        raise DataError(
+            f"{where}: a process-reward row ({_STEP_FIELDS}) among preference or scoring records; {_ONE_KIND}"
+        )
     pair = _present(record, "chosen") or _present(record, "rejected")
     ranking = _present(record, "responses") or _present(record, "ranking")
     if pair and ranking:
@@ -211,3 +219,72 @@ def _margin(record: dict, where: str) -> float:
     if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not math.isfinite(margin):
         raise DataError(f"{where}: field 'margin' must be a finite number, got {margin!r}")
     return float(margin)
+
+
+@dataclass(frozen=True)
+class StepSolution:
+    """A process-reward row: a solution's steps, each labelled correct (True) or not, as TRL's PRMTrainer reads."""
+
+    prompt: str
+    steps: tuple[str, ...]
+    labels: tuple[bool, ...]
+    where: str = field(default="", compare=False)
+    """`file:line` of the record, for messages about it later (a row the input recipe refuses)."""
+
+
+_STEP_FIELDS = "'prompt', 'completions', 'labels'"
+_ONE_KIND = "a file holds one kind of record"
+
+
+def is_step_record(record: object) -> bool:
+    """Process-reward rows are told apart by their fields, whatever else the row holds."""
+    return isinstance(record, dict) and (_present(record, "completions") or _present(record, "labels"))
+
+
+def holds_steps(path: str | Path) -> bool:
+    """Whether a file's first record is a process-reward row (its loader then requires every record to be)."""
+    with contextlib.closing(read_records(path)) as records:
+        for _, record in records:
+            return is_step_record(record)
+    raise DataError(f"{Path(path)}: no records")
+
+
+def load_step_solutions(path: str | Path) -> list[StepSolution]:
+    """Every record of a JSONL file or a saved `datasets` directory as a labelled solution."""
+    solutions = [parse_step_record(record, where) for where, record in read_records(path)]
+    if not solutions:
+        raise DataError(f"{Path(path)}: no records")
+    return solutions
+
+
+def parse_step_record(record: object, where: str) -> StepSolution:
+    if not is_step_record(record):
+        raise DataError(
+            f"{where}: a preference or scoring record among process-reward rows ({_STEP_FIELDS}); {_ONE_KIND}"
+        )
+    assert isinstance(record, dict)
+    for name in ("chosen", "rejected", "responses", "response", "messages"):
+        if _present(record, name):
+            raise DataError(
+                f"{where}: field '{name}' in a process-reward row ({_STEP_FIELDS}); a record is one kind or the other"
+            )
+    for name in ("prompt", "completions", "labels"):
+        if not _present(record, name):
+            raise DataError(f"{where}: missing field '{name}' (a process-reward row has {_STEP_FIELDS})")
+    prompt, steps, labels = record["prompt"], record["completions"], record["labels"]
+    if not isinstance(prompt, str):
+        raise DataError(f"{where}: field 'prompt' must be a string, got {type(prompt).__name__}")
+    if not isinstance(steps, list) or not all(isinstance(s, str) for s in steps):
+        raise DataError(f"{where}: field 'completions' must be a list of steps (strings)")
+    if not steps:
+        raise DataError(f"{where}: field 'completions' is empty; a solution needs at least one step")
+    if not isinstance(labels, list):
+        raise DataError(f"{where}: field 'labels' must be a list of true/false, one per step")
+    for i, label in enumerate(labels):
+        if not isinstance(label, bool):  # 0/1 too: TRL's rows hold booleans, and a typo should not pass as one
+            raise DataError(f"{where}: field 'labels[{i}]' is {label!r}; a step's label is true or false")
+    if len(labels) != len(steps):
+        raise DataError(
+            f"{where}: {len(labels)} labels for {len(steps)} steps in 'completions'; give one label per step"
+        )
+    return StepSolution(prompt, tuple(steps), tuple(labels), where)

@@ -1,6 +1,9 @@
 """Pairwise accuracy and margin statistics of a reward model on preference data (`rm-eval`).
 
 rm-eval --model runs/demo/rm --data rm_training/data/demo/test.jsonl
+
+A process reward model on process-reward rows (prompt, completions, labels) gets rm-train's step metrics
+instead (step accuracy, first-error accuracy, AUROC; rm_training.prm_data.evaluate_solutions).
 """
 
 from __future__ import annotations
@@ -13,16 +16,17 @@ import torch
 
 from rm_contract.config_cli import ConfigError, option, parse_config
 from rm_contract.recipe import RecipeError
-from rm_contract.records import DataError, load_groups
+from rm_contract.records import DataError, holds_steps, load_groups, load_step_solutions
 from rm_training.batching import TokenizedGroup, pair_rows, score_sequences, tokenize_groups
 from rm_training.losses import bradley_terry_loss, pairwise_accuracy
 from rm_training.model import CheckpointError, RewardModel, load_reward_model, sample_encoder
+from rm_training.prm_data import evaluate_solutions, tokenize_solutions
 
 
 @dataclass(frozen=True)
 class EvalArgs:
     model: str = option(help="reward-model checkpoint directory written by rm-train")
-    data: str = option(help="preference data: JSONL or a saved datasets directory")
+    data: str = option(help="preference data, or process-reward rows: JSONL or a saved datasets directory")
     batch_size: int = option(32, "sequences per forward pass")
 
     def validate(self) -> None:
@@ -55,13 +59,28 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args = parse_config(EvalArgs, argv, prog="rm-eval", description=__doc__)
         args.validate()
-        groups = load_groups(args.data)
+        steps = holds_steps(args.data)
+        rows = load_step_solutions(args.data) if steps else load_groups(args.data)
         model, tokenizer, metadata = load_reward_model(args.model)
-        tokenized = tokenize_groups(groups, sample_encoder(tokenizer, metadata.recipe))
+        if steps and metadata.output_kind != "steps":
+            raise DataError(f"{args.data} holds process-reward rows, and {args.model} is no process reward model")
+        if not steps and metadata.output_kind == "steps":
+            raise DataError(f"{args.model} is a process reward model: evaluate it on process-reward rows")
+        encoder = sample_encoder(tokenizer, metadata.recipe)
+        if steps:
+            tokenized, refused = tokenize_solutions(rows, encoder)
+        else:
+            tokenized = tokenize_groups(rows, encoder)
     except (ConfigError, DataError, CheckpointError, RecipeError) as e:
         print(f"rm-eval: error: {e}", file=sys.stderr)
         sys.exit(2)
-    metrics = evaluate_groups(model, tokenized, tokenizer.pad_token_id, args.batch_size)
+    if steps:
+        if refused:
+            print(f"rm-eval: skipped {len(refused)} rows the input recipe refuses, as {refused[0]}", file=sys.stderr)
+        metrics = evaluate_solutions(model, tokenized, tokenizer.pad_token_id, args.batch_size)
+        metrics["n_skipped"] = len(refused)
+    else:
+        metrics = evaluate_groups(model, tokenized, tokenizer.pad_token_id, args.batch_size)
     print(json.dumps(metrics))
 
 

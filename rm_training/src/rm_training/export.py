@@ -34,7 +34,7 @@ from rm_contract.recipe import RecipeError, SampleEncoder
 from rm_contract.records import DataError, load_groups
 from rm_training.manifest import build_manifest, write_manifest
 from rm_training.memory import peak_rss_mb, release_freed_memory, to_fp32
-from rm_training.model import CheckpointError, load_reward_model, packing_unsupported
+from rm_training.model import CheckpointError, load_reward_model, packing_unsupported, sample_encoder
 from rm_training.onnx_export import export_graph, int8_fp32_products, make_int8, optimize, save_fp16
 from rm_training.progress import Progress
 from rm_training.verification import (
@@ -66,6 +66,11 @@ class ExportArgs:
         None, "input recipe for checkpoints trained elsewhere", choices=("pair", "concat", "chat")
     )
     max_length: int | None = option(None, "maximum length for checkpoints trained elsewhere")
+    step_token: str | None = option(
+        None,
+        "process reward models trained elsewhere (TRL's PRMTrainer): the token ending each step"
+        ' (default: TRL\'s "\\n" for decoders, [SEP] for encoders)',
+    )
     opset: int = option(17, "ONNX opset")
     external_data_over_mb: float = option(
         1024,
@@ -109,6 +114,7 @@ class ExportArgs:
             version=self.version,
             template=self.template,
             max_length=self.max_length,
+            step_token=self.step_token,
             opset=self.opset,
             external_data_over_mb=min(self.external_data_over_mb, INLINE_LIMIT_MB),
             input_form=self.input_form,
@@ -135,6 +141,7 @@ class ExportPlan:
     external_data_over_mb: float
     """Models whose fp32 weights exceed this keep their weights in external files (at most INLINE_LIMIT_MB)."""
     input_form: str = "auto"
+    step_token: str | None = None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -159,7 +166,14 @@ def export(plan: ExportPlan, progress: Progress) -> Path:
     then put the bundle at `plan.output`."""
     started = time.perf_counter()
     progress.stage(f"loading {plan.checkpoint}")
-    model, tokenizer, metadata = load_reward_model(plan.checkpoint, plan.template, plan.max_length)
+    model, tokenizer, metadata = load_reward_model(plan.checkpoint, plan.template, plan.max_length, plan.step_token)
+    if model.output_kind == "steps":
+        sample_encoder(tokenizer, metadata.recipe)  # RecipeError (exit code 2) when the step token is not one token
+        if "int8" in plan.dtypes:
+            raise ConfigError(
+                "--dtype int8: a process reward model's int8 would be judged on step accuracy, which rm-export does "
+                "not measure yet; export fp32 (and fp16)"
+            )
     if metadata.recipe.template == "chat" and metadata.recipe.date is None:
         # A chat recipe without a date (trained elsewhere, or a reward_model.json without one): the day its
         # template renders (strftime_now) is fixed here, as rm-train fixes it when it makes the recipe.
@@ -176,6 +190,8 @@ def export(plan: ExportPlan, progress: Progress) -> Path:
             file=sys.stderr,
         )
     packed = input_form(model, plan.input_form)
+    if model.output_kind == "steps" and not packed:
+        raise ConfigError("a process reward model is exported in the packed form only (its steps are read there)")
     progress.stage("PyTorch reference rewards" + (" and eval accuracy" if plan.eval_data else ""))
     checked = prepare_checks(model, tokenizer, metadata.recipe, plan.eval_data)
     rule = checked.rule if packed else None
@@ -223,6 +239,9 @@ def export(plan: ExportPlan, progress: Progress) -> Path:
             external_data=external,
             input_form="packed" if packed else "padded",
         )
+        if checked.encoder.step_id is not None:  # the server reads steps sent as ids and texts at it
+            manifest["step_token_id"] = checked.encoder.step_id
+            manifest["step_classes"] = model.model.config.num_labels  # 2: TRL's softmax pair; 1: a sigmoid
         manifest = write_manifest(staging, manifest)
         if output.exists():
             shutil.rmtree(output)

@@ -60,6 +60,7 @@ def build_manifest(
         "max_length": metadata.recipe.max_length,
         "truncation": "prompt_left_keep_response_keep_final_token",
         "recipe": metadata.recipe.to_dict(),
+        "output_kind": metadata.output_kind,
         "normalization": vars(metadata.normalization),
         "eval_data": eval_data,
         "eval_accuracy": report.get("torch_eval_accuracy"),

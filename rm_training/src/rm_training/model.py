@@ -55,6 +55,8 @@ class RewardModelMetadata:
     segment_sep_id: int | None = None
     """Encoders fine-tuned on `tokenizer(prompt, response)` segments: the separator after which segment 1
     starts (the graph derives the segment ids from the ids). None: segment 0 everywhere, as rm-train trains."""
+    output_kind: str = "sequence"
+    """ "sequence" (one reward per sample) or "steps" (a process reward model, rm_training.step_model)."""
 
     def to_dict(self) -> dict:
         return {
@@ -63,6 +65,7 @@ class RewardModelMetadata:
             "source": self.source,
             "normalization": vars(self.normalization),
             "segment_sep_id": self.segment_sep_id,
+            "output_kind": self.output_kind,
         }
 
     @classmethod
@@ -73,11 +76,14 @@ class RewardModelMetadata:
             source=data.get("source", ""),
             normalization=RewardNormalization(**data.get("normalization", {})),
             segment_sep_id=data.get("segment_sep_id"),
+            output_kind=data.get("output_kind", "sequence"),
         )
 
 
 class RewardModel(nn.Module):
     """Maps padded ids and their attention mask to one reward per row."""
+
+    output_kind = "sequence"
 
     def __init__(self, model: PreTrainedModel, pooling: Pooling, segment_sep_id: int | None = None):
         super().__init__()
@@ -108,6 +114,14 @@ class RewardModel(nn.Module):
         last = (keep * torch.arange(T, device=input_ids.device)).argmax(-1)  # (B,)
         pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (B, H)
         return self.model.score(pooled.to(self.model.score.weight.dtype))[:, 0].float()  # fp16 models too
+
+    def read_scored(self, scored: torch.Tensor) -> torch.Tensor:
+        """The packed form's last step: the hidden states at the score positions (N, H) -> rewards (N,)."""
+        model = self.model
+        if self.pooling != "cls":
+            return model.score(scored.to(model.score.weight.dtype))[:, 0].float()
+        pooled = model.base_model.pooler(scored[:, None])  # BERT's pooler reads token 0 of each "row"
+        return model.classifier(model.dropout(pooled))[:, 0].float()
 
 
 PACKABLE_ENCODERS = ("bert",)
@@ -174,11 +188,7 @@ class PackedRewardModel(nn.Module):
         hidden = model.base_model(
             input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False, **extra
         ).last_hidden_state
-        scored = hidden.reshape(rows * width, -1)[score_positions]  # (N, H)
-        if self.decoder:
-            return model.score(scored.to(model.score.weight.dtype))[:, 0].float()
-        pooled = model.base_model.pooler(scored[:, None])  # BERT's pooler reads token 0 of each "row"
-        return model.classifier(model.dropout(pooled))[:, 0].float()
+        return self.reward_model.read_scored(hidden.reshape(rows * width, -1)[score_positions])  # (N, H) -> (N,)
 
     @staticmethod
     def _additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -211,6 +221,24 @@ def pair_segment_separator(
     if 1 not in tokenizer("a", "b").get("token_type_ids", []):
         return None
     return tokenizer.sep_token_id
+
+
+ENCODER_MODEL_TYPES = ("bert", "roberta", "deberta-v2", "modernbert", "distilbert", "electra")
+
+
+def token_classifier_attention(model: PreTrainedModel) -> Pooling:
+    """A token classifier's attention, by architecture (its head's name does not tell: GPT-2's is
+    `classifier` too), as a pooling value: "cls" (bidirectional) for encoders, "last_attended" (causal) for
+    decoders. CheckpointError for a type in neither list."""
+    model_type = model.config.model_type
+    if model_type in ENCODER_MODEL_TYPES:
+        return "cls"
+    if model_type in SUPPORTED_MODEL_TYPES:
+        return "last_attended"
+    raise CheckpointError(
+        f"model type {model_type!r}: process reward models are {', '.join(SUPPORTED_MODEL_TYPES)} (is its "
+        "attention causal? a wrong guess would score every step wrongly)"
+    )
 
 
 def pooling_of(model: PreTrainedModel) -> Pooling:
@@ -266,17 +294,26 @@ class CheckpointError(ValueError):
 
 
 def load_reward_model(
-    directory: str | Path, template: str | None = None, max_length: int | None = None
+    directory: str | Path, template: str | None = None, max_length: int | None = None, step_token: str | None = None
 ) -> tuple[RewardModel, PreTrainedTokenizerBase, RewardModelMetadata]:
     """A reward model from a checkpoint directory (safetensors only; nothing is unpickled).
 
     Checkpoints from `rm-train` carry their recipe and pooling rule. Others (TRL's RewardTrainer, public
     reward models) get transformers' pooling rule and a recipe inferred from the tokenizer, which
-    `template` and `max_length` may override.
+    `template` and `max_length` may override. Token-classification checkpoints are process reward models
+    (rm_training.step_model; `step_token` for one trained elsewhere).
     """
     directory = Path(directory)
     if not (directory / "config.json").is_file():
         raise CheckpointError(f"{directory} is not a Hugging Face checkpoint: config.json is missing")
+    from rm_training.step_model import is_step_checkpoint, load_step_model  # it builds on this module
+
+    if is_step_checkpoint(directory):
+        if template:
+            raise CheckpointError(f"{directory} is a process reward model: its template is TRL's (--template unused)")
+        return load_step_model(directory, step_token, max_length)
+    if step_token:
+        raise CheckpointError(f"{directory} is not a token-classification checkpoint: --step-token is for those")
     metadata_path = directory / METADATA_FILE
     try:
         model_type = json.loads((directory / "config.json").read_text()).get("model_type")

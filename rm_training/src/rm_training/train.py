@@ -1,8 +1,11 @@
-"""Train a reward model with the pairwise (Bradley-Terry) loss (`rm-train`).
+"""Train a reward model with the pairwise (Bradley-Terry) loss (`rm-train`), or a process reward model.
 
     rm-train --data rm_training/data/demo/train.jsonl --eval-data rm_training/data/demo/test.jsonl \\
         --model minilm --output runs/demo/rm
     torchrun --nproc-per-node 2 -m rm_training.train ...   # DDP: gloo on CPU, NCCL on GPU
+
+Data of process-reward rows (`prompt`, `completions`, `labels`: TRL's stepwise format) trains a process
+reward model instead (rm_training.prm_train), with the same options and optimization loop.
 
 The output directory receives the checkpoint (safetensors, tokenizer, reward_model.json with the input
 recipe and the reward normalization statistics), report.json and curves.png.
@@ -16,6 +19,7 @@ import os
 import random
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,7 +33,7 @@ from transformers import get_scheduler
 from rm_contract.backbones import BackboneError
 from rm_contract.config_cli import ConfigError, option, parse_config
 from rm_contract.recipe import RecipeError
-from rm_contract.records import DataError, load_groups
+from rm_contract.records import DataError, holds_steps, load_groups
 from rm_training.batching import TokenizedGroup, collate, score_sequences, tokenize_groups
 from rm_training.evaluate import evaluate_groups
 from rm_training.losses import reward_model_loss
@@ -40,8 +44,11 @@ from rm_training.progress import bar, on_terminal
 
 @dataclass
 class TrainConfig:
-    data: str = option(help="Training preference data: JSONL or a saved `datasets` directory, any supported format.")
-    eval_data: str = option(help="Held-out preference data, evaluated periodically and at the end.")
+    data: str = option(
+        help="Training preference data: JSONL or a saved `datasets` directory, any supported format; "
+        "process-reward rows (prompt, completions, labels) train a process reward model.",
+    )
+    eval_data: str = option(help="Held-out data of the same kind, evaluated periodically and at the end.")
     output: str = option(help="Directory for the checkpoint, report.json and curves.png.")
     model: str = option(
         "minilm",
@@ -79,6 +86,13 @@ class TrainConfig:
         "Training responses used to compute the reward mean and std saved for normalized serving.",
     )
     seed: int = 0
+    step_token: str | None = option(
+        None,
+        "Process reward models: the token ending each step (default: TRL's newline for decoders, [SEP] for encoders).",
+    )
+    train_on_last_step_only: bool = option(
+        False, "Process reward models: learn only each solution's last step label (TRL's flag)."
+    )
 
     def validate(self) -> None:
         for name in ("batch_size", "grad_accum", "max_length", "eval_batch_size"):
@@ -142,17 +156,18 @@ def train(cfg: TrainConfig) -> dict:
     """Train, evaluate, compute normalization statistics and save; returns the report."""
     started = time.time()
     cfg.validate()
-    ddp = setup_distributed()
-    seed_everything(cfg.seed)
-    device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
-    log = tqdm.write if ddp.is_main else (lambda *a, **k: None)
+    if holds_steps(cfg.data):
+        from rm_training.prm_train import train_steps  # it builds on this module
+
+        return train_steps(cfg, started)
+    if cfg.step_token is not None or cfg.train_on_last_step_only:
+        raise ConfigError("--step-token and --train-on-last-step-only are for process-reward data, not preferences")
+    ddp, device, log = start_run(cfg)
 
     # Data and model
     train_groups, eval_groups = load_groups(cfg.data), load_groups(cfg.eval_data)
     model, tokenizer, metadata = new_reward_model(cfg.model, cfg.max_length)
-    positions = getattr(model.model.config, "max_position_embeddings", None)
-    if positions and cfg.max_length > positions:
-        raise ConfigError(f"--max-length {cfg.max_length} exceeds the backbone's {positions} position embeddings")
+    check_max_length(model.model, cfg)
     encoder = sample_encoder(tokenizer, metadata.recipe)
     train_set = tokenize_groups(train_groups, encoder, desc="tokenize train")
     eval_set = tokenize_groups(eval_groups, encoder, desc="tokenize eval")
@@ -162,56 +177,15 @@ def train(cfg: TrainConfig) -> dict:
         f"{len(train_set)} train groups, {len(eval_set)} eval groups; "
         f"{sum(g.n_truncated for g in train_set)} train responses truncated to {cfg.max_length} tokens"
     )
-    if not cfg.keep_dropout:
-        for module in model.modules():
-            if isinstance(module, torch.nn.Dropout):
-                module.p = 0.0
-    if cfg.gradient_checkpointing:
-        model.model.gradient_checkpointing_enable()
-    model.to(device).train()
-    trained = DistributedDataParallel(model) if ddp.world_size > 1 else model
-
-    # Optimizer and schedule
-    global_batch = cfg.batch_size * ddp.world_size
-    if len(train_set) < global_batch:
-        raise ConfigError(f"{len(train_set)} training groups are fewer than one global batch of {global_batch}")
-    batches = global_batches(len(train_set), global_batch, cfg.epochs, cfg.seed)
-    total_steps = max(1, len(batches) // cfg.grad_accum)
-    eval_every = cfg.eval_every or math.ceil(total_steps / 5)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = get_scheduler(
-        cfg.lr_scheduler,
-        optimizer,
-        num_warmup_steps=round(cfg.warmup_ratio * total_steps),
-        num_training_steps=total_steps,
-    )
-    bf16 = use_bf16(cfg.bf16, device)
+    prepare_model(model, cfg, device)
 
     # Training loop
-    loss_curve, eval_curve = [], []
-    step, running = 0, []
+    eval_curve = []
 
-    def evaluate_and_log() -> dict:
-        metrics = evaluate_groups(model, eval_set, pad_id, cfg.eval_batch_size)
-        eval_curve.append([step, metrics["accuracy"], metrics["loss"]])
-        log(
-            f"step {step}/{total_steps}: eval accuracy {metrics['accuracy']:.4f}, "
-            f"loss {metrics['loss']:.4f}, mean margin {metrics['mean_margin']:.3f}"
-        )
-        return metrics
-
-    if ddp.is_main:
-        evaluate_and_log()  # step 0: the untrained head, so the report shows what training bought
-    # in a log file, about ten lines per run that carry the loss and learning rate, instead of the bar
-    progress = bar(total=total_steps, desc="train", disable=not ddp.is_main or not on_terminal())
-    line_every = math.ceil(total_steps / 10)
-    final = None
-    for micro, batch_indices in enumerate(batches[: total_steps * cfg.grad_accum]):
-        mine = batch_indices[ddp.rank * cfg.batch_size : (ddp.rank + 1) * cfg.batch_size]
-        batch = collate([train_set[i] for i in mine], pad_id).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            rewards = trained(batch.input_ids, batch.attention_mask).float()
-        loss = reward_model_loss(
+    def batch_loss(forward: Forward, indices: list[int]) -> torch.Tensor:
+        batch = collate([train_set[i] for i in indices], pad_id).to(device)
+        rewards = forward(batch.input_ids, batch.attention_mask)
+        return reward_model_loss(
             rewards,
             batch.chosen,
             batch.rejected,
@@ -220,33 +194,19 @@ def train(cfg: TrainConfig) -> dict:
             batch.n_groups,
             cfg.center_rewards_coefficient,
         )
-        (loss / cfg.grad_accum).backward()
-        running.append(loss.item())
-        if (micro + 1) % cfg.grad_accum:
-            continue
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        step_loss = torch.tensor(float(np.mean(running)))
-        if ddp.world_size > 1:  # log the loss of the whole global batch, not of this process's share
-            dist.all_reduce(step_loss)  # gloo has no AVG
-            step_loss /= ddp.world_size
-        loss_curve.append([step, step_loss.item()])
-        running = []
-        progress.update()
-        progress.set_postfix(loss=f"{loss_curve[-1][1]:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-        if progress.disable and (step % line_every == 0 or step == total_steps):
-            log(
-                f"train step {step}/{total_steps}: loss {loss_curve[-1][1]:.4f}, "
-                f"lr {scheduler.get_last_lr()[0]:.2e} ({time.time() - started:.0f} s in)"
-            )
-        if ddp.is_main and (step % eval_every == 0 or step == total_steps):
-            final = evaluate_and_log()  # the last one is the final model's: the report reuses it
-    progress.close()
-    if ddp.is_main and final is None:  # fewer micro-batches than --grad-accum: no optimizer step was taken
-        final = evaluate_and_log()
+
+    def evaluate_and_log(step: int, total_steps: int) -> dict:
+        metrics = evaluate_groups(model, eval_set, pad_id, cfg.eval_batch_size)
+        eval_curve.append([step, metrics["accuracy"], metrics["loss"]])
+        log(
+            f"step {step}/{total_steps}: eval accuracy {metrics['accuracy']:.4f}, "
+            f"loss {metrics['loss']:.4f}, mean margin {metrics['mean_margin']:.3f}"
+        )
+        return metrics
+
+    loss_curve, final, total_steps = fit(
+        cfg, model, len(train_set), "training groups", batch_loss, evaluate_and_log, ddp, device, log, started
+    )
 
     report = {}
     if ddp.is_main:
@@ -275,10 +235,124 @@ def train(cfg: TrainConfig) -> dict:
             f"eval accuracy {final['accuracy']:.4f} on {final['n_pairs']} pairs; wrote {output} "
             f"(checkpoint, report.json, curves.png) in {report['seconds']} s"
         )
+    end_run(ddp)
+    return report
+
+
+def start_run(cfg: TrainConfig) -> tuple[Distributed, torch.device, Callable[..., None]]:
+    """Join the process group, seed, pick the device; `log` prints on the main process only."""
+    ddp = setup_distributed()
+    seed_everything(cfg.seed)
+    device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+    return ddp, device, tqdm.write if ddp.is_main else (lambda *a, **k: None)
+
+
+def end_run(ddp: Distributed) -> None:
     if ddp.world_size > 1:
         dist.barrier()
         dist.destroy_process_group()
-    return report
+
+
+def check_max_length(backbone: torch.nn.Module, cfg: TrainConfig) -> None:
+    positions = getattr(backbone.config, "max_position_embeddings", None)
+    if positions and cfg.max_length > positions:
+        raise ConfigError(f"--max-length {cfg.max_length} exceeds the backbone's {positions} position embeddings")
+
+
+def prepare_model(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> None:
+    """Dropout off unless kept (as TRL), gradient checkpointing where asked, on the device in train mode."""
+    if not cfg.keep_dropout:
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+    if cfg.gradient_checkpointing:
+        model.model.gradient_checkpointing_enable()
+    model.to(device).train()
+
+
+Forward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""(input_ids, attention_mask) -> the network's output in float32, run under the run's autocast (and DDP)."""
+
+
+def fit(
+    cfg: TrainConfig,
+    network: torch.nn.Module,
+    n_train: int,
+    what: str,
+    batch_loss: Callable[[Forward, list[int]], torch.Tensor],
+    evaluate: Callable[[int, int], dict],
+    ddp: Distributed,
+    device: torch.device,
+    log: Callable[..., None],
+    started: float,
+) -> tuple[list, dict, int]:
+    """The optimization loop every rm-train model shares: AdamW with warmup and decay over shuffled global
+    batches of `n_train` examples (`what` names them), gradient accumulation, a progress bar (about ten lines
+    in a log file), and `evaluate(step, total_steps)` on the main process at step 0, every `eval_every` steps
+    and at the end. `batch_loss(forward, indices)` is this process's loss on its share of a batch. Returns
+    (loss curve, the final evaluation, optimizer steps)."""
+    trained = DistributedDataParallel(network) if ddp.world_size > 1 else network
+
+    # Optimizer and schedule
+    global_batch = cfg.batch_size * ddp.world_size
+    if n_train < global_batch:
+        raise ConfigError(f"{n_train} {what} are fewer than one global batch of {global_batch}")
+    batches = global_batches(n_train, global_batch, cfg.epochs, cfg.seed)
+    total_steps = max(1, len(batches) // cfg.grad_accum)
+    eval_every = cfg.eval_every or math.ceil(total_steps / 5)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = get_scheduler(
+        cfg.lr_scheduler,
+        optimizer,
+        num_warmup_steps=round(cfg.warmup_ratio * total_steps),
+        num_training_steps=total_steps,
+    )
+    bf16 = use_bf16(cfg.bf16, device)
+
+    def forward(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            return trained(input_ids, attention_mask).float()
+
+    # Training loop
+    loss_curve = []
+    step, running = 0, []
+    if ddp.is_main:
+        evaluate(step, total_steps)  # step 0: the untrained head, so the report shows what training bought
+    # in a log file, about ten lines per run that carry the loss and learning rate, instead of the bar
+    progress = bar(total=total_steps, desc="train", disable=not ddp.is_main or not on_terminal())
+    line_every = math.ceil(total_steps / 10)
+    final = None
+    for micro, batch_indices in enumerate(batches[: total_steps * cfg.grad_accum]):
+        mine = batch_indices[ddp.rank * cfg.batch_size : (ddp.rank + 1) * cfg.batch_size]
+        loss = batch_loss(forward, mine)
+        (loss / cfg.grad_accum).backward()
+        running.append(loss.item())
+        if (micro + 1) % cfg.grad_accum:
+            continue
+        torch.nn.utils.clip_grad_norm_(network.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        step_loss = torch.tensor(float(np.mean(running)))
+        if ddp.world_size > 1:  # log the loss of the whole global batch, not of this process's share
+            dist.all_reduce(step_loss)  # gloo has no AVG
+            step_loss /= ddp.world_size
+        loss_curve.append([step, step_loss.item()])
+        running = []
+        progress.update()
+        progress.set_postfix(loss=f"{loss_curve[-1][1]:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+        if progress.disable and (step % line_every == 0 or step == total_steps):
+            log(
+                f"train step {step}/{total_steps}: loss {loss_curve[-1][1]:.4f}, "
+                f"lr {scheduler.get_last_lr()[0]:.2e} ({time.time() - started:.0f} s in)"
+            )
+        if ddp.is_main and (step % eval_every == 0 or step == total_steps):
+            final = evaluate(step, total_steps)  # the last one is the final model's: the report reuses it
+    progress.close()
+    if ddp.is_main and final is None:  # fewer micro-batches than --grad-accum: no optimizer step was taken
+        final = evaluate(step, total_steps)
+    return loss_curve, final or {}, total_steps
 
 
 def normalization_stats(

@@ -38,6 +38,7 @@ from rm_training.parity import (
     torch_scorer,
     verification_samples,
 )
+from rm_training.step_checks import check_step_variant, reference_step_scores, step_verification_samples
 
 
 class VerificationError(RuntimeError):
@@ -57,10 +58,17 @@ class Checked:
     """PyTorch's pairwise accuracy on the eval pairs, computed up front so the weights can go before ONNX work."""
     rule: ScoringRule
     """Where each sample's reward is read (what a packed graph is told)."""
+    steps: bool = False
+    """A process reward model: `vset` holds StepIds and per-step references (rm_training.step_checks)."""
 
 
 def prepare_checks(model: RewardModel, tokenizer, recipe: InputRecipe, eval_data: str | None) -> Checked:
     encoder = sample_encoder(tokenizer, recipe)
+    if model.output_kind == "steps":  # pairwise accuracy does not apply: the steps are checked one by one
+        samples = step_verification_samples(encoder)
+        vset = VerificationSet(samples, reference_step_scores(model, samples))
+        rule = ScoringRule(model.pooling, tokenizer.pad_token_id)
+        return Checked(tokenizer.pad_token_id, vset, [], ("right",), encoder, None, rule, steps=True)
     eval_groups = load_groups(eval_data) if eval_data else []
     samples = [s for g in eval_groups for s in g.samples]
     ids = verification_samples(samples, encoder)
@@ -97,7 +105,10 @@ def run_checks(
         try:
             engine = OnnxEngine(path, providers, scoring=checked.rule)
             packs = packing[dtype] if packing else variant_packs(dtype, checked.rule.pooling)
-            result, alone = check_variant(engine, checked.vset, checked.pad_id, checked.sides, packs)
+            if checked.steps:
+                result, alone = check_step_variant(engine, checked.vset, checked.pad_id, packs)
+            else:
+                result, alone = check_variant(engine, checked.vset, checked.pad_id, checked.sides, packs)
         except Exception as e:  # noqa: BLE001 - e.g. fp16 kernels missing on the CPU provider
             reason = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
             variants[dtype] = {"verified": False, "reason": reason}

@@ -47,6 +47,14 @@ class PPOConfig:
     reward_model: str = option("", "Model on the reward service (default: the server's default model).")
     ensemble_reduce: str = option("mean", "For an ensemble reward model: mean, mean_minus_k_std (conservative) or min.")
     ensemble_k: float = option(1.0, "k of mean_minus_k_std.")
+    step_reduce: str = option(
+        "min", "Process reward models: how the step scores become the final reward (min, last, product, mean)."
+    )
+    step_reward_weight: float = option(
+        1.0,
+        "Process reward models: each step's score times this is also given on the token ending the step (dense"
+        " rewards; 0: the final reward only).",
+    )
     reward_timeout_s: float = option(
         120.0,
         "Deadline of one reward call, retries included; the run stops (never trains on missing rewards) after it.",
@@ -60,6 +68,8 @@ class PPOConfig:
             raise ConfigError(f"--kl-estimator must be k1 or k3, not {self.kl_estimator!r}")
         if self.ensemble_reduce not in ("mean", "mean_minus_k_std", "min"):
             raise ConfigError("--ensemble-reduce must be mean, mean_minus_k_std or min")
+        if self.step_reduce not in ("min", "last", "product", "mean"):
+            raise ConfigError("--step-reduce must be min, last, product or mean")
         if self.reward_normalization not in ("none", "server", "running"):
             raise ConfigError("--reward-normalization must be none, server or running")
         for name in ("steps", "batch_size", "minibatch_size", "ppo_epochs", "max_new_tokens"):

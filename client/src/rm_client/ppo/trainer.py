@@ -6,7 +6,8 @@ One step, read top to bottom in `PPOTrainer.step`:
 1. sample responses for a batch of prompts (temperature, top-p, cut at EOS);
 2. send (prompt, response) to the reward service without waiting for the answer;
 3. meanwhile compute the reference log-probs and the values locally (this hides the service's latency);
-4. collect the scores, build per-token rewards r_t = -beta * kl_t (+ score on the last token), GAE;
+4. collect the scores, build per-token rewards r_t = -beta * kl_t (+ score on the last token; with a process
+   reward model, + step_reward_weight x each step's score on the token ending the step), GAE;
 5. several epochs of clipped PPO updates over minibatches; update the KL coefficient.
 The value model is a separate copy of the policy's backbone with a scalar head (so value regression never
 pulls on the policy's features); the reference is a frozen copy of the initial policy.
@@ -33,6 +34,7 @@ from rm_client.client import RewardClient
 from rm_client.ppo import core
 from rm_client.ppo.config import PPOConfig
 from rm_client.ppo.rollout import Prompt, Rollout, response_texts, sample, token_logprobs
+from rm_client.ppo.steps import StepSplit, dense_step_rewards, split_steps, step_end_tokens
 from rm_contract.padding import position_ids
 
 log = logging.getLogger("rm_ppo")
@@ -86,6 +88,13 @@ class PPOTrainer:
         self.step_index = 0
         self._rng = random.Random(config.seed)
         self._reward_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward")
+        info = client.model_info() if client is not None else None  # None: the update alone, offline
+        self.step_token = info.step_token if info is not None and info.output_kind == "steps" else None
+        """A process reward model's step token: responses are scored step by step (dense rewards)."""
+        if self.step_token is not None and any(p.messages is not None for p in prompts):
+            raise ValueError("a process reward model scores text prompts with steps; these prompts are chat messages")
+        if self.step_token is not None and config.reward_normalization == "server":
+            raise ValueError("--reward-normalization server: a process reward model's scores are never normalized")
 
     # --- one step ----------------------------------------------------------------------------------------
 
@@ -108,7 +117,8 @@ class PPOTrainer:
         texts = response_texts(self.tokenizer, rollout)
         timings["generate"] = time.perf_counter() - started
 
-        pending = self._request_scores(prompts, texts)  # in flight while the local work below runs
+        splits = [split_steps(t, self.step_token) for t in texts] if self.step_token is not None else None
+        pending = self._request_scores(prompts, texts, splits)  # in flight while the local work below runs
         mark = time.perf_counter()
         n = rollout.response_ids.shape[1]
         with torch.no_grad():
@@ -119,8 +129,13 @@ class PPOTrainer:
         timings["ref_and_value"] = time.perf_counter() - mark
 
         mark = time.perf_counter()
-        raw_scores = torch.from_numpy(pending.result()).float()  # raises if the service failed: no made-up rewards
+        answer = pending.result()  # raises if the service failed: no made-up rewards
         timings["reward_wait"] = time.perf_counter() - mark
+        dense = torch.zeros(rollout.response_ids.shape)
+        if self.step_token is not None:
+            dense = self._dense_rewards(rollout, splits, answer.steps)
+            answer = answer.rewards
+        raw_scores = torch.from_numpy(answer).float()
 
         mark = time.perf_counter()
         scores = self._shape_scores(raw_scores, rollout.ended_with_eos)
@@ -128,6 +143,7 @@ class PPOTrainer:
         kl = core.kl_per_token(rollout.logprobs, ref_logprobs, cfg.kl_estimator) * mask
         beta = self.kl_controller.beta
         rewards, non_score = core.per_token_rewards(scores, kl, mask, beta)
+        rewards = rewards + dense * mask
         advantages, returns = core.gae(rewards, values, mask, cfg.gamma, cfg.lam)
         advantages = core.masked_whiten(advantages, mask)
         batch = Batch(rollout, rollout.logprobs, values, advantages, returns)
@@ -142,6 +158,7 @@ class PPOTrainer:
             "score": raw_scores.mean().item(),
             "score_std": raw_scores.std().item() if len(raw_scores) > 1 else 0.0,
             "non_score_reward": non_score.sum(1).mean().item(),
+            "step_reward": dense.sum(1).mean().item(),
             "kl": mean_kl,
             "beta": beta,
             "response_length": mask.sum(1).mean().item(),
@@ -153,7 +170,13 @@ class PPOTrainer:
             "example": {"prompt": prompts[0].for_service(), "response": texts[0], "score": raw_scores[0].item()},
         }
 
-    def _request_scores(self, prompts: list[Prompt], texts: list[str]) -> Future:
+    def _request_scores(self, prompts: list[Prompt], texts: list[str], splits: list[StepSplit] | None) -> Future:
+        if splits is not None:  # a process reward model: the responses' steps
+            steps = [split.steps for split in splits]
+            cfg = self.config
+            return self._reward_pool.submit(
+                self.client.score_steps, [p.text for p in prompts], steps, reduce=cfg.step_reduce
+            )
         service_prompts = [p.for_service() for p in prompts]
         completions = [
             t if p.messages is None else [{"role": "assistant", "content": t}] for p, t in zip(prompts, texts)
@@ -162,6 +185,14 @@ class PPOTrainer:
         return self._reward_pool.submit(
             self.client.score_completions, service_prompts, completions, normalize=normalize
         )
+
+    def _dense_rewards(self, rollout: Rollout, splits: list[StepSplit], step_scores: list) -> torch.Tensor:
+        """Each step's score (times --step-reward-weight) on the policy token where the step ends."""
+        ends = []
+        for split, ids, mask in zip(splits, rollout.response_ids, rollout.response_mask):
+            ends.append(step_end_tokens(self.tokenizer, ids[mask.bool()].tolist(), split.end_chars))
+        shape = tuple(rollout.response_ids.shape)
+        return dense_step_rewards([s.tolist() for s in step_scores], ends, shape, self.config.step_reward_weight)
 
     def _shape_scores(self, scores: torch.Tensor, ended_with_eos: torch.Tensor) -> torch.Tensor:
         cfg = self.config

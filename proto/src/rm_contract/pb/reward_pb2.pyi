@@ -13,6 +13,14 @@ class TruncationPolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TRUNCATION_POLICY_TRUNCATE: _ClassVar[TruncationPolicy]
     TRUNCATION_POLICY_STRICT: _ClassVar[TruncationPolicy]
 
+class StepReduce(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    STEP_REDUCE_UNSPECIFIED: _ClassVar[StepReduce]
+    STEP_REDUCE_MIN: _ClassVar[StepReduce]
+    STEP_REDUCE_LAST: _ClassVar[StepReduce]
+    STEP_REDUCE_PRODUCT: _ClassVar[StepReduce]
+    STEP_REDUCE_MEAN: _ClassVar[StepReduce]
+
 class EnsembleReduce(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     ENSEMBLE_REDUCE_UNSPECIFIED: _ClassVar[EnsembleReduce]
@@ -22,6 +30,11 @@ class EnsembleReduce(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
 TRUNCATION_POLICY_UNSPECIFIED: TruncationPolicy
 TRUNCATION_POLICY_TRUNCATE: TruncationPolicy
 TRUNCATION_POLICY_STRICT: TruncationPolicy
+STEP_REDUCE_UNSPECIFIED: StepReduce
+STEP_REDUCE_MIN: StepReduce
+STEP_REDUCE_LAST: StepReduce
+STEP_REDUCE_PRODUCT: StepReduce
+STEP_REDUCE_MEAN: StepReduce
 ENSEMBLE_REDUCE_UNSPECIFIED: EnsembleReduce
 ENSEMBLE_REDUCE_MEAN: EnsembleReduce
 ENSEMBLE_REDUCE_MEAN_MINUS_K_STD: EnsembleReduce
@@ -55,18 +68,28 @@ class TokenIds(_message.Message):
     ids: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
+class Steps(_message.Message):
+    __slots__ = ("prompt", "steps")
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    prompt: str
+    steps: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, prompt: _Optional[str] = ..., steps: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class Sample(_message.Message):
-    __slots__ = ("text", "conversation", "tokens")
+    __slots__ = ("text", "conversation", "tokens", "steps")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     CONVERSATION_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
     text: TextPair
     conversation: Conversation
     tokens: TokenIds
-    def __init__(self, text: _Optional[_Union[TextPair, _Mapping]] = ..., conversation: _Optional[_Union[Conversation, _Mapping]] = ..., tokens: _Optional[_Union[TokenIds, _Mapping]] = ...) -> None: ...
+    steps: Steps
+    def __init__(self, text: _Optional[_Union[TextPair, _Mapping]] = ..., conversation: _Optional[_Union[Conversation, _Mapping]] = ..., tokens: _Optional[_Union[TokenIds, _Mapping]] = ..., steps: _Optional[_Union[Steps, _Mapping]] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
-    __slots__ = ("request_id", "samples", "normalize", "truncation", "model", "model_version", "ensemble_reduce", "ensemble_k")
+    __slots__ = ("request_id", "samples", "normalize", "truncation", "model", "model_version", "ensemble_reduce", "ensemble_k", "step_reduce")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     NORMALIZE_FIELD_NUMBER: _ClassVar[int]
@@ -75,6 +98,7 @@ class ScoreRequest(_message.Message):
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     ENSEMBLE_REDUCE_FIELD_NUMBER: _ClassVar[int]
     ENSEMBLE_K_FIELD_NUMBER: _ClassVar[int]
+    STEP_REDUCE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     samples: _containers.RepeatedCompositeFieldContainer[Sample]
     normalize: bool
@@ -83,7 +107,8 @@ class ScoreRequest(_message.Message):
     model_version: str
     ensemble_reduce: EnsembleReduce
     ensemble_k: float
-    def __init__(self, request_id: _Optional[str] = ..., samples: _Optional[_Iterable[_Union[Sample, _Mapping]]] = ..., normalize: _Optional[bool] = ..., truncation: _Optional[_Union[TruncationPolicy, str]] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., ensemble_reduce: _Optional[_Union[EnsembleReduce, str]] = ..., ensemble_k: _Optional[float] = ...) -> None: ...
+    step_reduce: StepReduce
+    def __init__(self, request_id: _Optional[str] = ..., samples: _Optional[_Iterable[_Union[Sample, _Mapping]]] = ..., normalize: _Optional[bool] = ..., truncation: _Optional[_Union[TruncationPolicy, str]] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., ensemble_reduce: _Optional[_Union[EnsembleReduce, str]] = ..., ensemble_k: _Optional[float] = ..., step_reduce: _Optional[_Union[StepReduce, str]] = ...) -> None: ...
 
 class EnsembleStats(_message.Message):
     __slots__ = ("mean", "std", "min", "members")
@@ -110,16 +135,20 @@ class Timing(_message.Message):
     def __init__(self, queue_ms: _Optional[float] = ..., tokenization_ms: _Optional[float] = ..., inference_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
 
 class SampleResult(_message.Message):
-    __slots__ = ("reward", "num_tokens", "truncated", "ensemble")
+    __slots__ = ("reward", "num_tokens", "truncated", "ensemble", "step_rewards", "step_positions")
     REWARD_FIELD_NUMBER: _ClassVar[int]
     NUM_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TRUNCATED_FIELD_NUMBER: _ClassVar[int]
     ENSEMBLE_FIELD_NUMBER: _ClassVar[int]
+    STEP_REWARDS_FIELD_NUMBER: _ClassVar[int]
+    STEP_POSITIONS_FIELD_NUMBER: _ClassVar[int]
     reward: float
     num_tokens: int
     truncated: bool
     ensemble: EnsembleStats
-    def __init__(self, reward: _Optional[float] = ..., num_tokens: _Optional[int] = ..., truncated: _Optional[bool] = ..., ensemble: _Optional[_Union[EnsembleStats, _Mapping]] = ...) -> None: ...
+    step_rewards: _containers.RepeatedScalarFieldContainer[float]
+    step_positions: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, reward: _Optional[float] = ..., num_tokens: _Optional[int] = ..., truncated: _Optional[bool] = ..., ensemble: _Optional[_Union[EnsembleStats, _Mapping]] = ..., step_rewards: _Optional[_Iterable[float]] = ..., step_positions: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ScoreResponse(_message.Message):
     __slots__ = ("request_id", "results", "model_name", "model_version", "timing", "normalized", "error", "model_sha256")
@@ -226,7 +255,7 @@ class NormalizationStats(_message.Message):
     def __init__(self, mean: _Optional[float] = ..., std: _Optional[float] = ..., size: _Optional[int] = ..., description: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "max_length", "pooling", "normalization", "dtype", "max_samples_per_request", "bundle_json", "loaded", "model_sha256")
+    __slots__ = ("name", "version", "max_length", "pooling", "normalization", "dtype", "max_samples_per_request", "bundle_json", "loaded", "model_sha256", "output_kind", "step_token")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -237,6 +266,8 @@ class ModelInfo(_message.Message):
     BUNDLE_JSON_FIELD_NUMBER: _ClassVar[int]
     LOADED_FIELD_NUMBER: _ClassVar[int]
     MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_KIND_FIELD_NUMBER: _ClassVar[int]
+    STEP_TOKEN_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     max_length: int
@@ -247,7 +278,9 @@ class ModelInfo(_message.Message):
     bundle_json: str
     loaded: _containers.RepeatedCompositeFieldContainer[LoadedModel]
     model_sha256: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., max_length: _Optional[int] = ..., pooling: _Optional[str] = ..., normalization: _Optional[_Union[NormalizationStats, _Mapping]] = ..., dtype: _Optional[str] = ..., max_samples_per_request: _Optional[int] = ..., bundle_json: _Optional[str] = ..., loaded: _Optional[_Iterable[_Union[LoadedModel, _Mapping]]] = ..., model_sha256: _Optional[str] = ...) -> None: ...
+    output_kind: str
+    step_token: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., max_length: _Optional[int] = ..., pooling: _Optional[str] = ..., normalization: _Optional[_Union[NormalizationStats, _Mapping]] = ..., dtype: _Optional[str] = ..., max_samples_per_request: _Optional[int] = ..., bundle_json: _Optional[str] = ..., loaded: _Optional[_Iterable[_Union[LoadedModel, _Mapping]]] = ..., model_sha256: _Optional[str] = ..., output_kind: _Optional[str] = ..., step_token: _Optional[str] = ...) -> None: ...
 
 class LoadedModel(_message.Message):
     __slots__ = ("name", "version", "is_default_version", "is_default_model", "members", "model_sha256")

@@ -16,6 +16,7 @@ import numpy as np
 from rm_contract.bundle import SHA256_PREFIX
 from rm_server.core.inputs import ScoreRequest
 from rm_server.core.results import EnsembleStats, ModelIdentity, SampleScore
+from rm_server.errors import InvalidRequest
 
 if TYPE_CHECKING:
     from rm_server.core.registry import ModelRegistry
@@ -68,6 +69,12 @@ class Ensemble:
         weigh equally."""
         async with AsyncExitStack() as stack:
             models = [await stack.enter_async_context(registry.use(m, "")) for m in self.members]
+            steps = [m.name for m in models if m.bundle.output_kind != "sequence"]
+            if steps:  # members must share the output kind; step ensembles are not built yet
+                raise InvalidRequest(
+                    f"ensemble {self.name}: members {', '.join(steps)} are process reward models; an ensemble "
+                    "combines sequence reward models only"
+                )
             outcomes = await asyncio.gather(
                 *(
                     m.scorer.score(

@@ -98,7 +98,9 @@ class Inference:
                 timing = Timing(total_ms=1000 * (time.perf_counter() - started))
                 results = scores.results(request.ensemble_reduce, request.ensemble_k)
                 return ScoreResult(results, scores.identity, timing, normalized=True)
-            outcome = await model.scorer.score(request.samples, request.normalize, request.strict, request.max_tokens)
+            outcome = await model.scorer.score(
+                request.samples, request.normalize, request.strict, request.max_tokens, request.step_reduce
+            )
         self.metrics.record_outcome(outcome)
         return ScoreResult(outcome.results, model.identity, outcome.timing, outcome.normalized)
 
@@ -108,6 +110,11 @@ class Inference:
         """P(A preferred to B) under Bradley-Terry, with both rewards (an ensemble's mean)."""
         if not response_a or not response_b:
             raise InvalidRequest("both response_a and response_b must be non-empty")
+        if self.output_kind(model)[0] == "steps":
+            raise InvalidRequest(
+                "Compare gives the Bradley-Terry probability of two rewards; a process reward model gives "
+                "probabilities of correct steps: use Score (step_rewards) or Rank"
+            )
         samples = [Sample.from_text(prompt, response_a), Sample.from_text(prompt, response_b)]
         scored = await self.score(ScoreRequest(samples, model, version))
         reward_a, reward_b = scored.rewards
@@ -142,6 +149,14 @@ class Inference:
             max_samples_per_request=model.settings.limits.max_samples_per_request,
             manifest=manifest,
         )
+
+    def output_kind(self, model_name: str = "") -> tuple[str, int]:
+        """What a model answers per sample, before any work: ("sequence", 1), or ("steps", classes) for a
+        process reward model (2: TRL's two-class softmax, 1: a sigmoid)."""
+        model = self.registry.resolve(model_name, "")
+        if isinstance(model, Ensemble):
+            return "sequence", 1
+        return model.bundle.output_kind, int(model.bundle.manifest.get("step_classes", 1))
 
     def served_models(self) -> list[HeldModel]:
         """The models requests without a version get: each model's serving version, and the ensembles."""

@@ -14,6 +14,8 @@ MAX_MESSAGES_PER_CONVERSATION = 1024
 """Turns in one conversation sample: far beyond any chat a reward model scores, far below what stalls the
 chat template (2 million empty messages took 25-52 s to render and score)."""
 ENSEMBLE_REDUCTIONS = ("mean", "mean_minus_k_std", "min")
+STEP_REDUCTIONS = ("min", "last", "product", "mean")
+"""How a process reward model's step scores become one reward (rm_server.core.scoring.reduce_steps)."""
 
 
 @dataclass(frozen=True)
@@ -44,9 +46,15 @@ class ScoreRequest:
     ensemble_reduce: str = "mean"
     """How an ensemble's member rewards become one reward: mean, mean_minus_k_std or min."""
     ensemble_k: float = 1.0
+    step_reduce: str = "min"
+    """Process reward models: how the step scores become the sample's reward (STEP_REDUCTIONS)."""
 
     def __post_init__(self) -> None:
         check_ensemble_options(self.ensemble_reduce, self.ensemble_k)
+        if self.step_reduce not in STEP_REDUCTIONS:
+            raise InvalidRequest(
+                f"unknown step reduction {self.step_reduce!r}; expected one of {', '.join(STEP_REDUCTIONS)}"
+            )
 
 
 def check_ensemble_options(reduce: str, k: float) -> None:
@@ -87,6 +95,16 @@ def conversation(messages: Sequence[Message]) -> Sample:
         raise InvalidRequest(str(e)) from None
 
 
+MAX_STEPS_PER_SAMPLE = 65536
+"""Steps in one solution: each takes at least its step token, so more never fit a model; counted on the wire
+message before its steps are converted (millions of empty steps would hold the event loop)."""
+
+
+def check_step_count(steps: int) -> None:
+    if steps > MAX_STEPS_PER_SAMPLE:
+        raise InvalidRequest(f"{steps} steps; at most {MAX_STEPS_PER_SAMPLE} per solution")
+
+
 def check_conversation_length(messages: int) -> None:
     if messages > MAX_MESSAGES_PER_CONVERSATION:
         raise InvalidRequest(f"{messages} messages; at most {MAX_MESSAGES_PER_CONVERSATION} per conversation")
@@ -97,5 +115,6 @@ def characters(sample: SampleInput) -> int:
     if isinstance(sample, TextInput):
         return len(sample.text)
     if isinstance(sample, Sample):
-        return sum(len(m.content) for m in sample.prompt + sample.response)
+        steps = sum(len(step) + 1 for step in sample.steps or ())  # + its step token, so empty steps count
+        return sum(len(m.content) for m in sample.prompt + sample.response) + steps
     return 0

@@ -15,7 +15,7 @@ from rm_server.core.scoring import Scorer
 from rm_server.core.settings import ModelSettings
 from rm_server.runtime.batcher import PAIR_COST_WIDTH, Batcher, BatcherConfig, gpu_token_budget, measure_pair_cost
 from rm_server.runtime.cache import RewardCache
-from rm_server.runtime.engine import OnnxEngine
+from rm_server.runtime.engine import open_engine
 from rm_server.runtime.tokenizer_processes import InProcessTokenizer, RequestTokenizer, TokenizerProcesses
 
 log = logging.getLogger("rm_server")
@@ -28,10 +28,12 @@ class ModelVersion:
         self.name, self.version, self.bundle, self.settings = name, version, bundle, settings
         path = bundle.model_path(settings.variant)
         try:
-            self.engine = OnnxEngine(path, settings.providers, settings.threads, bundle.scoring_rule())
+            self.engine = open_engine(bundle, settings.variant, settings.providers, settings.threads)
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own types (Fail, InvalidGraph, ...)
             first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
             raise BundleError(f"{path}: ONNX Runtime cannot load it: {first_line[:500]}") from None
+        if bundle.output_kind == "steps" and bundle.sample_encoder().step_id != bundle.manifest["step_token_id"]:
+            raise BundleError(f"bundle {bundle.directory}: step_token_id is not the id of recipe.step_token")
         self.identity = ModelIdentity(name, version, served_sha256(bundle.directory, settings.variant))
         self.inflight = 0
         self._metrics = metrics

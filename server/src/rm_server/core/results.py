@@ -35,6 +35,10 @@ class SampleScore:
     num_tokens: int
     truncated: bool
     ensemble: EnsembleStats | None = None
+    step_rewards: tuple[float, ...] | None = None
+    """A process reward model's P(step correct) per step, in order; `reward` is their reduction."""
+    step_positions: tuple[int, ...] | None = None
+    """Each step token's index among the scored ids."""
 
 
 @dataclass(frozen=True)

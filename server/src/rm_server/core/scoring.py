@@ -8,11 +8,13 @@ import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import numpy as np
 
 from rm_contract.bundle import Bundle
-from rm_contract.recipe import EncodedSample, TextInput, keep_last_ids
+from rm_contract.packing import StepIds
+from rm_contract.recipe import EncodedSample, Sample, TextInput, keep_last_ids
 from rm_server.core.inputs import Limits, SampleInput, TokenInput, characters
 from rm_server.core.results import SampleScore, ScoreOutcome, Timing
 from rm_server.errors import InferenceFailed, InvalidRequest, NotReady, QueueFull, TokenizationFailed
@@ -52,6 +54,8 @@ class Scorer:
         normalization = bundle.manifest.get("normalization") or {}
         self.norm_mean = float(normalization.get("mean", 0.0))
         self.norm_std = float(normalization.get("std", 1.0)) or 1.0
+        self.step_id: int | None = bundle.manifest.get("step_token_id") if bundle.output_kind == "steps" else None
+        """A process reward model's step token: each sample is scored at every one of its steps."""
         self._tokenize_pool = ThreadPoolExecutor(max_workers=tokenizer.threads, thread_name_prefix="tokenize")
         self.admitted = 0
         """Samples of the requests in progress, from admission to answer."""
@@ -62,12 +66,23 @@ class Scorer:
         self._tokenize_pool.shutdown(wait=False)
 
     async def score(
-        self, inputs: list[SampleInput], normalize: bool = False, strict: bool = False, max_tokens: int | None = None
+        self,
+        inputs: list[SampleInput],
+        normalize: bool = False,
+        strict: bool = False,
+        max_tokens: int | None = None,
+        step_reduce: str = "min",
     ) -> ScoreOutcome:
         """Rewards of `inputs` in order. Over-long inputs are truncated by the recipe's policy, or refused with
-        `strict`; `max_tokens` (vLLM's truncate_prompt_tokens) then keeps at most that many ids, the last."""
+        `strict`; `max_tokens` (vLLM's truncate_prompt_tokens) then keeps at most that many ids, the last.
+        A process reward model answers each sample's step scores and their `step_reduce` as its reward."""
         started = time.perf_counter()
         self.limits.check_count(len(inputs))
+        if self.step_id is not None and normalize:
+            raise InvalidRequest("normalize applies to sequence reward models; this one scores steps (P(correct))")
+        if self.step_id is None and any(isinstance(s, Sample) and s.steps is not None for s in inputs):
+            index = next(i for i, s in enumerate(inputs) if isinstance(s, Sample) and s.steps is not None)
+            raise InvalidRequest(f"sample {index}: sent as steps, but this model scores whole sequences")
         if max_tokens is not None and not 1 <= max_tokens <= self.max_length:
             raise InvalidRequest(
                 f"truncate_prompt_tokens={max_tokens}: must be -1 (the model's maximum) or 1 to the model's maximum "
@@ -83,7 +98,7 @@ class Scorer:
                 self._tokenize_pool, self._encode_all, inputs, strict, max_tokens, gone
             )
             tokenized = time.perf_counter()
-            sequences = [e.ids for e in encoded]
+            sequences = [e.ids if e.steps is None else StepIds(e.ids, e.steps) for e in encoded]
             batched = JobResult(np.empty(0, np.float32), 0.0, 0.0)
 
             async def compute(todo: list[Sequence[int]], on_row=None) -> np.ndarray:
@@ -99,6 +114,9 @@ class Scorer:
         finally:
             gone.set()  # a call cancelled or past its deadline stops tokenizing at its next chunk
             self.admitted -= len(inputs)
+        steps = list(raw) if self.step_id is not None else None
+        if steps is not None:  # every step checked, not only the one a reduction picks
+            raw = np.array([reduce_steps(s, step_reduce) if np.all(np.isfinite(s)) else np.nan for s in steps])
         bad = np.flatnonzero(~np.isfinite(raw))
         if bad.size:  # answered as a failure: a trainer must never take NaN or inf for a reward
             raise InferenceFailed(
@@ -109,6 +127,11 @@ class Scorer:
         if normalize:
             rewards = (rewards - self.norm_mean) / self.norm_std
         results = [SampleScore(float(r), len(e.ids), e.truncated) for r, e in zip(rewards, encoded)]
+        if steps is not None:
+            results = [
+                replace(r, step_rewards=tuple(map(float, s)), step_positions=sequences[i].steps)
+                for i, (r, s) in enumerate(zip(results, steps))
+            ]
         timing = Timing(
             queue_ms=1000 * batched.queue_s,
             tokenization_ms=1000 * (tokenized - started),
@@ -148,7 +171,14 @@ class Scorer:
             for i in chunk:
                 one = self._encode(i, inputs[i], answers.get(i), strict)
                 if max_tokens is not None and len(one.ids) > max_tokens:
+                    if self.step_id is not None:
+                        raise InvalidRequest(
+                            f"sample {i}: {len(one.ids)} tokens, over truncate_prompt_tokens={max_tokens}; a process "
+                            "reward model's samples are not cut (steps would be lost)"
+                        )
                     one = EncodedSample(self._keep_end(one.ids, max_tokens), True)
+                if self.step_id is not None and one.steps is None:  # ids and texts: vLLM's rule, every step token
+                    one = self._find_steps(i, one)
                 encoded.append(one)
         return encoded
 
@@ -184,8 +214,35 @@ class Scorer:
             return EncodedSample(self._keep_end(ids, self.max_length), True)
         return EncodedSample(list(ids), False)
 
+    def _find_steps(self, index: int, encoded: EncodedSample) -> EncodedSample:
+        """Token ids and rendered texts sent to a process reward model are scored at every step token they
+        hold, as vLLM's STEP pooling reads them (a prompt's step tokens count too), and never cut."""
+        if encoded.truncated:
+            raise InvalidRequest(
+                f"sample {index}: longer than the model's maximum of {self.max_length} tokens; a process reward "
+                "model's samples are not cut (steps would be lost)"
+            )
+        steps = tuple(k for k, t in enumerate(encoded.ids) if t == self.step_id)
+        if not steps:
+            raise InvalidRequest(f"sample {index}: holds no step token (id {self.step_id}): nothing to score")
+        return replace(encoded, steps=steps)
+
     def _keep_end(self, ids: Sequence[int], keep: int) -> list[int]:
         return keep_last_ids(ids, keep, keep_first=self.keep_first_id)
+
+
+def reduce_steps(scores: np.ndarray, rule: str) -> float:
+    """A process reward model's step scores (P(step correct)) as one reward: the weakest step (`min`, the
+    default: a solution is as good as its worst step), the final one, all steps right (`product`), `mean`."""
+    if rule == "min":
+        return float(np.min(scores))
+    if rule == "last":
+        return float(scores[-1])
+    if rule == "product":
+        return float(np.prod(scores.astype(np.float64)))
+    if rule == "mean":
+        return float(np.mean(scores, dtype=np.float64))
+    raise ValueError(f"unknown step reduction {rule!r}")  # ScoreRequest refused it before any work
 
 
 class RequestGone(Exception):

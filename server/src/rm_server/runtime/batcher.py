@@ -200,6 +200,8 @@ class _Job:
     future: asyncio.Future
     enqueued: float
     on_row: Callable[[int, float], None] | None = None
+    steps: bool = False
+    """A process reward model's samples: each one's reward is an array of step scores."""
     rewards: np.ndarray = field(init=False)
     remaining: int = field(init=False)
     waiting: list[int] = field(init=False)
@@ -210,7 +212,7 @@ class _Job:
     """Some of its samples have been in a batch: it no longer jumps ahead of the others."""
 
     def __post_init__(self) -> None:
-        self.rewards = np.empty(len(self.sequences), dtype=np.float32)
+        self.rewards = np.empty(len(self.sequences), dtype=object if self.steps else np.float32)
         self.remaining = len(self.sequences)
         self.waiting = list(range(len(self.sequences)))
 
@@ -234,6 +236,7 @@ class _Batch:
 @dataclass
 class JobResult:
     rewards: np.ndarray
+    """One float32 per sample; for a process reward model, one float32 array (its step scores) per sample."""
     queue_s: float
     """Until the last of the request's samples entered a batch."""
     inference_s: float
@@ -248,6 +251,8 @@ class Batcher:
         self.config = config
         self.packed = bool(getattr(engine, "packed", False))
         """The engine takes packed batches (a packed bundle); `config.packing` decides whether rows are shared."""
+        self.steps = getattr(engine, "scores_per_sample", "one") == "steps"
+        """A process reward model's engine: each sample's answer is an array of step scores."""
         self.on_batch = on_batch or (lambda stats: None)
         self._queue: list[_Job] = []
         """Requests with samples not in a batch yet, in arrival order."""
@@ -311,7 +316,7 @@ class Batcher:
                 f"queue full: {self._waiting_samples} samples waiting, {len(sequences)} more exceed max_queue "
                 f"{self.config.max_queue}; retry with backoff"
             )
-        job = _Job(sequences, asyncio.get_running_loop().create_future(), time.perf_counter(), on_row)
+        job = _Job(sequences, asyncio.get_running_loop().create_future(), time.perf_counter(), on_row, self.steps)
         tokens = job.waiting_tokens()
         self._queue.append(job)
         self._waiting_samples += len(sequences)
@@ -371,9 +376,10 @@ class Batcher:
         rows = batch.rows
         try:
             sequences = [job.sequences[i] for job, i in rows]
+            counts = np.ones(len(rows), dtype=np.int64)
             if self.packed:
                 packed = pack_batch(sequences, self.engine.scoring, layout=batch.layout)
-                computed, real = packed.size, packed.real_tokens
+                computed, real, counts = packed.size, packed.real_tokens, packed.counts
                 run = (self.engine.score_packed, packed)
             else:
                 input_ids, attention_mask = pad_batch(sequences, self.config.pad_id)
@@ -389,8 +395,8 @@ class Batcher:
                 if batch.run.cancelled() and not self._closed:
                     return  # taken back (_take_back_queued_batch)
                 raise
-            if len(rewards) != len(rows):
-                raise RuntimeError(f"engine returned {len(rewards)} rewards for {len(rows)} rows")
+            if len(rewards) != counts.sum():
+                raise RuntimeError(f"engine returned {len(rewards)} scores for {counts.sum()} score positions")
         except Exception as e:  # noqa: BLE001 - only this batch's requests fail; the server keeps serving
             log.exception("inference failed on a batch of %d rows", len(rows))
             for job, _ in rows:
@@ -399,11 +405,13 @@ class Batcher:
             return
         for job in {id(job): job for job, _ in rows}.values():
             job.inference_s += elapsed
-        for (job, i), reward in zip(rows, rewards):
-            job.rewards[i] = reward
+        # copies: a view kept by the cache would hold its whole batch's output
+        values = [v.copy() for v in np.split(rewards, np.cumsum(counts)[:-1])] if self.steps else rewards.tolist()
+        for (job, i), value in zip(rows, values):
+            job.rewards[i] = value
             job.remaining -= 1
             if job.on_row is not None and not job.future.done():
-                job.on_row(i, float(reward))
+                job.on_row(i, value)
             if job.remaining == 0 and not job.future.done():
                 job.future.set_result(None)
         try:

@@ -11,12 +11,13 @@ retried or resent requests score the same samples again.
 from __future__ import annotations
 
 import asyncio
-import math
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 
 import numpy as np
 from prometheus_client import Counter
+
+from rm_contract.packing import StepIds
 
 ENTRY_OVERHEAD_BYTES = 160
 """Memory of one entry beyond its key's bytes: the bytes object's header, the float, the dict slot and the
@@ -36,6 +37,10 @@ class RewardCache:
 
     @staticmethod
     def key(ids: Sequence[int]) -> bytes:
+        """The ids' bytes; a process reward model's sample (`StepIds`) also holds where its steps are read,
+        after its length (so no two (ids, steps) give one key)."""
+        if isinstance(ids, StepIds):
+            return np.asarray([len(ids), *ids, *ids.steps], dtype=np.int64).tobytes()
         return np.asarray(ids, dtype=np.int64).tobytes()
 
     async def rewards(
@@ -73,6 +78,10 @@ class RewardCache:
                 await asyncio.wait(waiting.values())
             found.update({key: f.result() for key, f in waiting.items() if not f.cancelled()})
             pending = [key for key, f in waiting.items() if f.cancelled()]  # its owner failed or went away
+        if any(isinstance(v, np.ndarray) for v in found.values()):  # step scores: one array per sample
+            answer = np.empty(len(keys), dtype=object)
+            answer[:] = [found[key] for key in keys]
+            return answer
         return np.array([found[key] for key in keys], dtype=np.float32)
 
     async def _compute(self, owned: dict[bytes, Sequence[int]], compute: Compute) -> dict[bytes, float]:
@@ -89,22 +98,29 @@ class RewardCache:
         try:
             rewards = await compute(list(owned.values()), on_row)
             for index, reward in enumerate(rewards):  # rows `compute` did not report one by one
-                on_row(index, float(reward))
-            return {key: float(reward) for key, reward in zip(keys, rewards)}
+                on_row(index, reward if isinstance(reward, np.ndarray) else float(reward))
+            return {
+                key: reward if isinstance(reward, np.ndarray) else float(reward) for key, reward in zip(keys, rewards)
+            }
         finally:
             for key, future in futures.items():
                 future.cancel()  # no-op once set; tells the waiters of a failed or abandoned computation
                 if self._inflight.get(key) is future:
                     del self._inflight[key]
 
-    def _store(self, key: bytes, reward: float) -> None:
-        if key in self._entries or not math.isfinite(reward):  # a failure is not kept as an answer
+    def _store(self, key: bytes, reward: float | np.ndarray) -> None:
+        if key in self._entries or not np.all(np.isfinite(reward)):  # a failure is not kept as an answer
             return
         self._entries[key] = reward
-        self.bytes += len(key) + ENTRY_OVERHEAD_BYTES
+        self.bytes += _size(key, reward)
         while self.bytes > self.max_bytes and self._entries:
-            old, _ = self._entries.popitem(last=False)
-            self.bytes -= len(old) + ENTRY_OVERHEAD_BYTES
+            old, value = self._entries.popitem(last=False)
+            self.bytes -= _size(old, value)
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+def _size(key: bytes, reward: float | np.ndarray) -> int:
+    """An entry's memory: its key, a step array's values, the fixed overhead."""
+    return len(key) + ENTRY_OVERHEAD_BYTES + (reward.nbytes if isinstance(reward, np.ndarray) else 0)

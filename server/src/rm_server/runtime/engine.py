@@ -72,7 +72,9 @@ class OnnxEngine:
         providers: tuple[str, ...] = ("cpu",),
         threads: int = 0,
         scoring: ScoringRule | None = None,
+        scores_per_sample: str = "one",
     ):
+        """`scores_per_sample`: "one", or "steps" for a process reward model (up to one per token)."""
         wanted = [PROVIDERS.get(p, p) for p in providers]
         if any(p in GPU_PROVIDERS for p in wanted):
             preload_cuda_libraries()
@@ -99,6 +101,7 @@ class OnnxEngine:
         else:
             raise ValueError(f"{model_path}: graph inputs are {names}, expected {PACKED_INPUTS} or {PADDED_INPUTS}")
         self.scoring = scoring
+        self.scores_per_sample = scores_per_sample
         (output,) = self.session.get_outputs()
         self.output_name, self.output_dtype = output.name, ONNX_TO_NUMPY.get(output.type, np.float32)
         self.device = "cuda" if self.providers[0] in GPU_PROVIDERS else "cpu"
@@ -115,8 +118,10 @@ class OnnxEngine:
 
     def reserve(self, tokens: int, samples: int) -> None:
         """Allocate the bound buffers once: batches up to `samples` samples (rows, padded) and `tokens`
-        computed ids run bound."""
+        computed ids run bound (a process reward model's scores: up to one per token)."""
         self.buffers = None  # free the old ones first
+        if self.scores_per_sample == "steps":
+            samples = max(samples, tokens)
         new = ort.OrtValue.ortvalue_from_shape_and_type
         sizes = {name: samples if name == "score_positions" else tokens for name in self.inputs}
         inputs = {name: new([size], np.int64, self.device, 0) for name, size in sizes.items()}
@@ -131,7 +136,8 @@ class OnnxEngine:
         return self._run({"input_ids": input_ids, "attention_mask": attention_mask}, input_ids.shape[0])
 
     def score_packed(self, batch: PackedBatch) -> np.ndarray:
-        """A packed batch -> one float32 reward per sample, in the batch's score_positions order."""
+        """A packed batch -> one float32 score per score position (a reward per sample; a process reward
+        model's steps one after another), in the batch's score_positions order."""
         return self._run(batch.inputs(), len(batch.score_positions))
 
     def _run(self, inputs: dict[str, np.ndarray], samples: int) -> np.ndarray:
@@ -159,4 +165,5 @@ class OnnxEngine:
 
 def open_engine(bundle: Bundle, variant: str, providers: tuple[str, ...] = ("cpu",), threads: int = 0) -> OnnxEngine:
     """An engine over one of the bundle's variants, told the bundle's scoring rule."""
-    return OnnxEngine(bundle.model_path(variant), providers, threads, bundle.scoring_rule())
+    scores = "steps" if bundle.output_kind == "steps" else "one"
+    return OnnxEngine(bundle.model_path(variant), providers, threads, bundle.scoring_rule(), scores)

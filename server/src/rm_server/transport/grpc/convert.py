@@ -13,6 +13,7 @@ from rm_server.core.inputs import (
     TokenInput,
     check_conversation_length,
     check_ensemble_options,
+    check_step_count,
     conversation,
 )
 from rm_server.core.results import Comparison, ModelIdentity, ModelInfo, Ranking, ScoreResult
@@ -23,6 +24,13 @@ REDUCTIONS = {
     pb.ENSEMBLE_REDUCE_MEAN: "mean",
     pb.ENSEMBLE_REDUCE_MEAN_MINUS_K_STD: "mean_minus_k_std",
     pb.ENSEMBLE_REDUCE_MIN: "min",
+}
+STEP_REDUCTIONS = {
+    pb.STEP_REDUCE_UNSPECIFIED: "min",
+    pb.STEP_REDUCE_MIN: "min",
+    pb.STEP_REDUCE_LAST: "last",
+    pb.STEP_REDUCE_PRODUCT: "product",
+    pb.STEP_REDUCE_MEAN: "mean",
 }
 
 
@@ -39,7 +47,13 @@ def sample_from_pb(index: int, sample: pb.Sample) -> SampleInput:
             raise InvalidRequest(f"sample {index}: {e}") from None
     if kind == "tokens":
         return TokenInput(tuple(sample.tokens.ids))
-    raise InvalidRequest(f"sample {index}: no input; set one of text, conversation or tokens")
+    if kind == "steps":
+        try:
+            check_step_count(len(sample.steps.steps))
+        except InvalidRequest as e:
+            raise InvalidRequest(f"sample {index}: {e}") from None
+        return Sample.from_steps(sample.steps.prompt, sample.steps.steps)
+    raise InvalidRequest(f"sample {index}: no input; set one of text, conversation, tokens or steps")
 
 
 def score_request(request: pb.ScoreRequest, limits: Limits) -> ScoreRequest:
@@ -49,6 +63,8 @@ def score_request(request: pb.ScoreRequest, limits: Limits) -> ScoreRequest:
         raise InvalidRequest(f"unknown truncation {request.truncation}")
     if request.ensemble_reduce not in REDUCTIONS:
         raise InvalidRequest(f"unknown ensemble_reduce {request.ensemble_reduce}")
+    if request.step_reduce not in STEP_REDUCTIONS:
+        raise InvalidRequest(f"unknown step_reduce {request.step_reduce}")
     reduce, k = REDUCTIONS[request.ensemble_reduce], request.ensemble_k or 1.0  # k 0: unset
     check_ensemble_options(reduce, k)
     limits.check_count(len(request.samples))
@@ -60,6 +76,7 @@ def score_request(request: pb.ScoreRequest, limits: Limits) -> ScoreRequest:
         strict=request.truncation == pb.TRUNCATION_POLICY_STRICT,
         ensemble_reduce=reduce,
         ensemble_k=k,
+        step_reduce=STEP_REDUCTIONS[request.step_reduce],
     )
 
 
@@ -82,6 +99,8 @@ def score_response(request_id: str, result: ScoreResult) -> pb.ScoreResponse:
                 else pb.EnsembleStats(
                     mean=r.ensemble.mean, std=r.ensemble.std, min=r.ensemble.min, members=r.ensemble.members
                 ),
+                step_rewards=r.step_rewards or (),
+                step_positions=r.step_positions or (),
             )
             for r in result.results
         ],
@@ -141,4 +160,6 @@ def model_info_response(info: ModelInfo) -> pb.ModelInfo:
         bundle_json=json.dumps(info.manifest),
         loaded=loaded,
         model_sha256=info.sha256,
+        output_kind=info.manifest.get("output_kind", "sequence"),
+        step_token=info.manifest["recipe"].get("step_token") or "",
     )

@@ -9,7 +9,12 @@ vllm/entrypoints/pooling/classify/protocol.py, pooling/pooling/protocol.py, open
   too), `truncate_prompt_tokens` (absent: an input over the model's maximum is refused, as vLLM does; -1:
   cut to the maximum; k: keep the last k ids), `add_special_tokens`, `request_id`. Answer: `data[i].probs
   == [reward]`, `num_classes` 1.
-- `POST /pooling`: the same inputs, task absent or "classify"; `data[i].data == [reward]`.
+- `POST /pooling`: the same inputs, task absent or "classify"; `data[i].data == [reward]`. A process reward
+  model answers task "token_classify" as vLLM's STEP pooling does, the bundle fixing what vLLM's
+  `step_tag_id` and `returned_token_ids` fix at server start: `data[i].data` holds one row per step token of
+  the input (every one it holds, the prompt's too), its class probabilities ([P(wrong), P(correct)] for
+  TRL's two labels); without a task too, as vLLM answers a token classifier. With task "classify" (and on
+  /classify) it answers the weakest step's P(correct).
 - `GET /v1/models`: the models served, with their max length and identity; `GET /health`: 200 once ready.
 
 A text input is the model's whole input, tokenized as it is (`SampleEncoder.encode_text`: a conversation
@@ -23,7 +28,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from aiohttp import web
 
@@ -62,6 +67,11 @@ class PoolingRequest:
     use_activation: bool
     strict: bool
     max_tokens: int | None
+    task: str | None = None
+    kind: str = "sequence"
+    """The model's output kind (`Inference.output_kind`), known before any work."""
+    step_classes: int = 1
+    """A process reward model's classes (2: TRL's softmax pair), for its token_classify rows."""
 
 
 def add_routes(app: web.Application, inference: Inference) -> list[str]:
@@ -101,6 +111,10 @@ class VllmRoutes:
         async def work() -> ScoreResult:
             nonlocal parsed
             parsed = parse_request(body, self.inference.limits, pooling=method == "Pooling")
+            kind, classes = self.inference.output_kind(parsed.model)
+            check_task(parsed, kind)
+            task = parsed.task or ("token_classify" if kind == "steps" and method == "Pooling" else None)
+            parsed = replace(parsed, kind=kind, step_classes=classes, task=task)
             score = ScoreRequest(parsed.inputs, parsed.model, strict=parsed.strict, max_tokens=parsed.max_tokens)
             return await self.inference.score(score)
 
@@ -174,7 +188,18 @@ def parse_request(body: object, limits: Limits, pooling: bool = False) -> Poolin
         _check_chat_options(body)
         inputs = [_conversation(body["messages"])]
     strict, max_tokens = _truncation(body)
-    return PoolingRequest(model, inputs, _use_activation(body), strict, max_tokens)
+    return PoolingRequest(model, inputs, _use_activation(body), strict, max_tokens, body.get("task"))
+
+
+def check_task(request: PoolingRequest, kind: str) -> None:
+    """A task the model's output kind can answer: token_classify for a process reward model only, whose
+    scores are probabilities already (no raw value for `use_activation: false`)."""
+    if request.task == "token_classify" and kind != "steps":
+        raise bad_field("task", "Task token_classify is not supported: this reward model gives one score per sequence")
+    if kind == "steps" and not request.use_activation:
+        raise bad_field(
+            "use_activation", "'use_activation': false is not supported: this process reward model gives probabilities"
+        )
 
 
 def _inputs(value: object, limits: Limits, add_special_tokens: bool | None) -> list[SampleInput]:
@@ -250,10 +275,8 @@ def _check_chat_options(body: dict) -> None:
 
 def _check_pooling_options(body: dict) -> None:
     task = body.get("task")
-    if task not in (None, "classify"):
-        raise bad_field(
-            "task", f"Task {task} is not supported: this reward model gives one score per sequence (task 'classify')"
-        )
+    if task not in (None, "classify", "token_classify"):
+        raise bad_field("task", f"Task {task} is not supported: tasks are 'classify' and 'token_classify'")
     if body.get("dimensions") is not None:
         raise bad_field("dimensions", "dimensions is currently not supported")
     if body.get("encoding_format") not in (None, "float"):
@@ -289,6 +312,8 @@ def _use_activation(body: dict) -> bool:
 
 
 def _values(request: PoolingRequest, rewards: ScoreResult) -> list[float]:
+    if request.kind == "steps":  # probabilities already
+        return rewards.rewards
     return [sigmoid(r) if request.use_activation else r for r in rewards.rewards]
 
 
@@ -319,5 +344,14 @@ def classify_body(request_id: str, request: PoolingRequest, rewards: ScoreResult
 
 
 def pooling_body(request_id: str, request: PoolingRequest, rewards: ScoreResult) -> dict:
-    data = [{"index": i, "object": "pooling", "data": [value]} for i, value in enumerate(_values(request, rewards))]
+    if request.task == "token_classify":
+        rows = [step_rows(r.step_rewards or (), request.step_classes) for r in rewards.results]
+        data = [{"index": i, "object": "pooling", "data": row} for i, row in enumerate(rows)]
+    else:
+        data = [{"index": i, "object": "pooling", "data": [v]} for i, v in enumerate(_values(request, rewards))]
     return _envelope("pool", request_id, rewards, data)
+
+
+def step_rows(scores: tuple[float, ...], classes: int = 2) -> list[list[float]]:
+    """vLLM STEP pooling's rows: per step, the class probabilities ([P(wrong), P(correct)] for two labels)."""
+    return [[1.0 - p, p] if classes == 2 else [p] for p in scores]
