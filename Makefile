@@ -187,12 +187,17 @@ $(PYTRITON_VENV)/.installed:
 	touch $@
 
 # A third of an epoch on the demo pairs (15 steps, about 6 minutes here) gives margins wide enough for int8's
-# accuracy check, which an untrained head cannot pass; rm-train's default maximum length is 256.
+# accuracy check, which an untrained head cannot pass; rm-train's default maximum length is 256. The check
+# sits near its bound (int8 lost 0.58 points on one 2-core machine, 1.17 on another against the 1-point
+# gate): where it fails, the decoder is exported and benchmarked in fp32 alone.
 $(BENCH_DIR)/smollm2-bundle/bundle.json: $(STAMP)
 	$(VENV)/bin/rm-train --model smollm2 --data $(DEMO_DATA)/train.jsonl --eval-data $(DEMO_DATA)/test.jsonl \
 		--epochs 0.35 --eval-every 1000 --norm-samples 256 --output $(BENCH_DIR)/smollm2-rm
 	$(VENV)/bin/rm-export --model $(BENCH_DIR)/smollm2-rm --output $(BENCH_DIR)/smollm2-bundle \
-		--dtype fp32,int8 --name bench-smollm2
+		--dtype fp32,int8 --name bench-smollm2 || { \
+		echo "make bench: int8 missed the accuracy gate on this CPU (above): the decoder is benchmarked in fp32 only"; \
+		$(VENV)/bin/rm-export --model $(BENCH_DIR)/smollm2-rm --output $(BENCH_DIR)/smollm2-bundle \
+			--dtype fp32 --name bench-smollm2; }
 
 ## image: build the server image (docker where it runs, else podman). Without a registry, make a Debian base
 ## first (make base-image, needs root and debootstrap) and build on it: make image BASE_IMAGE=$(LOCAL_BASE)
