@@ -324,11 +324,7 @@ def load_reward_model(
             f"{directory}: model type {model_type!r} has no sequence-classification head in transformers, so it "
             f"cannot be a reward model here; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(directory)
-        model = AutoModelForSequenceClassification.from_pretrained(directory, use_safetensors=True)
-    except (OSError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{directory} cannot be loaded as a sequence-classification checkpoint: {e}") from e
+    model, tokenizer = load_checkpoint(directory, AutoModelForSequenceClassification, "sequence-classification")
     if model.config.num_labels != 1:
         raise CheckpointError(
             f"{directory} has {model.config.num_labels} output labels; a reward model has exactly one "
@@ -351,6 +347,17 @@ def load_reward_model(
     separator = pair_segment_separator(tokenizer, model, recipe)
     metadata = RewardModelMetadata(recipe, pooling, source=str(directory), segment_sep_id=separator)
     return RewardModel(model, pooling, separator), tokenizer, metadata
+
+
+def load_checkpoint(directory: Path, auto_class, head: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The model (through `auto_class`, safetensors only: nothing is unpickled) and tokenizer of a checkpoint;
+    CheckpointError naming the `head` it was loaded as when transformers cannot."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        model = auto_class.from_pretrained(directory, use_safetensors=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(f"{directory} cannot be loaded as a {head} checkpoint: {e}") from e
+    return model, tokenizer
 
 
 def save_reward_model(

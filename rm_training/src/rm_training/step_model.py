@@ -20,7 +20,14 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_TOKEN_CLASSIFICATIO
 from rm_contract.backbones import load_pretrained, resolve_backbone
 from rm_contract.padding import position_ids
 from rm_contract.recipe import InputRecipe
-from rm_training.model import METADATA_FILE, CheckpointError, Pooling, RewardModelMetadata, token_classifier_attention
+from rm_training.model import (
+    METADATA_FILE,
+    CheckpointError,
+    Pooling,
+    RewardModelMetadata,
+    load_checkpoint,
+    token_classifier_attention,
+)
 
 TRL_STEP_TOKEN = "\n"
 """TRL PRMTrainer's default separator (decoders); encoders drop whitespace and use their [SEP]."""
@@ -116,11 +123,7 @@ def load_step_model(
         raise CheckpointError(
             f"{directory}: model type {model_type!r} has no token-classification head in transformers"
         )
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(directory)
-        model = AutoModelForTokenClassification.from_pretrained(directory, use_safetensors=True)
-    except (OSError, ValueError, KeyError) as e:
-        raise CheckpointError(f"{directory} cannot be loaded as a token-classification checkpoint: {e}") from e
+    model, tokenizer = load_checkpoint(directory, AutoModelForTokenClassification, "token-classification")
     if model.config.num_labels not in (1, 2):
         raise CheckpointError(
             f"{directory} has {model.config.num_labels} labels; a process reward model has 2 (TRL: class 1 is a "

@@ -80,9 +80,9 @@ class Scorer:
         self.limits.check_count(len(inputs))
         if self.step_id is not None and normalize:
             raise InvalidRequest("normalize applies to sequence reward models; this one scores steps (P(correct))")
-        if self.step_id is None and any(isinstance(s, Sample) and s.steps is not None for s in inputs):
-            index = next(i for i, s in enumerate(inputs) if isinstance(s, Sample) and s.steps is not None)
-            raise InvalidRequest(f"sample {index}: sent as steps, but this model scores whole sequences")
+        as_steps = next((i for i, s in enumerate(inputs) if isinstance(s, Sample) and s.steps is not None), None)
+        if self.step_id is None and as_steps is not None:
+            raise InvalidRequest(f"sample {as_steps}: sent as steps, but this model scores whole sequences")
         if max_tokens is not None and not 1 <= max_tokens <= self.max_length:
             raise InvalidRequest(
                 f"truncate_prompt_tokens={max_tokens}: must be -1 (the model's maximum) or 1 to the model's maximum "

@@ -98,10 +98,8 @@ class RewardCache:
         try:
             rewards = await compute(list(owned.values()), on_row)
             for index, reward in enumerate(rewards):  # rows `compute` did not report one by one
-                on_row(index, reward if isinstance(reward, np.ndarray) else float(reward))
-            return {
-                key: reward if isinstance(reward, np.ndarray) else float(reward) for key, reward in zip(keys, rewards)
-            }
+                on_row(index, _plain(reward))
+            return {key: _plain(reward) for key, reward in zip(keys, rewards)}
         finally:
             for key, future in futures.items():
                 future.cancel()  # no-op once set; tells the waiters of a failed or abandoned computation
@@ -119,6 +117,11 @@ class RewardCache:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+def _plain(reward: float | np.ndarray) -> float | np.ndarray:
+    """A sequence reward as a Python float; a process reward model's step array as it is."""
+    return reward if isinstance(reward, np.ndarray) else float(reward)
 
 
 def _size(key: bytes, reward: float | np.ndarray) -> int:
